@@ -1,0 +1,1 @@
+"""Pieces every area uses: running commands, rate-limited logging, clocks."""

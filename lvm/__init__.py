@@ -1,0 +1,1 @@
+"""LVM commands, reports and LV activation."""

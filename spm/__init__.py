@@ -1,0 +1,1 @@
+"""The SPM daemon: the one host that changes LVM metadata."""

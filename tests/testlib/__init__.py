@@ -1,0 +1,1 @@
+"""Shared helpers for xtnd's tests (real storage, processes, waiting)."""

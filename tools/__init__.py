@@ -1,0 +1,1 @@
+"""Command line, inspection tools, benchmarks and the demo."""
