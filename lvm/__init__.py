@@ -1,1 +1,48 @@
-"""LVM commands, reports and LV activation."""
+"""LVM commands, reports, extend and LV activation.
+
+runner.py runs every LVM command (device list, no device-mapper mode, JSON
+reports, command history); vg.py and lv.py hold one function per
+subcommand; activation.py maps LVs with device-mapper or loop devices.
+"""
+
+from .activation import Activator, DeviceMapperActivator, LoopActivator, make_activator
+from .errors import ActivationError, LVMError, LVNotFound, MultiSegmentLV, NotEnoughFreeExtents, VGNotFound
+from .history import CommandHistory, CommandRecord
+from .lv import LVInfo, Segment, change_tags, extend, lv_info, lvcreate, lvremove, lvs, round_up
+from .runner import Runner, device_mapper_available
+from .vg import PVInfo, VGInfo, pvcreate, vg_change_tags, vg_info, vgcreate, vgextend, vgremove, vgs
+
+__all__ = [
+    "ActivationError",
+    "Activator",
+    "CommandHistory",
+    "CommandRecord",
+    "DeviceMapperActivator",
+    "LVInfo",
+    "LVMError",
+    "LVNotFound",
+    "LoopActivator",
+    "MultiSegmentLV",
+    "NotEnoughFreeExtents",
+    "PVInfo",
+    "Runner",
+    "Segment",
+    "VGInfo",
+    "VGNotFound",
+    "change_tags",
+    "device_mapper_available",
+    "extend",
+    "lv_info",
+    "lvcreate",
+    "lvremove",
+    "lvs",
+    "make_activator",
+    "pvcreate",
+    "round_up",
+    "vg_change_tags",
+    "vg_info",
+    "vgcreate",
+    "vgextend",
+    "vgremove",
+    "vgs",
+]

@@ -1,0 +1,165 @@
+"""Loop device primitives: find, attach, resize in place, detach.
+
+Used to map LVs on kernels without device-mapper (see activation.py).
+Resizing uses the kernel's ioctls directly: LOOP_SET_STATUS64 with a new
+lo_sizelimit, then LOOP_SET_CAPACITY, which grows the device while it is
+open (QEMU keeps its disk open across an extend; `losetup --set-capacity`
+cannot change the size limit).
+
+Existing devices are found through /sys/block/loopN/loop/{backing_file,
+offset,sizelimit}, so a process that restarts finds the mappings it made.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import dataclasses
+import fcntl
+import glob
+import logging
+import os
+
+from xtnd.common.cmd import run
+
+log = logging.getLogger("xtnd.lvm")
+
+# linux/loop.h and linux/fs.h
+LOOP_SET_STATUS64 = 0x4C04
+LOOP_GET_STATUS64 = 0x4C05
+LOOP_SET_CAPACITY = 0x4C07
+BLKGETSIZE64 = 0x80081272
+LO_NAME_SIZE = 64
+LO_KEY_SIZE = 32
+
+
+class LoopInfo64(ctypes.Structure):
+    """struct loop_info64 from linux/loop.h."""
+
+    _fields_ = [
+        ("lo_device", ctypes.c_uint64),
+        ("lo_inode", ctypes.c_uint64),
+        ("lo_rdevice", ctypes.c_uint64),
+        ("lo_offset", ctypes.c_uint64),
+        ("lo_sizelimit", ctypes.c_uint64),
+        ("lo_number", ctypes.c_uint32),
+        ("lo_encrypt_type", ctypes.c_uint32),
+        ("lo_encrypt_key_size", ctypes.c_uint32),
+        ("lo_flags", ctypes.c_uint32),
+        ("lo_file_name", ctypes.c_uint8 * LO_NAME_SIZE),
+        ("lo_crypt_name", ctypes.c_uint8 * LO_NAME_SIZE),
+        ("lo_encrypt_key", ctypes.c_uint8 * LO_KEY_SIZE),
+        ("lo_init", ctypes.c_uint64 * 2),
+    ]
+
+
+assert ctypes.sizeof(LoopInfo64) == 232
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopDevice:
+    path: str
+    backing_file: str
+    offset: int
+    sizelimit: int
+
+
+def _read(path: str) -> str:
+    with open(path) as f:
+        return f.read().strip()
+
+
+def devices() -> list[LoopDevice]:
+    """Attached loop devices, from sysfs (a detached device has no loop/)."""
+    found = []
+    for sysdir in glob.glob("/sys/block/loop*/loop"):
+        name = sysdir.split("/")[3]
+        try:
+            found.append(
+                LoopDevice(
+                    path=f"/dev/{name}",
+                    backing_file=_read(f"{sysdir}/backing_file"),
+                    offset=int(_read(f"{sysdir}/offset")),
+                    sizelimit=int(_read(f"{sysdir}/sizelimit")),
+                )
+            )
+        except (OSError, ValueError):
+            continue  # detached while we looked
+    return found
+
+
+def find(backing_file: str, offset: int) -> list[LoopDevice]:
+    """Loop devices over backing_file at offset (normally zero or one)."""
+    real = os.path.realpath(backing_file)
+    return [d for d in devices() if d.backing_file == real and d.offset == offset]
+
+
+def logical_block_size(device: str) -> int:
+    name = os.path.basename(os.path.realpath(device))
+    try:
+        return int(_read(f"/sys/class/block/{name}/queue/logical_block_size"))
+    except (OSError, ValueError):
+        return 512
+
+
+def attach(backing_file: str, offset: int, sizelimit: int) -> str:
+    """Attach a new loop device; return its path.
+
+    Same logical sector size as the backing device (sanlock and QEMU see the
+    storage's real sector size) and direct I/O to it, so reads through the
+    loop device are not served from this host's page cache of the PV while
+    other hosts write the LV.
+    """
+    sector = logical_block_size(backing_file)
+    out = run(
+        [
+            "losetup",
+            "--find",
+            "--show",
+            "--offset",
+            str(offset),
+            "--sizelimit",
+            str(sizelimit),
+            "--sector-size",
+            str(sector),
+            "--direct-io=on",
+            backing_file,
+        ]
+    )
+    path = out.decode().strip()
+    log.info("loop attached device=%s backing=%s offset=%d size=%d", path, backing_file, offset, sizelimit)
+    return path
+
+
+def detach(device: str) -> None:
+    # If the device is still open the kernel detaches it on last close.
+    run(["losetup", "--detach", device])
+    log.info("loop detached device=%s", device)
+
+
+def size(device: str) -> int:
+    """The block device's size in bytes (BLKGETSIZE64)."""
+    fd = os.open(device, os.O_RDONLY)
+    try:
+        buf = bytearray(8)
+        fcntl.ioctl(fd, BLKGETSIZE64, buf)
+        return int.from_bytes(buf, "little")
+    finally:
+        os.close(fd)
+
+
+def set_sizelimit(device: str, sizelimit: int) -> int:
+    """Change a loop device's size limit in place; return its new size."""
+    fd = os.open(device, os.O_RDONLY)
+    try:
+        info = LoopInfo64()
+        fcntl.ioctl(fd, LOOP_GET_STATUS64, info)
+        if info.lo_sizelimit != sizelimit:
+            info.lo_sizelimit = sizelimit
+            fcntl.ioctl(fd, LOOP_SET_STATUS64, info)
+        # Newer kernels resize on SET_STATUS already; older ones only here.
+        fcntl.ioctl(fd, LOOP_SET_CAPACITY, 0)
+        buf = bytearray(8)
+        fcntl.ioctl(fd, BLKGETSIZE64, buf)
+        return int.from_bytes(buf, "little")
+    finally:
+        os.close(fd)

@@ -1,0 +1,152 @@
+"""The one way xtnd runs LVM commands.
+
+Every command is built as an argv (no shell) and carries:
+
+- ``--devices``: LVM looks only at the listed PVs. A shared SAN exposes many
+  VGs to every host; scanning them all is slow and a host must never touch
+  a VG that is not its domain's. It also keeps test VGs on one machine from
+  seeing each other.
+- ``--driverloaded n`` when the kernel has no device-mapper: LVM then only
+  reads and writes metadata (which is all the SPM needs) instead of failing
+  on /dev/mapper/control. Detected at run time, can be forced either way.
+- ``--config`` switching off udev synchronisation and device hints (no udev
+  events happen without device-mapper; hints would go stale while other
+  hosts change the VG), and metadata archives unless asked for.
+
+Reports are JSON in bytes. Failures raise typed errors (errors.py) and dump
+the recent command history in the log.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from collections.abc import Sequence
+
+from xtnd.common.cmd import CommandError, run
+
+from .errors import LVMError, LVNotFound, VGNotFound
+from .history import CommandHistory
+
+log = logging.getLogger("xtnd.lvm")
+
+LVM = "lvm"
+DEFAULT_TIMEOUT = 120.0
+
+_VG_NOT_FOUND = re.compile(r'Volume group "([^"]+)" not found')
+_LV_NOT_FOUND = (
+    re.compile(r'Failed to find logical volume "([^"/]+)/([^"]+)"'),
+    re.compile(r"Logical volume (\S+) not found in volume group (\S+?)\.?$", re.M),
+)
+
+
+def device_mapper_available() -> bool:
+    """True when the kernel has device-mapper (module loaded or built in)."""
+    if os.path.isdir("/sys/module/dm_mod"):
+        return True
+    try:
+        with open("/proc/misc") as f:
+            return any(line.split()[1:] == ["device-mapper"] for line in f)
+    except OSError:
+        return False
+
+
+class Runner:
+    """Runs LVM commands restricted to ``devices``.
+
+    driverloaded: None detects device-mapper; False adds ``--driverloaded n``.
+    backup: keep LVM's metadata backups and archives under /etc/lvm (off by
+    default: every extend would write a file, and the SPM does thousands).
+    """
+
+    def __init__(
+        self,
+        devices: Sequence[str],
+        driverloaded: bool | None = None,
+        backup: bool = False,
+        timeout: float = DEFAULT_TIMEOUT,
+        history: CommandHistory | None = None,
+    ):
+        if not devices:
+            raise ValueError("an LVM runner needs at least one device")
+        self.devices = tuple(devices)
+        self.driverloaded = device_mapper_available() if driverloaded is None else driverloaded
+        self.backup = backup
+        self.timeout = timeout
+        self.history = history if history is not None else CommandHistory()
+
+    def with_devices(self, devices: Sequence[str]) -> Runner:
+        """A runner over other devices sharing settings and history."""
+        return Runner(devices, self.driverloaded, self.backup, self.timeout, self.history)
+
+    def _config(self) -> str:
+        parts = ['devices { hints="none" obtain_device_list_from_udev=0 }']
+        if not self.driverloaded:
+            # No device-mapper means no udev events to wait for.
+            parts.append("activation { udev_sync=0 udev_rules=0 monitoring=0 }")
+        if not self.backup:
+            parts.append("backup { backup=0 archive=0 }")
+        return " ".join(parts)
+
+    def argv(self, subcmd: str, *args: str) -> list[str]:
+        cmd = [LVM, subcmd, "--devices", ",".join(self.devices), "--config", self._config()]
+        if not self.driverloaded:
+            cmd += ["--driverloaded", "n"]
+        cmd += args
+        return cmd
+
+    def run(self, subcmd: str, *args: str) -> str:
+        """Run ``lvm subcmd args``; return stdout, raise a typed LVMError."""
+        cmd = self.argv(subcmd, *args)
+        started = time.time()
+        start = time.monotonic()
+        try:
+            out = run(cmd, timeout=self.timeout)
+        except CommandError as e:
+            duration = time.monotonic() - start
+            err = e.err.decode("utf-8", "replace")
+            self.history.add(cmd, e.rc, duration, err, started)
+            raise self._failed(cmd, e.rc, err) from None
+        duration = time.monotonic() - start
+        self.history.add(cmd, 0, duration, "", started)
+        log.debug("lvm cmd=%s duration=%.3f", subcmd, duration)
+        return out.decode("utf-8", "replace")
+
+    def report(self, subcmd: str, *args: str) -> list[dict[str, str]]:
+        """Run a report command (vgs, lvs, pvs); return its rows."""
+        out = self.run(subcmd, "--reportformat", "json", "--units", "b", "--nosuffix", *args)
+        try:
+            reports = json.loads(out)["report"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise LVMError([subcmd, *args], 0, out[-400:], f"cannot parse LVM report: {e}") from None
+        rows: list[dict[str, str]] = []
+        for report in reports:
+            for key, value in report.items():
+                if key != "log":
+                    rows.extend(value)
+        return rows
+
+    def _failed(self, cmd: list[str], rc: int, err: str) -> LVMError:
+        m = _VG_NOT_FOUND.search(err)
+        if m:
+            log.info("lvm vg not found vg=%s cmd=%s", m.group(1), cmd[1])
+            return VGNotFound(m.group(1), cmd, rc, err)
+        m = _LV_NOT_FOUND[0].search(err)
+        if m:
+            log.info("lvm lv not found vg=%s lv=%s cmd=%s", m.group(1), m.group(2), cmd[1])
+            return LVNotFound(m.group(1), m.group(2), cmd, rc, err)
+        m = _LV_NOT_FOUND[1].search(err)
+        if m:
+            log.info("lvm lv not found vg=%s lv=%s cmd=%s", m.group(2), m.group(1), cmd[1])
+            return LVNotFound(m.group(2), m.group(1), cmd, rc, err)
+        log.error(
+            "lvm command failed cmd=%s rc=%d err=%r; recent lvm commands:\n%s",
+            cmd,
+            rc,
+            err.strip()[-400:],
+            self.history.dump(),
+        )
+        return LVMError(cmd, rc, err)

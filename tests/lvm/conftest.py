@@ -1,0 +1,30 @@
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from testlib import lvmpv
+from xtnd import lvm
+
+EXTENT = 4 * 1024**2
+
+
+@pytest.fixture
+def pvs(workdir: str, need_root: None) -> Iterator[list[str]]:
+    with lvmpv.loop_pvs(workdir, count=2) as devices:
+        yield devices
+
+
+@pytest.fixture
+def runner(pvs: list[str]) -> lvm.Runner:
+    return lvm.Runner(pvs)
+
+
+@pytest.fixture
+def vg(runner: lvm.Runner, pvs: list[str]) -> str:
+    """A VG on the first PV only (the second is left for vgextend)."""
+    name = str(uuid.uuid4())
+    lvm.pvcreate(runner, pvs[0])
+    lvm.vgcreate(runner, name, [pvs[0]], EXTENT)
+    return name

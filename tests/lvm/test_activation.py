@@ -1,0 +1,93 @@
+from __future__ import annotations
+
+import os
+
+import pytest
+from xtnd import lvm
+from xtnd.lvm import loop
+
+MiB = 1024**2
+
+
+@pytest.fixture
+def activator(runner: lvm.Runner) -> lvm.Activator:
+    if lvm.device_mapper_available():
+        pytest.skip("loop activation is for kernels without device-mapper")
+    return lvm.make_activator(runner)
+
+
+def test_auto_chooses_loop(runner: lvm.Runner, activator: lvm.Activator) -> None:
+    assert isinstance(activator, lvm.LoopActivator)
+
+
+def test_activate_maps_lv_bytes(runner: lvm.Runner, vg: str, pvs: list[str], activator: lvm.Activator) -> None:
+    lvm.lvcreate(runner, vg, "a", 4 * MiB)
+    lvm.lvcreate(runner, vg, "b", 8 * MiB)
+    assert not activator.is_active(vg, "b")
+    dev = activator.activate(vg, "b")
+    assert activator.is_active(vg, "b")
+    assert activator.device(vg, "b") == dev
+    assert activator.activate(vg, "b") == dev, "activation must be idempotent"
+    assert loop.size(dev) == 8 * MiB
+    fd = os.open(dev, os.O_WRONLY)
+    try:
+        os.pwrite(fd, b"xtnd" * 128, 0)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    # b starts after a's single extent: pe_start + 1 extent into the PV.
+    pe_start = lvm.vg_info(runner, vg).pvs[0].pe_start
+    with open(pvs[0], "rb") as f:
+        f.seek(pe_start + 4 * MiB)
+        data = f.read(512)
+    assert data == b"xtnd" * 128
+    activator.deactivate(vg, "b")
+    assert not activator.is_active(vg, "b")
+    activator.deactivate(vg, "b")  # nothing mapped: no error
+
+
+def test_refresh_grows_open_device(runner: lvm.Runner, vg: str, activator: lvm.Activator) -> None:
+    lvm.lvcreate(runner, vg, "a", 8 * MiB)
+    dev = activator.activate(vg, "a")
+    try:
+        fd = os.open(dev, os.O_RDWR)  # held open, as QEMU holds its disk
+        try:
+            assert lvm.extend(runner, vg, "a", 20 * MiB) == 20 * MiB
+            assert loop.size(dev) == 8 * MiB, "extend changes metadata only"
+            assert activator.refresh(vg, "a") == 20 * MiB
+            assert os.lseek(fd, 0, os.SEEK_END) == 20 * MiB
+            os.pwrite(fd, b"end!", 20 * MiB - 4)
+        finally:
+            os.close(fd)
+        assert activator.activate(vg, "a") == dev
+    finally:
+        activator.deactivate(vg, "a")
+
+
+def test_refresh_inactive(runner: lvm.Runner, vg: str, activator: lvm.Activator) -> None:
+    lvm.lvcreate(runner, vg, "a", 4 * MiB)
+    with pytest.raises(lvm.ActivationError):
+        activator.refresh(vg, "a")
+
+
+def test_multi_segment(runner: lvm.Runner, vg: str, activator: lvm.Activator) -> None:
+    lvm.lvcreate(runner, vg, "a", 4 * MiB)
+    lvm.lvcreate(runner, vg, "b", 4 * MiB)
+    lvm.extend(runner, vg, "a", 8 * MiB)
+    assert lvm.lv_info(runner, vg, "a").seg_count == 2
+    with pytest.raises(lvm.MultiSegmentLV) as e:
+        activator.activate(vg, "a")
+    assert e.value.segments == 2
+    assert "2 segments" in str(e.value)
+
+
+def test_multi_segment_refresh(runner: lvm.Runner, vg: str, activator: lvm.Activator) -> None:
+    lvm.lvcreate(runner, vg, "a", 4 * MiB)
+    activator.activate(vg, "a")
+    try:
+        lvm.lvcreate(runner, vg, "b", 4 * MiB)
+        lvm.extend(runner, vg, "a", 8 * MiB)
+        with pytest.raises(lvm.MultiSegmentLV):
+            activator.refresh(vg, "a")
+    finally:
+        activator.deactivate(vg, "a")
