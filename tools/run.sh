@@ -66,7 +66,7 @@ typecheck_tree() {
     local tree="$VENV/typecheck" area
     rm -rf "$tree"
     mkdir -p "$tree/xtnd"
-    for area in common mailbox spm hsm lvm tools; do
+    for area in common mailbox spm hsm lvm storage tools; do
         ln -s "$REPO/$area" "$tree/xtnd/$area"
     done
     echo "$tree"
@@ -100,7 +100,7 @@ run_tests() {
     local tree
     tree=$(typecheck_tree)
     (cd "$tree" && MYPYPATH="$tree" "$VENV/bin/mypy" --config-file "$REPO/pyproject.toml" \
-        -p xtnd.common -p xtnd.mailbox -p xtnd.spm -p xtnd.hsm -p xtnd.lvm -p xtnd.tools)
+        -p xtnd.common -p xtnd.mailbox -p xtnd.spm -p xtnd.hsm -p xtnd.lvm -p xtnd.storage -p xtnd.tools)
     say "pytest"
     local marks="not soak"
     [ "${XTND_SOAK:-0}" = 1 ] && marks=""
