@@ -1,0 +1,56 @@
+"""Fixtures for HSM tests: libvirt daemons, its event loop, the guest rig."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+
+import libvirt
+import pytest
+from testlib import guest
+from xtnd.hsm.libvirtconn import EventLoop
+
+
+@pytest.fixture(scope="session")
+def libvirt_events() -> Iterator[EventLoop]:
+    """libvirt's event loop, running before any connection is opened."""
+    loop = EventLoop(name="test-libvirt-events")
+    loop.start()
+    yield loop
+    loop.stop()
+
+
+@pytest.fixture(scope="session")
+def libvirtd() -> None:
+    """virtlogd and libvirtd running (started here if needed)."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root (libvirtd, loop devices)")
+    try:
+        guest.start_libvirt()
+    except guest.RigUnavailable as e:
+        pytest.skip(f"libvirt unavailable: {e}")
+
+
+@pytest.fixture(scope="session")
+def rig(libvirtd: None) -> guest.Rig:
+    """The guest kernel and initramfs (built once, cached in /var/tmp)."""
+    try:
+        return guest.build_rig()
+    except guest.RigUnavailable as e:
+        pytest.skip(f"guest rig unavailable: {e}")
+
+
+@pytest.fixture
+def conn(libvirtd: None, libvirt_events: EventLoop) -> Iterator[libvirt.virConnect]:
+    """A plain qemu:///system connection that receives events."""
+    c = libvirt.open("qemu:///system")
+    yield c
+    c.close()
+
+
+@pytest.fixture
+def loop_disk(workdir: str) -> Iterator[guest.LoopDisk]:
+    """A 64 MiB growable loop device standing in for a thin LV."""
+    disk = guest.LoopDisk(os.path.join(workdir, "lv"), 64 * 1024**2)
+    yield disk
+    disk.detach()
