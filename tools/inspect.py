@@ -156,7 +156,7 @@ def _fail(message: str) -> int:
 def run_dump(args: argparse.Namespace) -> int:
     try:
         with view.AreaReader(args.inbox) as inbox, view.AreaReader(args.outbox) as outbox:
-            report = view.scan(inbox, outbox, args.max_hosts, args.host)
+            report = view.Scanner(inbox, outbox, args.max_hosts, args.host).scan()
     except (directio.StorageError, OSError) as e:
         return _fail(str(e))
     if args.json:
@@ -379,9 +379,10 @@ def _watch_loop(
     stop: threading.Event,
     show: Any,
 ) -> None:
+    scanner = view.Scanner(inbox, outbox, args.max_hosts, args.host)
     scans = 0
     while True:
-        report = view.scan(inbox, outbox, args.max_hosts, args.host)
+        report = scanner.scan()
         scans += 1
         show(_watch_view(report, scans))
         if args.iterations is not None and scans >= args.iterations:
