@@ -154,6 +154,7 @@ class Connection:
         self._lost = False
         self._stopping = False
         self._generation = 0
+        self._ready = 0
         self._callbacks: list[int] = []
         self._thread: threading.Thread | None = None
         self._errors = RateLimitedLog(log, interval=60.0)
@@ -191,13 +192,16 @@ class Connection:
             return self._generation
 
     def wait_connected(self, timeout: float, after_generation: int = 0) -> bool:
-        """Wait until connected with generation > after_generation."""
+        """Wait until connected with generation > after_generation.
+
+        Returns once the listener's connected() has returned too, so the
+        caller sees the state the listener re-read.
+        """
         with self._cond:
             return (
                 self._cond.wait_for(
                     lambda: (
-                        self._stopping
-                        or (self._conn is not None and not self._lost and self._generation > after_generation)
+                        self._stopping or (self._conn is not None and not self._lost and self._ready > after_generation)
                     ),
                     timeout,
                 )
@@ -240,6 +244,8 @@ class Connection:
             self._errors.forget("open")
             self._notify_connected(conn)
             with self._cond:
+                self._ready = self._generation
+                self._cond.notify_all()
                 self._cond.wait_for(lambda: self._stopping or self._lost)
                 lost = self._lost and not self._stopping
             self._close(conn)
