@@ -11,7 +11,8 @@ bytes never make it fail: they are shown, in hex, with the reason.
 
 ``--max-hosts`` defaults to what the smaller area holds (size / 4096 - 1,
 at most 2000). Without ``--host``, hosts whose inbox and outbox blocks are
-both all zeros are left out.
+both all zeros are left out. ``watch`` redraws one view in place on a
+terminal; into a pipe it prints one view per scan.
 
 JSON schema of ``dump --json`` (schema_version 1)
     Every key is always present; null where it does not apply. New keys may
@@ -44,8 +45,8 @@ JSON schema of ``dump --json`` (schema_version 1)
                 4032..4095 if any is non-zero),
             states: object, every STATE name -> int,
             slots: [SLOT] slot indexes where either side is not all zeros}
-    SLOT   {slot: int (0..62), state: STATE, detail: str,
-            inbox: MESSAGE, outbox: MESSAGE}
+    SLOT   {slot: int (0..62), state: STATE, detail: str (for people; its
+            wording may change), inbox: MESSAGE, outbox: MESSAGE}
     MESSAGE {kind: "empty" | "clean" | "extend" | "unknown" | "invalid" |
                    "missing",
              domain, volume: str | null (UUIDs, extend only),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import subprocess
@@ -467,3 +468,10 @@ def test_xtnd_binary(areas: tuple[str, str]) -> None:
         check=True,
     )
     assert json.loads(result.stdout)["summary"]["hosts_busy"] == 2
+
+
+def test_decode_stdin(xtnd: Run, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO(VDSM_REQUEST.hex()[:64] + "\n" + VDSM_REQUEST.hex()[64:] + "\n"))
+    rc, out, err = xtnd("decode", "--json", "-")
+    assert rc == 0
+    assert json.loads(out)["message"]["size_mb"] == 2560
