@@ -1,0 +1,175 @@
+"""One monitored thin drive of a VM and the life cycle of its extends.
+
+    UNSET ──arm──▶ ARMED ──exceeded──▶ EXCEEDED ──begin_extend──▶ EXTENDING
+      ▲  │           │ ▲                 │  ▲                         │
+      │  │           └─┘ arm (re-arm)    │  └──────extend_failed──────┤
+      │  └──────────exceeded─────────────┘                            │
+      └───────────────────────────extend_done─────────────────────────┘
+
+    UNSET / ARMED / EXCEEDED ──disable──▶ DISABLED ──enable──▶ UNSET
+
+- UNSET: no threshold armed in libvirt (new drive, or just extended).
+- ARMED: libvirt will send one block-threshold event at `threshold`.
+- EXCEEDED: the drive needs space (threshold event, ENOSPC pause or the
+  periodic stats check); an extend should start.
+- EXTENDING: a request for `requested_size` is with the SPM; the drive
+  leaves this state only through extend_done or extend_failed.
+- DISABLED: not monitored: at max size, or refused because the image
+  reported an improbable allocation (see sizing).
+
+Illegal transitions raise IllegalTransition: they are bugs in the caller,
+not conditions to retry. Triggers that race with an extend already under
+way (a late threshold event, ENOSPC while extending) are legal and report
+that there is nothing new to do.
+
+Pure logic: no libvirt, no I/O, no clock.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+
+from xtnd.hsm import sizing
+
+
+class State(enum.Enum):
+    UNSET = "unset"
+    ARMED = "armed"
+    EXCEEDED = "exceeded"
+    EXTENDING = "extending"
+    DISABLED = "disabled"
+
+
+class DisabledReason(enum.Enum):
+    AT_MAX_SIZE = "at-max-size"
+    IMPROBABLE_ALLOCATION = "improbable-allocation"
+
+
+class IllegalTransition(Exception):
+    """A drive was asked for a transition its state does not allow."""
+
+    def __init__(self, drive: str, state: State, action: str):
+        self.drive = drive
+        self.state = state
+        self.action = action
+        super().__init__(f"drive {drive}: cannot {action} in state {state.value}")
+
+
+# Which states each action may start from.
+_ALLOWED: dict[str, frozenset[State]] = {
+    "arm": frozenset({State.UNSET, State.ARMED}),
+    "exceeded": frozenset({State.UNSET, State.ARMED, State.EXCEEDED, State.EXTENDING}),
+    "begin_extend": frozenset({State.EXCEEDED}),
+    "extend_done": frozenset({State.EXTENDING}),
+    "extend_failed": frozenset({State.EXTENDING}),
+    "disable": frozenset({State.UNSET, State.ARMED, State.EXCEEDED}),
+    "enable": frozenset({State.DISABLED}),
+    "reset": frozenset({State.UNSET, State.ARMED}),
+}
+
+
+@dataclass
+class Drive:
+    """A VM's qcow2 drive on a thin volume, as the HSM tracks it.
+
+    Sizes are in bytes, as libvirt's block stats report them: capacity is
+    the virtual size, allocation the highest offset written in the image,
+    physical the size of the volume.
+    """
+
+    vm_id: str
+    name: str  # the target device, e.g. "vda"
+    index: int  # libvirt's index of the top image, as in "vda[1]"
+    path: str
+    domain_id: str
+    volume_id: str
+    capacity: int = 0
+    allocation: int = 0
+    physical: int = 0
+    replicating: bool = False
+    state: State = State.UNSET
+    threshold: int | None = None
+    requested_size: int | None = None
+    disabled_reason: DisabledReason | None = None
+
+    @property
+    def target(self) -> str:
+        """The name setBlockThreshold and its event use for this image."""
+        return f"{self.name}[{self.index}]"
+
+    @property
+    def monitored(self) -> bool:
+        return self.state is not State.DISABLED
+
+    def update(self, capacity: int, allocation: int, physical: int) -> None:
+        """New sizes from libvirt's stats; legal in any state."""
+        self.capacity = capacity
+        self.allocation = allocation
+        self.physical = physical
+
+    def decide(self, config: sizing.SizingConfig) -> sizing.Decision:
+        return sizing.decide(self.capacity, self.allocation, self.physical, config, self.replicating)
+
+    def arm(self, threshold: int) -> None:
+        """The threshold was set in libvirt."""
+        self._check("arm")
+        self.threshold = threshold
+        self.state = State.ARMED
+
+    def exceeded(self) -> bool:
+        """The drive needs space; True if an extend should start now.
+
+        False when one is already pending or under way: a second trigger
+        for the same shortage.
+        """
+        self._check("exceeded")
+        if self.state in (State.EXCEEDED, State.EXTENDING):
+            return False
+        # libvirt drops a threshold once it fired.
+        self.threshold = None
+        self.state = State.EXCEEDED
+        return True
+
+    def begin_extend(self, new_size: int) -> None:
+        self._check("begin_extend")
+        if new_size <= self.physical:
+            raise ValueError(f"drive {self.name}: new size {new_size} is not above physical {self.physical}")
+        self.requested_size = new_size
+        self.state = State.EXTENDING
+
+    def extend_done(self, physical: int) -> None:
+        """The volume was extended and refreshed to physical bytes; re-arm next."""
+        self._check("extend_done")
+        self.physical = physical
+        self.requested_size = None
+        self.threshold = None
+        self.state = State.UNSET
+
+    def extend_failed(self) -> None:
+        """The extend failed or timed out; the shortage remains."""
+        self._check("extend_failed")
+        self.requested_size = None
+        self.state = State.EXCEEDED
+
+    def disable(self, reason: DisabledReason) -> None:
+        self._check("disable")
+        self.threshold = None
+        self.disabled_reason = reason
+        self.state = State.DISABLED
+
+    def enable(self) -> None:
+        """Monitor again, e.g. after the disk was resized."""
+        self._check("enable")
+        self.disabled_reason = None
+        self.state = State.UNSET
+
+    def reset(self) -> None:
+        """Forget the armed threshold (e.g. libvirt may have lost it)."""
+        self._check("reset")
+        self.threshold = None
+        self.state = State.UNSET
+
+    def _check(self, action: str) -> None:
+        if self.state not in _ALLOWED[action]:
+            raise IllegalTransition(f"{self.vm_id}/{self.name}", self.state, action)

@@ -1,0 +1,98 @@
+from __future__ import annotations
+
+import pytest
+from xtnd.hsm.drive import DisabledReason, Drive, IllegalTransition, State
+from xtnd.hsm.sizing import Action, MiB, SizingConfig
+
+GiB = 1024 * MiB
+
+
+def make_drive() -> Drive:
+    d = Drive(vm_id="vm1", name="vda", index=1, path="/dev/vg/lv", domain_id="sd", volume_id="vol")
+    d.update(capacity=100 * GiB, allocation=1 * GiB, physical=5 * GiB)
+    return d
+
+
+def test_full_cycle() -> None:
+    d = make_drive()
+    assert d.target == "vda[1]"
+    decision = d.decide(SizingConfig())
+    assert decision.action is Action.ARM
+    d.arm(decision.threshold)
+    assert (d.state, d.threshold) == (State.ARMED, 3 * GiB)
+
+    assert d.exceeded() is True
+    assert (d.state, d.threshold) == (State.EXCEEDED, None)
+    d.begin_extend(7680 * MiB)
+    assert (d.state, d.requested_size) == (State.EXTENDING, 7680 * MiB)
+    # A late threshold event or an ENOSPC pause during the extend.
+    assert d.exceeded() is False
+    assert d.state is State.EXTENDING
+
+    d.extend_done(7680 * MiB)
+    assert (d.state, d.physical, d.requested_size) == (State.UNSET, 7680 * MiB, None)
+    d.arm(d.decide(SizingConfig()).threshold)
+    assert d.state is State.ARMED
+
+
+def test_extend_failed_keeps_the_shortage() -> None:
+    d = make_drive()
+    d.exceeded()
+    d.begin_extend(7680 * MiB)
+    d.extend_failed()
+    assert (d.state, d.requested_size) == (State.EXCEEDED, None)
+    assert d.exceeded() is False
+    d.begin_extend(7680 * MiB)
+    assert d.state is State.EXTENDING
+
+
+def test_disable_and_enable() -> None:
+    d = make_drive()
+    d.arm(3 * GiB)
+    d.disable(DisabledReason.AT_MAX_SIZE)
+    assert (d.state, d.threshold, d.monitored) == (State.DISABLED, None, False)
+    assert d.disabled_reason is DisabledReason.AT_MAX_SIZE
+    d.enable()
+    assert (d.state, d.disabled_reason, d.monitored) == (State.UNSET, None, True)
+
+
+@pytest.mark.parametrize(
+    "setup,action",
+    [
+        ([], lambda d: d.begin_extend(6 * GiB)),
+        ([], lambda d: d.extend_done(6 * GiB)),
+        ([], lambda d: d.extend_failed()),
+        ([], lambda d: d.enable()),
+        (["exceeded"], lambda d: d.arm(1)),
+        (["exceeded"], lambda d: d.reset()),
+        (["exceeded", "extend"], lambda d: d.arm(1)),
+        (["exceeded", "extend"], lambda d: d.disable(DisabledReason.AT_MAX_SIZE)),
+        (["exceeded", "extend"], lambda d: d.begin_extend(7 * GiB)),
+        (["disable"], lambda d: d.exceeded()),
+        (["disable"], lambda d: d.arm(1)),
+        (["disable"], lambda d: d.disable(DisabledReason.IMPROBABLE_ALLOCATION)),
+    ],
+)
+def test_illegal_transitions(setup: list[str], action: object) -> None:
+    d = make_drive()
+    steps = {
+        "exceeded": d.exceeded,
+        "extend": lambda: d.begin_extend(6 * GiB),
+        "disable": lambda: d.disable(DisabledReason.IMPROBABLE_ALLOCATION),
+    }
+    for step in setup:
+        steps[step]()
+    before = d.state
+    with pytest.raises(IllegalTransition) as e:
+        action(d)  # type: ignore[operator]
+    assert e.value.state is before
+    assert d.state is before
+    assert "vm1/vda" in str(e.value)
+
+
+def test_extend_must_grow() -> None:
+    d = make_drive()
+    d.exceeded()
+    with pytest.raises(ValueError):
+        d.begin_extend(5 * GiB)
+    assert d.state is State.EXCEEDED
