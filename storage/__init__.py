@@ -1,1 +1,49 @@
-"""Storage domains and volumes."""
+"""Storage domains (block: an LVM VG; file: a directory) and their volumes.
+
+    create_block_domain / create_file_domain   make a domain
+    open_domain / HostConfig.open              open one (Domain interface)
+    Domain.create_volume / remove_volume / volume_info / list_volumes
+    Domain.extend_volume (SPM), prepare/refresh/teardown_volume (HSM)
+    Domain.lockspace / spm_lease / mailbox     where sanlock and the mailbox live
+
+Everything here is plain functions and objects so that the SPM daemon can
+call them directly; the CLI (xtnd.tools.domain_cli) is a thin shell over it.
+"""
+
+from .blockdomain import BlockDomain, create_block_domain
+from .domain import Domain, open_domain
+from .errors import DomainExists, DomainNotFound, InvalidArgument, StorageError, VolumeExists, VolumeNotFound
+from .filedomain import FileDomain, create_file_domain
+from .hostconfig import HostConfig
+from .model import (
+    DomainInfo,
+    Format,
+    LeaseLocation,
+    LockspaceLocation,
+    MailboxLocation,
+    VolumeInfo,
+    max_size,
+)
+
+__all__ = [
+    "BlockDomain",
+    "Domain",
+    "DomainExists",
+    "DomainInfo",
+    "DomainNotFound",
+    "FileDomain",
+    "Format",
+    "HostConfig",
+    "InvalidArgument",
+    "LeaseLocation",
+    "LockspaceLocation",
+    "MailboxLocation",
+    "StorageError",
+    "VolumeExists",
+    "VolumeInfo",
+    "VolumeNotFound",
+    "create_block_domain",
+    "create_file_domain",
+    "max_size",
+    "open_domain",
+]

@@ -22,6 +22,7 @@ MAILBOX_COMMANDS = [
 
 # Top-level subcommands ("xtnd demo", "xtnd spm", ...).
 TOP_COMMANDS = [
+    "xtnd.tools.domain_cli",
     "xtnd.tools.demo",
 ]
 

@@ -1,0 +1,315 @@
+"""Block storage domains: one LVM VG per domain, named by its UUID.
+
+Layout (SPEC §3): special LVs ids, leases, inbox, outbox; volumes are LVs
+named by the volume UUID. Domain metadata is kept in VG tags and volume
+metadata in LV tags (constants.TAG_*), so one ``vgs``/``lvs`` answers every
+question and no separate metadata area can disagree with LVM.
+
+Only the SPM changes the VG (create/remove/extend); any host activates LVs
+to use them. Activation goes through an xtnd.lvm Activator (device-mapper,
+or loop devices on kernels without it).
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid as uuidlib
+from collections.abc import Callable, Sequence
+
+from xtnd import lvm
+from xtnd.lvm import loop
+from xtnd.mailbox.directio import DirectFile
+
+from . import constants as c
+from . import qemuimg, sanlockdirect
+from .errors import DomainExists, DomainNotFound, InvalidArgument, VolumeExists, VolumeNotFound
+from .model import (
+    DomainInfo,
+    Format,
+    LeaseLocation,
+    LockspaceLocation,
+    MailboxLocation,
+    VolumeInfo,
+    max_size,
+    parse_uuid,
+)
+
+log = logging.getLogger("xtnd.storage")
+
+Progress = Callable[[str], None]
+
+
+def _no_progress(msg: str) -> None:
+    pass
+
+
+def _tag_value(tags: Sequence[str], prefix: str) -> str | None:
+    for tag in tags:
+        if tag.startswith(prefix):
+            return tag[len(prefix) :]
+    return None
+
+
+def create_block_domain(
+    uuid: uuidlib.UUID | str,
+    pvs: Sequence[str],
+    master: bool = False,
+    max_hosts: int = c.DEFAULT_MAX_HOSTS,
+    extent_size: int = c.DEFAULT_EXTENT_SIZE,
+    progress: Progress = _no_progress,
+    activation: str = "auto",
+    driverloaded: bool | None = None,
+) -> BlockDomain:
+    """Make a VG on pvs with the special LVs, sanlock areas and empty mailbox.
+
+    The PVs are overwritten. On failure the VG is removed again, so the
+    command can be retried on the same devices.
+    """
+    uuid = parse_uuid(uuid)
+    if not pvs:
+        raise InvalidArgument("a block domain needs at least one PV")
+    if not 1 <= max_hosts <= c.MAX_HOSTS_LIMIT:
+        raise InvalidArgument(f"max_hosts must be in 1..{c.MAX_HOSTS_LIMIT}, not {max_hosts}")
+    sector = loop.logical_block_size(pvs[0])
+    align = sanlockdirect.alignment(sector, max_hosts)
+    runner = lvm.Runner(pvs, driverloaded=driverloaded)
+    vg = str(uuid)
+    if vg in lvm.vgs(runner):
+        raise DomainExists(uuid)
+    progress(f"creating PVs on {', '.join(pvs)}")
+    lvm.pvcreate(runner, *pvs)
+    tags = [
+        c.TAG_DOMAIN,
+        f"{c.TAG_VERSION}{c.DOMAIN_VERSION}",
+        f"{c.TAG_MAX_HOSTS}{max_hosts}",
+        f"{c.TAG_SECTOR}{sector}",
+    ]
+    if master:
+        tags.append(c.TAG_MASTER)
+    progress(f"creating volume group {vg} (extent size {extent_size // c.MiB} MiB)")
+    lvm.vgcreate(runner, vg, list(pvs), extent_size, tuple(tags))
+    domain = BlockDomain(uuid, runner, lvm.make_activator(runner, activation))
+    try:
+        for name, size in c.SPECIAL_SIZES.items():
+            progress(f"creating special volume {name} ({size // c.MiB} MiB)")
+            lvm.lvcreate(runner, vg, name, size, tags=(c.TAG_SPECIAL,))
+        ids = domain.activator.activate(vg, c.IDS)
+        progress(f"initializing sanlock lockspace {vg} on {c.IDS}")
+        sanlockdirect.init_lockspace(vg, ids, 0, sector, align)
+        leases = domain.activator.activate(vg, c.LEASES)
+        progress(f"initializing SPM lease {c.SPM_LEASE} at offset {align} on {c.LEASES}")
+        sanlockdirect.init_resource(vg, c.SPM_LEASE, leases, align, sector, align)
+        for name in (c.INBOX, c.OUTBOX):
+            progress(f"clearing {name} for {max_hosts} hosts")
+            _zero(domain.activator.activate(vg, name), (max_hosts + 1) * c.MAILBOX_BLOCK_SIZE)
+    except BaseException:
+        log.exception("creating domain failed, removing vg=%s", vg)
+        domain.deactivate_special()
+        try:
+            lvm.vgremove(runner, vg)
+        except lvm.LVMError as e:
+            log.error("cannot remove vg=%s after failed create: %s", vg, e)
+        raise
+    domain.deactivate_special()
+    progress(f"domain {vg} created")
+    log.info("block domain created uuid=%s pvs=%s master=%s max_hosts=%d", vg, list(pvs), master, max_hosts)
+    return domain
+
+
+def _zero(path: str, length: int) -> None:
+    with DirectFile(path) as f:
+        f.write(0, bytes(length))
+
+
+class BlockDomain:
+    kind = "block"
+
+    def __init__(self, uuid: uuidlib.UUID, runner: lvm.Runner, activator: lvm.Activator):
+        self.uuid = uuid
+        self.vg = str(uuid)
+        self.runner = runner
+        self.activator = activator
+
+    @classmethod
+    def open(
+        cls, uuid: uuidlib.UUID | str, pvs: Sequence[str], activation: str = "auto", driverloaded: bool | None = None
+    ) -> BlockDomain:
+        """The domain on pvs; raises DomainNotFound if its VG is not there."""
+        uuid = parse_uuid(uuid)
+        runner = lvm.Runner(pvs, driverloaded=driverloaded)
+        domain = cls(uuid, runner, lvm.make_activator(runner, activation))
+        domain._vg_info()
+        return domain
+
+    def _vg_info(self) -> lvm.VGInfo:
+        try:
+            info = lvm.vg_info(self.runner, self.vg)
+        except lvm.VGNotFound:
+            raise DomainNotFound(self.uuid, f"no VG on {', '.join(self.runner.devices)}") from None
+        if c.TAG_DOMAIN not in info.tags:
+            raise DomainNotFound(self.uuid, f"VG {self.vg} is not an xtnd domain")
+        return info
+
+    # Domain
+
+    def info(self) -> DomainInfo:
+        vg = self._vg_info()
+        lvs = lvm.lvs(self.runner, self.vg)
+        sector = int(_tag_value(vg.tags, c.TAG_SECTOR) or 512)
+        max_hosts = int(_tag_value(vg.tags, c.TAG_MAX_HOSTS) or c.DEFAULT_MAX_HOSTS)
+        active = self.activator.active_devices(self.vg)
+        special = {lv.name: active.get(lv.name) for lv in lvs if lv.name in c.SPECIAL_NAMES}
+        return DomainInfo(
+            uuid=self.uuid,
+            kind=self.kind,
+            version=int(_tag_value(vg.tags, c.TAG_VERSION) or 0),
+            master=c.TAG_MASTER in vg.tags,
+            max_hosts=max_hosts,
+            sector_size=sector,
+            size=vg.size,
+            free=vg.free,
+            spm_lease_offset=sanlockdirect.alignment(sector, max_hosts),
+            volumes=tuple(uuidlib.UUID(lv.name) for lv in lvs if c.TAG_VOLUME in lv.tags),
+            pvs=tuple(pv.name for pv in vg.pvs),
+            extent_size=vg.extent_size,
+            free_extents=vg.free_extents,
+            special=special,
+        )
+
+    def lockspace(self) -> LockspaceLocation:
+        """The sanlock lockspace, activating ids if needed."""
+        return LockspaceLocation(self.vg, self.activator.activate(self.vg, c.IDS), 0)
+
+    def spm_lease(self) -> LeaseLocation:
+        """The SPM lease, activating leases if needed."""
+        info = self._vg_info()
+        sector = int(_tag_value(info.tags, c.TAG_SECTOR) or 512)
+        max_hosts = int(_tag_value(info.tags, c.TAG_MAX_HOSTS) or c.DEFAULT_MAX_HOSTS)
+        path = self.activator.activate(self.vg, c.LEASES)
+        return LeaseLocation(self.vg, c.SPM_LEASE, path, sanlockdirect.alignment(sector, max_hosts))
+
+    def mailbox(self) -> MailboxLocation:
+        """The inbox and outbox devices, activating them if needed."""
+        info = self._vg_info()
+        max_hosts = int(_tag_value(info.tags, c.TAG_MAX_HOSTS) or c.DEFAULT_MAX_HOSTS)
+        return MailboxLocation(
+            self.activator.activate(self.vg, c.INBOX), self.activator.activate(self.vg, c.OUTBOX), max_hosts
+        )
+
+    def deactivate_special(self) -> None:
+        for name in c.SPECIAL_NAMES:
+            try:
+                self.activator.deactivate(self.vg, name)
+            except (lvm.LVNotFound, lvm.LVMError, lvm.ActivationError) as e:
+                log.warning("cannot deactivate vg=%s lv=%s: %s", self.vg, name, e)
+
+    # Volumes
+
+    def create_volume(
+        self,
+        uuid: uuidlib.UUID | str,
+        capacity: int,
+        fmt: Format | str = Format.QCOW2,
+        initial_size: int = c.DEFAULT_CHUNK,
+        image: uuidlib.UUID | str | None = None,
+    ) -> VolumeInfo:
+        """A new LV: qcow2 thin (initial_size, at most max_size) or raw (capacity).
+
+        The qcow2 header is written through a temporary activation; the
+        volume is left inactive like any volume this host does not run.
+        """
+        uuid = parse_uuid(uuid)
+        fmt = Format(fmt)
+        image_uuid = parse_uuid(image) if image else None
+        if capacity <= 0:
+            raise InvalidArgument(f"capacity must be positive, not {capacity}")
+        if fmt is Format.QCOW2:
+            if initial_size <= 0:
+                raise InvalidArgument(f"initial size must be positive, not {initial_size}")
+            size = min(initial_size, max_size(capacity))
+        else:
+            size = capacity
+        name = str(uuid)
+        existing = {lv.name for lv in lvm.lvs(self.runner, self.vg)}
+        if name in existing:
+            raise VolumeExists(self.uuid, uuid)
+        tags = [c.TAG_VOLUME, f"{c.TAG_CAPACITY}{capacity}", f"{c.TAG_FORMAT}{fmt}"]
+        if image_uuid:
+            tags.append(f"{c.TAG_IMAGE}{image_uuid}")
+        lvm.lvcreate(self.runner, self.vg, name, size, tuple(tags))
+        if fmt is Format.QCOW2:
+            try:
+                path = self.activator.activate(self.vg, name)
+                try:
+                    qemuimg.create(path, str(fmt), capacity)
+                finally:
+                    self.activator.deactivate(self.vg, name)
+            except BaseException:
+                log.exception("writing qcow2 header failed, removing vg=%s lv=%s", self.vg, name)
+                lvm.lvremove(self.runner, self.vg, name)
+                raise
+        log.info("volume created domain=%s volume=%s format=%s capacity=%d", self.vg, name, fmt, capacity)
+        return self.volume_info(uuid)
+
+    def remove_volume(self, uuid: uuidlib.UUID | str) -> None:
+        lv = self._volume_lv(uuid)
+        self.activator.deactivate(self.vg, lv.name)
+        lvm.lvremove(self.runner, self.vg, lv.name)
+        log.info("volume removed domain=%s volume=%s", self.vg, lv.name)
+
+    def volume_info(self, uuid: uuidlib.UUID | str) -> VolumeInfo:
+        lv = self._volume_lv(uuid)
+        return self._volume(lv, self.activator.device(self.vg, lv.name))
+
+    def list_volumes(self) -> list[VolumeInfo]:
+        active = self.activator.active_devices(self.vg)
+        return [
+            self._volume(lv, active.get(lv.name)) for lv in lvm.lvs(self.runner, self.vg) if c.TAG_VOLUME in lv.tags
+        ]
+
+    def extend_volume(self, uuid: uuidlib.UUID | str, size: int, alloc: str | None = None) -> int:
+        """Grow the LV's metadata to size bytes (SPM side); return its size.
+
+        Validation of the request (max size, special volumes) is the
+        caller's: this is the LVM step only.
+        """
+        uuid = parse_uuid(uuid)
+        try:
+            return lvm.extend(self.runner, self.vg, str(uuid), size, alloc=alloc)
+        except lvm.LVNotFound:
+            raise VolumeNotFound(self.uuid, uuid) from None
+
+    def prepare_volume(self, uuid: uuidlib.UUID | str) -> str:
+        """Activate the volume on this host; return its device."""
+        return self.activator.activate(self.vg, self._volume_lv(uuid).name)
+
+    def refresh_volume(self, uuid: uuidlib.UUID | str) -> int:
+        """After an extend: grow this host's mapping; return the new size."""
+        return self.activator.refresh(self.vg, str(parse_uuid(uuid)))
+
+    def teardown_volume(self, uuid: uuidlib.UUID | str) -> None:
+        self.activator.deactivate(self.vg, self._volume_lv(uuid).name)
+
+    def _volume_lv(self, uuid: uuidlib.UUID | str) -> lvm.LVInfo:
+        uuid = parse_uuid(uuid)
+        try:
+            lv = lvm.lv_info(self.runner, self.vg, str(uuid))
+        except lvm.VGNotFound:
+            raise DomainNotFound(self.uuid) from None
+        except lvm.LVNotFound:
+            raise VolumeNotFound(self.uuid, uuid) from None
+        if c.TAG_VOLUME not in lv.tags:
+            raise VolumeNotFound(self.uuid, uuid)
+        return lv
+
+    def _volume(self, lv: lvm.LVInfo, path: str | None) -> VolumeInfo:
+        image = _tag_value(lv.tags, c.TAG_IMAGE)
+        return VolumeInfo(
+            uuid=uuidlib.UUID(lv.name),
+            domain=self.uuid,
+            format=Format(_tag_value(lv.tags, c.TAG_FORMAT) or Format.RAW),
+            capacity=int(_tag_value(lv.tags, c.TAG_CAPACITY) or lv.size),
+            size=lv.size,
+            image=uuidlib.UUID(image) if image else None,
+            path=path,
+        )

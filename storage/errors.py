@@ -1,0 +1,43 @@
+"""Storage domain and volume errors.
+
+Caller-facing: a request naming something that does not exist or already
+exists (the SPM answers "failed"; the CLI prints it) versus a bad argument.
+LVM's own errors (xtnd.lvm.errors) pass through unchanged, notably
+NotEnoughFreeExtents.
+"""
+
+from __future__ import annotations
+
+
+class StorageError(Exception):
+    """Base class of storage domain errors."""
+
+
+class DomainNotFound(StorageError):
+    def __init__(self, uuid: object, where: str = ""):
+        self.uuid = uuid
+        super().__init__(f"storage domain {uuid} not found" + (f" ({where})" if where else ""))
+
+
+class DomainExists(StorageError):
+    def __init__(self, uuid: object):
+        self.uuid = uuid
+        super().__init__(f"storage domain {uuid} already exists")
+
+
+class VolumeNotFound(StorageError):
+    def __init__(self, domain: object, volume: object):
+        self.domain = domain
+        self.volume = volume
+        super().__init__(f"volume {volume} not found in storage domain {domain}")
+
+
+class VolumeExists(StorageError):
+    def __init__(self, domain: object, volume: object):
+        self.domain = domain
+        self.volume = volume
+        super().__init__(f"volume {volume} already exists in storage domain {domain}")
+
+
+class InvalidArgument(StorageError, ValueError):
+    """A request that can never succeed as given (bad size, format, name)."""

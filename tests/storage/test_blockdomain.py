@@ -1,0 +1,158 @@
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+from xtnd import lvm, storage
+from xtnd.mailbox.directio import DirectFile
+from xtnd.storage import constants as c
+from xtnd.storage import qemuimg, sanlockdirect
+
+MiB = 1024**2
+EXTENT = 4 * MiB
+CHUNK = 16 * MiB
+
+
+@pytest.fixture
+def domain(pvs: list[str]) -> storage.BlockDomain:
+    return storage.create_block_domain(uuid.uuid4(), pvs[:1], master=True, max_hosts=10, extent_size=EXTENT)
+
+
+def test_create_two_pvs_progress(pvs: list[str]) -> None:
+    lines: list[str] = []
+    sd = uuid.uuid4()
+    domain = storage.create_block_domain(sd, pvs, master=False, extent_size=EXTENT, progress=lines.append)
+    assert any("sanlock lockspace" in line for line in lines)
+    assert lines[-1] == f"domain {sd} created"
+    info = domain.info()
+    assert info.kind == "block"
+    assert not info.master
+    assert info.max_hosts == c.DEFAULT_MAX_HOSTS
+    assert sorted(info.pvs) == sorted(pvs)
+    assert info.extent_size == EXTENT
+    special = sum(c.SPECIAL_SIZES.values())
+    assert info.size - info.free == special
+    assert info.free == info.free_extents * EXTENT
+    assert info.volumes == ()
+    assert set(info.special) == set(c.SPECIAL_NAMES)
+    assert all(path is None for path in info.special.values()), "create leaves nothing active"
+
+
+def test_create_exists(domain: storage.BlockDomain, pvs: list[str]) -> None:
+    with pytest.raises(storage.DomainExists):
+        storage.create_block_domain(domain.uuid, pvs[:1], extent_size=EXTENT)
+
+
+def test_open(domain: storage.BlockDomain, pvs: list[str]) -> None:
+    opened = storage.open_domain(domain.uuid, pvs=pvs[:1])
+    info = opened.info()
+    assert info.master
+    assert info.max_hosts == 10
+    assert info.spm_lease_offset == MiB
+    with pytest.raises(storage.DomainNotFound):
+        storage.open_domain(uuid.uuid4(), pvs=pvs[:1])
+
+
+def test_sanlock_areas(domain: storage.BlockDomain) -> None:
+    try:
+        ls = domain.lockspace()
+        assert ls.name == str(domain.uuid)
+        assert ls.offset == 0
+        leader = sanlockdirect.read_lockspace_leader(ls.name, ls.path, ls.offset)
+        assert leader["magic"] == "0x12212010"  # delta lease
+        assert leader["space_name"] == str(domain.uuid)
+        lease = domain.spm_lease()
+        assert (lease.lockspace, lease.resource, lease.offset) == (str(domain.uuid), "SDM", MiB)
+        rows = sanlockdirect.dump(lease.path, lease.offset).splitlines()
+        assert rows[1].split()[:3] == [f"{MiB:08d}", str(domain.uuid), "SDM"]
+    finally:
+        domain.deactivate_special()
+
+
+def test_mailbox_zeroed(domain: storage.BlockDomain) -> None:
+    try:
+        mb = domain.mailbox()
+        assert mb.max_hosts == 10
+        assert domain.mailbox() == mb, "activation is idempotent"
+        for path in (mb.inbox, mb.outbox):
+            with DirectFile(path, readonly=True) as f:
+                assert f.size == 16 * MiB
+                assert f.read(0, 11 * 4096) == bytes(11 * 4096)
+        info = domain.info()
+        assert info.special[c.INBOX] == mb.inbox
+    finally:
+        domain.deactivate_special()
+    assert domain.info().special[c.INBOX] is None
+
+
+def test_qcow2_volume(domain: storage.BlockDomain) -> None:
+    vol = uuid.uuid4()
+    img = uuid.uuid4()
+    info = domain.create_volume(vol, 1024 * MiB, "qcow2", initial_size=CHUNK, image=img)
+    assert (info.uuid, info.format, info.capacity, info.size, info.image) == (vol, "qcow2", 1024 * MiB, CHUNK, img)
+    assert info.max_size == 1127 * MiB
+    assert info.path is None
+    assert domain.list_volumes() == [info]
+    assert domain.info().volumes == (vol,)
+    path = domain.prepare_volume(vol)
+    try:
+        image = qemuimg.info(path)
+        assert image["format"] == "qcow2"
+        assert image["virtual-size"] == 1024 * MiB
+        assert domain.extend_volume(vol, 2 * CHUNK) == 2 * CHUNK
+        assert domain.refresh_volume(vol) == 2 * CHUNK
+        assert domain.volume_info(vol).path == path
+    finally:
+        domain.teardown_volume(vol)
+
+
+def test_qcow2_initial_size_capped_by_max_size(domain: storage.BlockDomain) -> None:
+    info = domain.create_volume(uuid.uuid4(), 8 * MiB, initial_size=CHUNK)
+    assert info.size == 12 * MiB  # max_size 9 MiB, rounded up to extents
+
+
+def test_raw_volume(domain: storage.BlockDomain) -> None:
+    info = domain.create_volume(uuid.uuid4(), 10 * MiB, "raw")
+    assert (info.format, info.capacity, info.size) == ("raw", 10 * MiB, 12 * MiB)
+
+
+def test_remove_volume(domain: storage.BlockDomain) -> None:
+    a = domain.create_volume(uuid.uuid4(), 8 * MiB, "raw")
+    b = domain.create_volume(uuid.uuid4(), 8 * MiB, "raw")
+    domain.prepare_volume(a.uuid)
+    domain.remove_volume(a.uuid)
+    assert [v.uuid for v in domain.list_volumes()] == [b.uuid]
+    with pytest.raises(storage.VolumeNotFound):
+        domain.volume_info(a.uuid)
+    with pytest.raises(storage.VolumeNotFound):
+        domain.remove_volume(a.uuid)
+
+
+def test_special_lvs_are_not_volumes(domain: storage.BlockDomain) -> None:
+    with pytest.raises(storage.InvalidArgument):
+        domain.volume_info("ids")
+    with pytest.raises(storage.VolumeExists):
+        vol = uuid.uuid4()
+        domain.create_volume(vol, 8 * MiB, "raw")
+        domain.create_volume(vol, 8 * MiB, "raw")
+
+
+def test_extend_errors(domain: storage.BlockDomain) -> None:
+    with pytest.raises(storage.VolumeNotFound):
+        domain.extend_volume(uuid.uuid4(), 8 * MiB)
+    vol = domain.create_volume(uuid.uuid4(), 8 * MiB, "raw")
+    free = domain.info().free
+    with pytest.raises(lvm.NotEnoughFreeExtents):
+        domain.extend_volume(vol.uuid, vol.size + free + EXTENT)
+    assert domain.volume_info(vol.uuid).size == vol.size
+
+
+def test_failed_create_removes_vg(pvs: list[str]) -> None:
+    # Too many hosts for a mailbox of 16 MiB is impossible; use an
+    # impossible extent size instead to fail half way (special LVs).
+    sd = uuid.uuid4()
+    with pytest.raises(lvm.LVMError):
+        storage.create_block_domain(sd, pvs[:1], extent_size=256 * MiB)
+    assert str(sd) not in lvm.vgs(lvm.Runner(pvs[:1]))
+    assert not os.path.exists(f"/dev/{sd}")

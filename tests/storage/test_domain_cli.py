@@ -1,0 +1,83 @@
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import uuid
+
+import pytest
+from xtnd.tools import domain_cli
+
+MiB = 1024**2
+
+
+def xtnd(*argv: str) -> int:
+    """Run "xtnd ARGV" with only the domain/volume commands registered."""
+    parser = argparse.ArgumentParser(prog="xtnd")
+    domain_cli.register(parser.add_subparsers(dest="command", required=True))
+    args = parser.parse_args(argv)
+    rc: int = args.func(args)
+    return rc
+
+
+@pytest.fixture
+def config(workdir: str) -> str:
+    return os.path.join(workdir, "storage.json")
+
+
+def test_parse_size() -> None:
+    assert domain_cli.parse_size("1048576") == MiB
+    assert domain_cli.parse_size("512M") == 512 * MiB
+    assert domain_cli.parse_size("10G") == 10 * 1024 * MiB
+    assert domain_cli.parse_size("2560MiB") == 2560 * MiB
+    with pytest.raises(argparse.ArgumentTypeError):
+        domain_cli.parse_size("ten")
+
+
+def test_block_domain(pvs: list[str], config: str, capsys: pytest.CaptureFixture[str]) -> None:
+    sd, vol = str(uuid.uuid4()), str(uuid.uuid4())
+    cfg = ["--storage-config", config]
+    assert xtnd("domain", "create", "--uuid", sd, "--pv", pvs[0], "--master", "--extent-size", "4M", *cfg) == 0
+    out = capsys.readouterr().out
+    assert "initializing sanlock lockspace" in out
+    assert f"recorded in {config}" in out
+    with open(config) as f:
+        assert json.load(f)["domains"][sd] == {"pvs": [pvs[0]]}
+    # The PVs come from the config from now on.
+    assert xtnd("domain", "info", "--uuid", sd, "--json", *cfg) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert (info["kind"], info["master"], info["pvs"]) == ("block", True, [pvs[0]])
+    assert (
+        xtnd("volume", "create", "--domain", sd, "--uuid", vol, "--capacity", "100M", "--initial-size", "8M", *cfg) == 0
+    )
+    capsys.readouterr()
+    assert xtnd("volume", "list", "--domain", sd, "--json", *cfg) == 0
+    [listed] = json.loads(capsys.readouterr().out)
+    assert (listed["uuid"], listed["format"], listed["size"], listed["max_size"]) == (vol, "qcow2", 8 * MiB, 110 * MiB)
+    assert xtnd("volume", "remove", "--domain", sd, "--uuid", vol, *cfg) == 0
+    capsys.readouterr()
+    assert xtnd("volume", "info", "--domain", sd, "--uuid", vol, *cfg) == 1
+    assert "not found" in capsys.readouterr().err
+
+
+def test_file_domain(workdir: str, config: str, capsys: pytest.CaptureFixture[str]) -> None:
+    sd, vol = str(uuid.uuid4()), str(uuid.uuid4())
+    cfg = ["--storage-config", config]
+    assert xtnd("domain", "create", "--uuid", sd, "--path", workdir, *cfg) == 0
+    capsys.readouterr()
+    assert xtnd("volume", "create", "--domain", sd, "--uuid", vol, "--capacity", "1G", "--format", "raw", *cfg) == 0
+    capsys.readouterr()
+    assert xtnd("domain", "info", "--uuid", sd, *cfg) == 0
+    out = capsys.readouterr().out
+    assert "kind: file" in out
+    assert f"volumes: {vol}" in out
+
+
+def test_unknown_domain(config: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert xtnd("domain", "info", "--uuid", str(uuid.uuid4()), "--storage-config", config) == 1
+    assert "not found" in capsys.readouterr().err
+
+
+def test_create_needs_pv_or_path(config: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert xtnd("domain", "create", "--uuid", str(uuid.uuid4()), "--storage-config", config) == 1
+    assert "--pv" in capsys.readouterr().err

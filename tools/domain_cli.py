@@ -1,0 +1,250 @@
+"""``xtnd domain`` and ``xtnd volume``: create and inspect storage domains.
+
+    xtnd domain create --uuid UUID --pv DEV [--pv DEV ...] [--master] [--max-hosts 250]
+    xtnd domain create --uuid UUID --path DIR [--master] [--max-hosts 250]
+    xtnd domain info   --uuid UUID [--pv DEV ... | --path DIR] [--json]
+    xtnd volume create --domain UUID --uuid UUID --capacity SIZE [--format qcow2|raw] [--initial-size SIZE]
+    xtnd volume remove|info --domain UUID --uuid UUID
+    xtnd volume list   --domain UUID [--json]
+
+Finding a domain: LVM only looks at the PVs it is given, so the CLI needs
+them. ``domain create`` records the new domain (its PVs, or its root
+directory) in the host's storage config (/etc/xtnd/storage.json, see
+xtnd.storage.hostconfig); later commands look the UUID up there. --pv or
+--path on any command override the file.
+
+The seam for the SPM daemon: every command goes through a Backend. Today
+LocalBackend calls xtnd.storage in this process, which is right as long
+as no SPM runs (creating a domain comes before any SPM exists). Once the
+SPM daemon serves a control socket, volume create/remove must be sent to
+it instead (only the SPM may change LVM metadata): add a backend with the
+same methods that forwards each call, and choose it in _backend().
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+import uuid as uuidlib
+from typing import Any, Protocol
+
+from xtnd import lvm, storage
+from xtnd.common.cmd import CommandError
+from xtnd.storage import constants as c
+
+_UNITS = {"": 1, "b": 1, "k": c.KiB, "m": c.MiB, "g": c.GiB, "t": 1024 * c.GiB}
+
+
+def parse_size(text: str) -> int:
+    """'1073741824', '512M', '10G', '2560MiB' -> bytes (binary units)."""
+    m = re.fullmatch(r"\s*(\d+)\s*([bkmgt]?)(?:i?b)?\s*", text.lower())
+    if not m:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 1073741824, 512M, 10G)")
+    return int(m.group(1)) * _UNITS[m.group(2)]
+
+
+def _uuid(text: str) -> uuidlib.UUID:
+    try:
+        return uuidlib.UUID(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a UUID: {text!r}") from None
+
+
+class Backend(Protocol):
+    def create_domain(self, args: argparse.Namespace) -> storage.DomainInfo: ...
+
+    def domain_info(self, args: argparse.Namespace) -> storage.DomainInfo: ...
+
+    def create_volume(self, args: argparse.Namespace) -> storage.VolumeInfo: ...
+
+    def remove_volume(self, args: argparse.Namespace) -> None: ...
+
+    def volume_info(self, args: argparse.Namespace) -> storage.VolumeInfo: ...
+
+    def list_volumes(self, args: argparse.Namespace) -> list[storage.VolumeInfo]: ...
+
+
+class LocalBackend:
+    """Runs the storage functions in this process."""
+
+    def __init__(self, config: storage.HostConfig):
+        self.config = config
+
+    def _progress(self, msg: str) -> None:
+        print(msg, flush=True)
+
+    def create_domain(self, args: argparse.Namespace) -> storage.DomainInfo:
+        domain: storage.Domain
+        if args.path:
+            domain = storage.create_file_domain(args.uuid, args.path, args.master, args.max_hosts, self._progress)
+            self.config.add_file(args.uuid, args.path)
+        else:
+            domain = storage.create_block_domain(
+                args.uuid,
+                args.pv,
+                args.master,
+                args.max_hosts,
+                extent_size=args.extent_size,
+                progress=self._progress,
+                activation=self.config.activation,
+            )
+            self.config.add_block(args.uuid, args.pv)
+        if args.register:
+            self.config.save()
+            self._progress(f"recorded in {self.config.path}")
+        return domain.info()
+
+    def _open(self, args: argparse.Namespace, uuid: uuidlib.UUID) -> storage.Domain:
+        return self.config.open(uuid, pvs=args.pv, root=args.path)
+
+    def domain_info(self, args: argparse.Namespace) -> storage.DomainInfo:
+        return self._open(args, args.uuid).info()
+
+    def create_volume(self, args: argparse.Namespace) -> storage.VolumeInfo:
+        return self._open(args, args.domain).create_volume(
+            args.uuid, args.capacity, args.format, initial_size=args.initial_size, image=args.image
+        )
+
+    def remove_volume(self, args: argparse.Namespace) -> None:
+        self._open(args, args.domain).remove_volume(args.uuid)
+
+    def volume_info(self, args: argparse.Namespace) -> storage.VolumeInfo:
+        return self._open(args, args.domain).volume_info(args.uuid)
+
+    def list_volumes(self, args: argparse.Namespace) -> list[storage.VolumeInfo]:
+        return self._open(args, args.domain).list_volumes()
+
+
+def _backend(args: argparse.Namespace) -> Backend:
+    return LocalBackend(storage.HostConfig.load(args.storage_config))
+
+
+def _print(data: dict[str, Any] | list[dict[str, Any]], as_json: bool) -> None:
+    if as_json:
+        json.dump(data, sys.stdout, indent=2)
+        print()
+        return
+    rows = data if isinstance(data, list) else [data]
+    for i, row in enumerate(rows):
+        if i:
+            print()
+        for key, value in row.items():
+            if isinstance(value, dict):
+                for k, v in value.items():
+                    print(f"{key}.{k}: {v}")
+            elif isinstance(value, list):
+                print(f"{key}: {' '.join(str(v) for v in value) or '-'}")
+            else:
+                print(f"{key}: {value}")
+
+
+def _run(func: Any, args: argparse.Namespace) -> int:
+    try:
+        func(_backend(args), args)
+    except (storage.StorageError, lvm.LVMError, lvm.ActivationError, CommandError) as e:
+        print(f"xtnd: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _domain_create(backend: Backend, args: argparse.Namespace) -> None:
+    if bool(args.pv) == bool(args.path):
+        raise storage.InvalidArgument("give either --pv (block domain) or --path (file domain)")
+    info = backend.create_domain(args)
+    _print(info.to_dict(), args.json)
+
+
+def _domain_info(backend: Backend, args: argparse.Namespace) -> None:
+    _print(backend.domain_info(args).to_dict(), args.json)
+
+
+def _volume_create(backend: Backend, args: argparse.Namespace) -> None:
+    _print(backend.create_volume(args).to_dict(), args.json)
+
+
+def _volume_remove(backend: Backend, args: argparse.Namespace) -> None:
+    backend.remove_volume(args)
+    print(f"volume {args.uuid} removed")
+
+
+def _volume_info(backend: Backend, args: argparse.Namespace) -> None:
+    _print(backend.volume_info(args).to_dict(), args.json)
+
+
+def _volume_list(backend: Backend, args: argparse.Namespace) -> None:
+    volumes = backend.list_volumes(args)
+    if args.json:
+        _print([v.to_dict() for v in volumes], True)
+        return
+    print(f"{'uuid':36}  {'format':6}  {'capacity':>14}  {'size':>14}  path")
+    for v in volumes:
+        print(f"{v.uuid!s:36}  {v.format!s:6}  {v.capacity:>14}  {v.size:>14}  {v.path or '-'}")
+
+
+def _common(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pv", action="append", default=[], metavar="DEV", help="a PV of the block domain (repeat)")
+    p.add_argument("--path", metavar="DIR", help="root directory of the file domain (holds DIR/<uuid>/)")
+    p.add_argument(
+        "--storage-config",
+        metavar="FILE",
+        help=f"host storage config (default: ${storage.hostconfig.ENV} or {storage.hostconfig.DEFAULT_PATH})",
+    )
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+
+
+def register(subparsers: Any) -> None:
+    domain = subparsers.add_parser("domain", help="create and inspect storage domains")
+    dsub = domain.add_subparsers(dest="domain_command", required=True, metavar="SUBCOMMAND")
+
+    create = dsub.add_parser("create", help="create a block (--pv) or file (--path) storage domain")
+    create.add_argument("--uuid", type=_uuid, required=True, help="the domain UUID (also the VG name)")
+    create.add_argument("--master", action="store_true", help="the pool's master domain (mailbox, SPM lease)")
+    create.add_argument("--max-hosts", type=int, default=c.DEFAULT_MAX_HOSTS, help="host ids 1..N (default 250)")
+    create.add_argument(
+        "--extent-size", type=parse_size, default=c.DEFAULT_EXTENT_SIZE, help="LVM extent size (default 128M)"
+    )
+    create.add_argument(
+        "--no-register", dest="register", action="store_false", help="do not record the domain in the config"
+    )
+    _common(create)
+    create.set_defaults(func=lambda a: _run(_domain_create, a))
+
+    info = dsub.add_parser("info", help="show a domain: space, volumes, mailbox and lease location")
+    info.add_argument("--uuid", type=_uuid, required=True)
+    _common(info)
+    info.set_defaults(func=lambda a: _run(_domain_info, a))
+
+    volume = subparsers.add_parser("volume", help="create, remove and inspect volumes")
+    vsub = volume.add_subparsers(dest="volume_command", required=True, metavar="SUBCOMMAND")
+
+    vcreate = vsub.add_parser("create", help="create a volume (qcow2 thin or raw)")
+    vcreate.add_argument("--domain", type=_uuid, required=True)
+    vcreate.add_argument("--uuid", type=_uuid, required=True)
+    vcreate.add_argument("--capacity", type=parse_size, required=True, help="virtual size, e.g. 10G")
+    vcreate.add_argument("--format", choices=[f.value for f in storage.Format], default="qcow2")
+    vcreate.add_argument(
+        "--initial-size",
+        type=parse_size,
+        default=c.DEFAULT_CHUNK,
+        help="first allocation of a qcow2 volume (default one chunk, 2560M)",
+    )
+    vcreate.add_argument("--image", type=_uuid, help="image (disk) UUID the volume belongs to")
+    _common(vcreate)
+    vcreate.set_defaults(func=lambda a: _run(_volume_create, a))
+
+    for name, handler, text in (
+        ("remove", _volume_remove, "remove a volume"),
+        ("info", _volume_info, "show a volume"),
+    ):
+        p = vsub.add_parser(name, help=text)
+        p.add_argument("--domain", type=_uuid, required=True)
+        p.add_argument("--uuid", type=_uuid, required=True)
+        _common(p)
+        p.set_defaults(func=lambda a, h=handler: _run(h, a))
+
+    vlist = vsub.add_parser("list", help="list the volumes of a domain")
+    vlist.add_argument("--domain", type=_uuid, required=True)
+    _common(vlist)
+    vlist.set_defaults(func=lambda a: _run(_volume_list, a))
