@@ -25,7 +25,7 @@ from typing import Protocol
 
 from . import loop
 from .errors import ActivationError, MultiSegmentLV
-from .lv import LVInfo, lv_info
+from .lv import LVInfo, lv_info, lvs
 from .runner import Runner
 from .vg import vg_info
 
@@ -51,6 +51,10 @@ class Activator(Protocol):
 
     def device(self, vg: str, lv: str) -> str | None:
         """The device path if vg/lv is mapped, without mapping it."""
+        ...
+
+    def active_devices(self, vg: str) -> dict[str, str]:
+        """LV name -> device of every mapped LV of vg (a few commands, not one per LV)."""
         ...
 
 
@@ -86,6 +90,9 @@ class DeviceMapperActivator:
 
     def device(self, vg: str, lv: str) -> str | None:
         return f"/dev/{vg}/{lv}" if self.is_active(vg, lv) else None
+
+    def active_devices(self, vg: str) -> dict[str, str]:
+        return {info.name: f"/dev/{vg}/{info.name}" for info in lvs(self._runner, vg) if self.is_active(vg, info.name)}
 
 
 def _dm_name(vg: str, lv: str) -> str:
@@ -135,6 +142,18 @@ class LoopActivator:
         pv, offset = self._location(info, check_segments=False)
         found = loop.find(pv, offset)
         return found[0].path if found else None
+
+    def active_devices(self, vg: str) -> dict[str, str]:
+        attached = loop.devices()
+        result = {}
+        for info in lvs(self._runner, vg):
+            pv, offset = self._location(info, check_segments=False)
+            real = os.path.realpath(pv)
+            for dev in attached:
+                if dev.backing_file == real and dev.offset == offset:
+                    result[info.name] = dev.path
+                    break
+        return result
 
     def _location(self, info: LVInfo, check_segments: bool = True) -> tuple[str, int]:
         """The PV and byte offset where the LV's first segment starts."""

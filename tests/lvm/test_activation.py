@@ -28,6 +28,7 @@ def test_activate_maps_lv_bytes(runner: lvm.Runner, vg: str, pvs: list[str], act
     assert activator.is_active(vg, "b")
     assert activator.device(vg, "b") == dev
     assert activator.activate(vg, "b") == dev, "activation must be idempotent"
+    assert activator.active_devices(vg) == {"b": dev}
     assert loop.size(dev) == 8 * MiB
     fd = os.open(dev, os.O_WRONLY)
     try:
