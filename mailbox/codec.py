@@ -39,7 +39,6 @@ import dataclasses
 import re
 import struct
 import uuid
-from typing import Union
 
 import construct as c
 
@@ -164,7 +163,7 @@ class Unknown:
     raw: bytes
 
 
-Message = Union[Empty, Clean, Extend, Unknown]
+Message = Empty | Clean | Extend | Unknown
 
 EMPTY = Empty()
 CLEAN = Clean()
@@ -212,10 +211,12 @@ def decode(raw: bytes | memoryview) -> Message:
     opcode = raw[1:5]
     if opcode != EXTEND_OPCODE:
         return Unknown(opcode, raw)
+    if raw[53:] != b"0" * 11:
+        raise MessageError("malformed extend message: padding is not ASCII '0'", raw)
     try:
         parsed = _extend_format.parse(raw)
-    except c.ConstructError as e:
-        raise MessageError(f"malformed extend message: {e}", raw) from None
+    except c.ConstructError as e:  # unreachable after the checks above; kept typed
+        raise MessageError(f"malformed extend message: {e or type(e).__name__}", raw) from None
     if not _HEX_SIZE.fullmatch(parsed.size):
         raise MessageError(f"size field is not hex: {parsed.size!r}", raw)
     return Extend(_uuid_from_wire(parsed.domain), _uuid_from_wire(parsed.volume), int(parsed.size, 16))
@@ -234,17 +235,17 @@ def decode_head(raw: bytes | memoryview) -> tuple[uuid.UUID, uuid.UUID] | None:
     return _uuid_from_wire(head.domain), _uuid_from_wire(head.volume)
 
 
-def checksum(block: bytes | memoryview) -> int:
+def checksum(block: bytes | bytearray | memoryview) -> int:
     """vdsm's block checksum: sum of bytes 0..4091."""
     return sum(memoryview(block)[:CHECKSUM_OFFSET])
 
 
-def stored_checksum(block: bytes | memoryview) -> int:
+def stored_checksum(block: bytes | bytearray | memoryview) -> int:
     value: int = struct.unpack_from("<i", block, CHECKSUM_OFFSET)[0]
     return value
 
 
-def checksum_valid(block: bytes | memoryview) -> bool:
+def checksum_valid(block: bytes | bytearray | memoryview) -> bool:
     return len(block) == BLOCK_SIZE and checksum(block) == stored_checksum(block)
 
 
@@ -314,7 +315,7 @@ def put_slot(buf: bytearray, index: int, raw: bytes) -> None:
 def encode_event(event_id: uuid.UUID | None = None) -> bytes:
     """A fresh event block (random id unless given)."""
     event_id = event_id or uuid.uuid4()
-    return _event_format.build({"uuid": event_id.bytes, "padding": bytes(BLOCK_SIZE - 20)})
+    return bytes(_event_format.build({"uuid": event_id.bytes, "padding": bytes(BLOCK_SIZE - 20)}))
 
 
 def decode_event(raw: bytes | memoryview) -> uuid.UUID | None:

@@ -7,9 +7,9 @@ preadv/pwritev: no page cache on this host can hide another host's write,
 and no subprocess is spawned per I/O (vdsm runs dd for each).
 
 4096-byte, 4096-aligned transfers satisfy O_DIRECT on both 512 and 4096-byte
-logical sector devices. O_DIRECT does not work on tmpfs (EINVAL at open):
-keep mailbox files on a real file system (ext4/xfs under /var/tmp) or a
-block device.
+logical sector devices. Kernels before 6.6 refuse O_DIRECT on tmpfs (EINVAL
+at open, reported as StorageError): keep mailbox files on a real file
+system (ext4/xfs under /var/tmp) or a block device.
 
 MemoryStorage is the twin for unit tests: same interface, a bytearray
 behind it, plus hooks to inject faults.

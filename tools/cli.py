@@ -28,7 +28,9 @@ TOP_COMMANDS = [
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="xtnd", description="Keep thin VM disks on shared block storage from filling.")
+    parser = argparse.ArgumentParser(
+        prog="xtnd", description="Keep thin VM disks on shared block storage from filling."
+    )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
     top = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     mailbox = top.add_parser("mailbox", help="inspect and benchmark the storage mailbox")
