@@ -385,14 +385,14 @@ def _watch_loop(
     while True:
         report = scanner.scan()
         scans += 1
-        show(_watch_view(report, scans))
+        show(watch_view(report, scans))
         if args.iterations is not None and scans >= args.iterations:
             return
         # Nothing sets the event: it is an interruptible wait, Ctrl-C ends it.
         stop.wait(args.interval)
 
 
-def _watch_view(report: view.Report, scans: int) -> RenderableType:
+def watch_view(report: view.Report, scans: int) -> RenderableType:
     header = _header(report)
     header.add_row("scan", f"#{scans} at {time.strftime('%H:%M:%S')}")
     busy = report.busy

@@ -1,0 +1,393 @@
+"""``xtnd mailbox bench``: mailbox roundtrip latency and idle cost.
+
+An SPM and N HSMs run as separate processes over one inbox/outbox pair on
+real storage (files under /var/tmp or loop devices), as on a cluster. The
+SPM's handler grants every request at once, so the figures are the
+mailbox's own: latency from submit() to the reply reaching the HSM.
+
+Phases: idle (nothing in flight: SPM CPU and storage I/O per second, which
+is what an idle cluster pays), then rounds where every HSM submits M
+requests at once and waits for all replies.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import contextlib
+import dataclasses
+import json
+import math
+import multiprocessing
+import multiprocessing.connection
+import os
+import random
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from multiprocessing.connection import Connection
+from typing import Any
+
+from xtnd.mailbox import codec, directio
+from xtnd.mailbox.hsm import HSMConfig, HSMMailbox
+from xtnd.mailbox.spm import SPMConfig, SPMMailbox
+
+_mp = multiprocessing.get_context("fork")
+
+
+@dataclasses.dataclass
+class Mailbox:
+    inbox: str
+    outbox: str
+    max_hosts: int
+
+
+def _area_size(max_hosts: int) -> int:
+    # As on a block domain: 16 MiB LVs of which (max_hosts+1) blocks are used.
+    return max(16 * 1024**2, (max_hosts + 1) * codec.BLOCK_SIZE)
+
+
+@contextlib.contextmanager
+def make_mailbox(storage: str, max_hosts: int, base: str = "/var/tmp") -> Iterator[Mailbox]:
+    """Fresh zeroed inbox/outbox on files or loop devices, removed after."""
+    workdir = tempfile.mkdtemp(prefix="xtnd-bench-", dir=base)
+    devices: list[str] = []
+    try:
+        paths = []
+        for name in ("inbox", "outbox"):
+            path = os.path.join(workdir, name)
+            with open(path, "wb") as f:
+                f.truncate(_area_size(max_hosts))
+            if storage == "loop":
+                dev = subprocess.run(
+                    ["losetup", "--find", "--show", "--sector-size", "512", path],
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                ).stdout.strip()
+                devices.append(dev)
+                path = dev
+            paths.append(path)
+        yield Mailbox(paths[0], paths[1], max_hosts)
+    finally:
+        for dev in devices:
+            subprocess.run(["losetup", "--detach", dev], check=False)
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _cpu_seconds(pid: int) -> float:
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _spm_main(box: Mailbox, config: SPMConfig, conn: Connection) -> None:
+    inbox = directio.DirectFile(box.inbox)
+    outbox = directio.DirectFile(box.outbox)
+    spm = SPMMailbox(inbox, outbox, box.max_hosts, config)
+    spm.register(codec.EXTEND_OPCODE, lambda req: req.message.size_mb)
+    spm.start()
+    conn.send("ready")
+    while True:
+        cmd = conn.recv()
+        if cmd == "stats":
+            conn.send({"reads": inbox.counters.reads + outbox.counters.reads,
+                       "writes": inbox.counters.writes + outbox.counters.writes, "active": spm.active,
+                       **spm.stats})
+        elif cmd == "stop":
+            spm.stop()
+            conn.send("stopped")
+            return
+
+
+def _stamp(finished: list[float], n: int) -> Callable[[concurrent.futures.Future[int]], None]:
+    def done(_: concurrent.futures.Future[int]) -> None:
+        finished[n] = time.monotonic()
+
+    return done
+
+
+def _hsm_main(box: Mailbox, host_ids: list[int], config: HSMConfig, conn: Connection) -> None:
+    """Run the HSMs of ``host_ids`` in this process, each fully independent."""
+    hsms = []
+    for host_id in host_ids:
+        hsm = HSMMailbox(directio.DirectFile(box.inbox), directio.DirectFile(box.outbox), host_id, config)
+        hsm.start()
+        hsms.append(hsm)
+    domain = uuid.uuid4()
+    conn.send("ready")
+    while True:
+        cmd = conn.recv()
+        if cmd[0] == "round":
+            messages = cmd[1]
+            started: list[float] = []
+            finished: list[float] = []
+            futures = []
+            # Completion times are taken by callbacks in the mailbox threads,
+            # so this thread wakes once per round, not once per request.
+            for hsm in hsms:
+                for _ in range(messages):
+                    n = len(started)
+                    started.append(time.monotonic())
+                    finished.append(math.nan)
+                    fut = hsm.submit(domain, uuid.uuid4(), 1024**3)
+                    fut.add_done_callback(_stamp(finished, n))
+                    futures.append(fut)
+            concurrent.futures.wait(futures, timeout=120)
+            failures = sum(1 for f in futures if not f.done() or f.exception() is not None)
+            latencies = [t1 - t0 for t0, t1 in zip(started, finished, strict=True)]
+            for hsm in hsms:
+                hsm.wait_idle(timeout=60)
+            conn.send((latencies, failures))
+        elif cmd[0] == "flow":
+            conn.send(_flow(hsms, domain, duration=cmd[1], rate=cmd[2]))
+        elif cmd[0] == "stats":
+            reads = writes = 0
+            for hsm in hsms:
+                reads += hsm._inbox.counters.reads + hsm._outbox.counters.reads
+                writes += hsm._inbox.counters.writes + hsm._outbox.counters.writes
+            conn.send({"reads": reads, "writes": writes})
+        elif cmd[0] == "stop":
+            for hsm in hsms:
+                hsm.stop()
+            conn.send("stopped")
+            return
+
+
+def _flow(hsms: list[HSMMailbox], domain: uuid.UUID, duration: float, rate: float) -> tuple[list[float], int]:
+    """Each HSM submits requests at random intervals (``rate`` per second)."""
+    rng = random.Random()
+    deadline = time.monotonic() + duration
+    pending: list[tuple[float, concurrent.futures.Future[int]]] = []
+    volumes = [uuid.uuid4() for _ in range(8)]
+    sizes = dict.fromkeys(volumes, 1024)
+    next_at = [time.monotonic() + rng.expovariate(rate) for _ in hsms]
+    latencies: list[float] = []
+    finished: list[float] = []
+    while time.monotonic() < deadline:
+        now = time.monotonic()
+        for n, hsm in enumerate(hsms):
+            if now >= next_at[n]:
+                volume = rng.choice(volumes)
+                sizes[volume] += 512  # growing volumes, as guests write
+                finished.append(math.nan)
+                fut = hsm.submit(domain, volume, sizes[volume] * codec.MiB)
+                fut.add_done_callback(_stamp(finished, len(finished) - 1))
+                pending.append((now, fut))
+                next_at[n] = now + rng.expovariate(rate)
+        time.sleep(max(0.0, min(next_at) - time.monotonic()))
+    concurrent.futures.wait([f for _, f in pending], timeout=60)
+    failures = sum(1 for _, f in pending if not f.done() or f.exception() is not None)
+    latencies = [t1 - t0 for (t0, _), t1 in zip(pending, finished, strict=True)]
+    for hsm in hsms:
+        hsm.wait_idle(timeout=30)
+    return latencies, failures
+
+
+def percentile(sorted_values: list[float], pct: float) -> float:
+    if not sorted_values:
+        return math.nan
+    k = max(0, math.ceil(pct / 100 * len(sorted_values)) - 1)
+    return sorted_values[k]
+
+
+class Cluster:
+    """An SPM process and N HSM processes over one mailbox."""
+
+    def __init__(self, box: Mailbox, hosts: int, spm_config: SPMConfig, hsm_config: HSMConfig, hsm_procs: int = 0):
+        self.box = box
+        self.hosts = hosts
+        # Fork everything before this process starts any thread.
+        parent, child = _mp.Pipe()
+        self.spm = _mp.Process(target=_spm_main, args=(box, spm_config, child), name="spm", daemon=True)
+        self.spm.start()
+        self.spm_conn = parent
+        self.spm_conn.recv()
+        self.hsm_conns: list[Connection] = []
+        self.hsms = []
+        procs = min(hosts, hsm_procs or hosts)
+        for n in range(procs):
+            host_ids = list(range(1 + n, hosts + 1, procs))
+            parent, child = _mp.Pipe()
+            p = _mp.Process(target=_hsm_main, args=(box, host_ids, hsm_config, child), name=f"hsm-{n}", daemon=True)
+            p.start()
+            self.hsms.append(p)
+            self.hsm_conns.append(parent)
+        for conn in self.hsm_conns:
+            conn.recv()
+
+    @property
+    def spm_pid(self) -> int:
+        assert self.spm.pid is not None
+        return self.spm.pid
+
+    def wait_spm_idle(self, timeout: float = 60.0) -> None:
+        """Wait until the SPM has left its fast-polling window."""
+        deadline = time.monotonic() + timeout
+        while True:
+            self.spm_conn.send("stats")
+            if not self.spm_conn.recv()["active"] or time.monotonic() > deadline:
+                return
+            time.sleep(0.2)
+
+    def io_counts(self) -> tuple[int, int]:
+        self.spm_conn.send("stats")
+        total = self.spm_conn.recv()
+        reads, writes = total["reads"], total["writes"]
+        for conn in self.hsm_conns:
+            conn.send(("stats",))
+        for conn in self.hsm_conns:
+            s = conn.recv()
+            reads += s["reads"]
+            writes += s["writes"]
+        return reads, writes
+
+    def round(self, messages: int) -> tuple[list[float], int]:
+        for conn in self.hsm_conns:
+            conn.send(("round", messages))
+        latencies: list[float] = []
+        failures = 0
+        for conn in self.hsm_conns:
+            lat, failed = conn.recv()
+            latencies.extend(lat)
+            failures += failed
+        return latencies, failures
+
+    def stop(self) -> None:
+        for conn in self.hsm_conns:
+            conn.send(("stop",))
+        for conn in self.hsm_conns:
+            conn.recv()
+        self.spm_conn.send("stop")
+        self.spm_conn.recv()
+        for p in [*self.hsms, self.spm]:
+            p.join(10)
+
+
+def run_bench(
+    hosts: int,
+    messages: int,
+    storage: str = "file",
+    rounds: int = 0,
+    idle_seconds: float = 3.0,
+    max_hosts: int = 250,
+    spm_config: SPMConfig | None = None,
+    hsm_config: HSMConfig | None = None,
+    hsm_procs: int = 0,
+) -> dict[str, Any]:
+    max_hosts = max(max_hosts, hosts)
+    rounds = rounds or max(1, math.ceil(200 / (hosts * messages)))
+    spm_config = spm_config or SPMConfig()
+    hsm_config = hsm_config or HSMConfig()
+    with make_mailbox(storage, max_hosts) as box:
+        cluster = Cluster(box, hosts, spm_config, hsm_config, hsm_procs)
+        try:
+            # Idle: nothing in flight.
+            # Idle means nothing happened for a while: start-up writes events.
+            cluster.wait_spm_idle()
+            r0, w0 = cluster.io_counts()
+            c0, t0 = _cpu_seconds(cluster.spm_pid), time.monotonic()
+            time.sleep(idle_seconds)
+            c1, t1 = _cpu_seconds(cluster.spm_pid), time.monotonic()
+            r1, w1 = cluster.io_counts()
+            idle_wall = t1 - t0
+            # Busy.
+            latencies: list[float] = []
+            failures = 0
+            load_before = os.getloadavg()
+            c2, t2 = _cpu_seconds(cluster.spm_pid), time.monotonic()
+            r2, w2 = cluster.io_counts()
+            for _ in range(rounds):
+                lat, failed = cluster.round(messages)
+                latencies.extend(lat)
+                failures += failed
+            c3, t3 = _cpu_seconds(cluster.spm_pid), time.monotonic()
+            r3, w3 = cluster.io_counts()
+            busy_wall = t3 - t2
+        finally:
+            cluster.stop()
+    latencies.sort()
+    ms = [x * 1000 for x in latencies]
+    return {
+        "hosts": hosts,
+        "messages": messages,
+        "rounds": rounds,
+        "requests": len(latencies),
+        "failures": failures,
+        "storage": storage,
+        "max_hosts": max_hosts,
+        "hsm_processes": len(cluster.hsms),
+        "p50_ms": round(percentile(ms, 50), 2),
+        "p99_ms": round(percentile(ms, 99), 2),
+        "max_ms": round(ms[-1], 2) if ms else math.nan,
+        "spm_cpu_idle_pct": round(100 * (c1 - c0) / idle_wall, 2),
+        "spm_cpu_busy_pct": round(100 * (c3 - c2) / busy_wall, 2),
+        "reads_per_s_idle": round((r1 - r0) / idle_wall, 1),
+        "writes_per_s_idle": round((w1 - w0) / idle_wall, 1),
+        "reads_per_s_busy": round((r3 - r2) / busy_wall, 1),
+        "writes_per_s_busy": round((w3 - w2) / busy_wall, 1),
+        "busy_seconds": round(busy_wall, 3),
+        "event_interval_ms": spm_config.event_interval * 1000,
+        "idle_event_interval_ms": spm_config.idle_event_interval * 1000,
+        "cpus": os.cpu_count(),
+        "loadavg_before": [round(x, 2) for x in load_before],
+        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+    }
+
+
+def format_result(r: dict[str, Any]) -> str:
+    return (
+        f"hosts={r['hosts']} messages={r['messages']} rounds={r['rounds']} requests={r['requests']} "
+        f"failures={r['failures']} storage={r['storage']} hsm_processes={r['hsm_processes']}\n"
+        f"  roundtrip  p50={r['p50_ms']:.2f} ms  p99={r['p99_ms']:.2f} ms  max={r['max_ms']:.2f} ms\n"
+        f"  SPM CPU    idle={r['spm_cpu_idle_pct']:.2f}%  busy={r['spm_cpu_busy_pct']:.2f}% of a core\n"
+        f"  storage    idle reads/s={r['reads_per_s_idle']} writes/s={r['writes_per_s_idle']}  "
+        f"busy reads/s={r['reads_per_s_busy']} writes/s={r['writes_per_s_busy']}\n"
+        f"  machine    cpus={r['cpus']} load before={r['loadavg_before']} after={r['loadavg_after']}"
+    )
+
+
+def _cmd_bench(args: argparse.Namespace) -> int:
+    spm_config = SPMConfig(
+        event_interval=args.event_interval / 1000, idle_event_interval=args.idle_event_interval / 1000
+    )
+    result = run_bench(
+        args.hosts,
+        args.messages,
+        storage=args.storage,
+        rounds=args.rounds,
+        idle_seconds=args.idle_seconds,
+        max_hosts=args.max_hosts,
+        spm_config=spm_config,
+        hsm_procs=args.hsm_procs,
+    )
+    if args.json:
+        json.dump(result, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print(format_result(result))
+    return 1 if result["failures"] else 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    p = sub.add_parser("bench", help="measure mailbox roundtrip latency and idle cost")
+    p.add_argument("--hosts", type=int, default=1, help="HSM processes (host ids 1..N)")
+    p.add_argument("--messages", type=int, default=1, help="requests each HSM submits at once per round")
+    p.add_argument("--rounds", type=int, default=0, help="rounds (default: enough for ~200 samples)")
+    p.add_argument("--storage", choices=["file", "loop"], default="file", help="files under /var/tmp or loop devices")
+    p.add_argument("--max-hosts", type=int, default=250, help="mailbox size in hosts (SPM scans all)")
+    p.add_argument("--idle-seconds", type=float, default=3.0, help="length of the idle measurement")
+    p.add_argument("--event-interval", type=float, default=2.0, help="SPM event poll interval while busy, ms")
+    p.add_argument("--idle-event-interval", type=float, default=20.0, help="SPM event poll interval when idle, ms")
+    p.add_argument(
+        "--hsm-procs",
+        type=int,
+        default=0,
+        help="processes the HSMs run in (default: one per host); each HSM keeps its own block, thread and fds",
+    )
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=_cmd_bench)
