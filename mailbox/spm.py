@@ -266,7 +266,7 @@ class SPMMailbox:
             self._rlog.log(logging.WARNING, ("malformed", host), "malformed message host_id=%d slot=%d: %s", host, i,
                            e)
             if head is not None:  # a broken xtnd request: tell the requester
-                self._put_reply(host, i, codec.encode(codec.Extend(head[0], head[1], 0)))
+                self._put_reply(host, i, codec.encode_reply(raw, 0))
             return
         if not isinstance(msg, codec.Extend):
             opcode = msg.opcode if isinstance(msg, codec.Unknown) else b"?"
@@ -329,4 +329,4 @@ class SPMMailbox:
             granted = 0
         else:
             self.stats["replies"] += 1
-        return codec.encode(req.message.reply(granted))
+        return codec.encode_reply(req.raw, granted)

@@ -206,3 +206,36 @@ def test_parse_block_raises_only_block_error(raw: bytes) -> None:
         codec.parse_block(raw)
     except codec.BlockError:
         assert len(raw) != 4096
+
+
+@given(uuids, uuids, sizes)
+def test_fast_decode_matches_construct(domain: uuid.UUID, volume: uuid.UUID, size_mb: int) -> None:
+    raw = codec.encode(codec.Extend(domain, volume, size_mb))
+    assert codec.decode(raw) == codec.parse_extend(raw)
+
+
+@given(st.binary(min_size=59, max_size=59))
+def test_fast_decode_agrees_on_garbage(tail: bytes) -> None:
+    raw = b"1xtnd" + tail
+    try:
+        fast: codec.Message | None = codec.decode(raw)
+    except codec.MessageError:
+        fast = None
+    try:
+        slow: codec.Message | None = codec.parse_extend(raw)
+    except codec.MessageError:
+        slow = None
+    assert fast == slow
+
+
+@given(uuids, uuids, sizes, sizes)
+def test_encode_reply_matches_encode(domain: uuid.UUID, volume: uuid.UUID, asked: int, granted: int) -> None:
+    req = codec.Extend(domain, volume, asked)
+    assert codec.encode_reply(codec.encode(req), granted) == codec.encode(req.reply(granted))
+
+
+def test_encode_reply_validates() -> None:
+    with pytest.raises(ValueError):
+        codec.encode_reply(VECTOR, -1)
+    with pytest.raises(codec.MessageError):
+        codec.encode_reply(codec.CLEAN_MESSAGE, 1)
