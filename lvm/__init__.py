@@ -8,7 +8,7 @@ subcommand; activation.py maps LVs with device-mapper or loop devices.
 from .activation import Activator, DeviceMapperActivator, LoopActivator, make_activator
 from .errors import ActivationError, LVMError, LVNotFound, MultiSegmentLV, NotEnoughFreeExtents, VGNotFound
 from .history import CommandHistory, CommandRecord
-from .lv import LVInfo, Segment, change_tags, extend, lv_info, lvcreate, lvremove, lvs, round_up
+from .lv import LVInfo, Segment, change_tags, extend, lv_info, lvcreate, lvextend, lvremove, lvs, round_up
 from .runner import Runner, device_mapper_available
 from .vg import PVInfo, VGInfo, pvcreate, vg_change_tags, vg_info, vgcreate, vgextend, vgremove, vgs
 
@@ -34,6 +34,7 @@ __all__ = [
     "extend",
     "lv_info",
     "lvcreate",
+    "lvextend",
     "lvremove",
     "lvs",
     "make_activator",

@@ -124,7 +124,7 @@ _DOMAIN = _EXTEND_FIELDS["domain"]
 _VOLUME = _EXTEND_FIELDS["volume"]
 _SIZE = _EXTEND_FIELDS["size"]
 _PADDING = _EXTEND_FIELDS["padding"]
-_PADDING_BYTES = b"0" * (_PADDING.stop - _PADDING.start)
+_PADDING_BYTES: bytes = b"0" * (_PADDING.stop - _PADDING.start)
 
 
 def _uuid_to_wire(value: uuid.UUID) -> bytes:
