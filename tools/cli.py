@@ -24,6 +24,8 @@ MAILBOX_COMMANDS = [
 TOP_COMMANDS = [
     "xtnd.tools.domain_cli",
     "xtnd.tools.demo",
+    "xtnd.tools.hsm_cli",
+    "xtnd.tools.spm_cli",
 ]
 
 

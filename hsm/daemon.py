@@ -1,0 +1,147 @@
+"""The HSM daemon: the monitor, the mailbox and the libvirt connection, wired.
+
+    xtnd hsm --config /etc/xtnd/hsm.conf
+
+Start order: the master domain's mailbox (clears this host's inbox block,
+so requests of a previous run are forgotten; the monitor asks again for
+whatever is still short), the monitor's workers and stats thread, then
+the libvirt connection, whose connected() makes the monitor read every
+running VM. Stop runs in reverse: no new events, the mailbox stops (pending
+requests fail at once, so no worker waits for the SPM; the host block is
+cleared), the workers finish, the event loop ends.
+
+SIGTERM and SIGINT stop the daemon; systemd is told READY=1 once libvirt
+is connected (or after a short wait: a host whose libvirtd is down still
+has an HSM that keeps trying) and STOPPING=1 on stop.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import threading
+import uuid as uuidlib
+from collections.abc import Callable
+from types import FrameType
+from typing import Any
+
+from xtnd.hsm import notify
+from xtnd.hsm.config import Config
+from xtnd.hsm.libvirtconn import Connection, EventLoop
+from xtnd.hsm.metrics import ExtendRecord
+from xtnd.hsm.monitor import Monitor, MonitorConfig
+from xtnd.hsm.volumes import StorageVolumes
+from xtnd.mailbox.directio import DirectFile
+from xtnd.mailbox.hsm import HSMMailbox
+
+log = logging.getLogger("xtnd.hsm")
+
+
+class HSM:
+    def __init__(
+        self,
+        config: Config,
+        event_loop: EventLoop | None = None,
+        on_extend: Callable[[ExtendRecord], None] | None = None,
+    ):
+        config.validate()
+        self.config = config
+        self._own_loop = event_loop is None
+        self.event_loop = event_loop or EventLoop()
+        self.volumes = StorageVolumes(config.host.storage_config, config.host.run_dir)
+        location = self.volumes.domain(uuidlib.UUID(config.host.master_domain)).mailbox()
+        self._inbox = DirectFile(location.inbox)
+        self._outbox = DirectFile(location.outbox)
+        self.mailbox = HSMMailbox(self._inbox, self._outbox, config.host.host_id, config.mailbox_config())
+        lv = config.libvirt
+        self.connection = Connection(
+            self,  # forwards to the monitor, which exists only after the connection
+            uri=lv.uri,
+            backoff_initial=lv.reconnect_initial,
+            backoff_max=lv.reconnect_max,
+            keepalive_interval=lv.keepalive_interval,
+            keepalive_count=lv.keepalive_count,
+        )
+        self.monitor = Monitor(
+            self.connection,
+            self.mailbox,
+            self.volumes,
+            MonitorConfig(
+                sizing=config.sizing(),
+                run_dir=config.host.run_dir,
+                workers=config.host.workers,
+                stats_interval=config.monitor.stats_interval,
+                extend_timeout=config.monitor.extend_timeout,
+                backoff_initial=config.retry.backoff_initial,
+                backoff_max=config.retry.backoff_max,
+            ),
+            on_extend=on_extend,
+        )
+
+    # Listener: the connection calls these; the monitor does the work.
+
+    def connected(self, conn: Any) -> None:
+        self.monitor.connected(conn)
+
+    def disconnected(self) -> None:
+        self.monitor.disconnected()
+
+    def lifecycle(self, dom: Any, event: int, detail: int) -> None:
+        self.monitor.lifecycle(dom, event, detail)
+
+    def block_threshold(self, dom: Any, dev: str, path: str, threshold: int, excess: int) -> None:
+        self.monitor.block_threshold(dom, dev, path, threshold, excess)
+
+    def io_error(self, dom: Any, src_path: str, dev_alias: str, action: int, reason: str) -> None:
+        self.monitor.io_error(dom, src_path, dev_alias, action, reason)
+
+    # Life cycle
+
+    def start(self) -> None:
+        if self._own_loop:
+            self.event_loop.start()
+        self.mailbox.start()
+        self.monitor.start()
+        self.connection.start()
+        log.info(
+            "hsm started host_id=%d master=%s chunk_mb=%d utilization_percent=%d",
+            self.config.host.host_id, self.config.host.master_domain,
+            self.config.thin.chunk_mb, self.config.thin.utilization_percent,
+        )  # fmt: skip
+
+    def stop(self) -> None:
+        log.info("hsm stopping")
+        self.connection.stop()
+        self.mailbox.stop()
+        self.monitor.stop()
+        if self._own_loop:
+            self.event_loop.stop()
+        self._inbox.close()
+        self._outbox.close()
+        log.info("hsm stopped")
+
+
+def run(config: Config, ready_timeout: float = 10.0) -> int:
+    """Run until SIGTERM or SIGINT; the exit code."""
+    stop = threading.Event()
+
+    def on_signal(signo: int, _frame: FrameType | None) -> None:
+        log.info("signal %s received", signal.Signals(signo).name)
+        stop.set()
+
+    for signo in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signo, on_signal)
+    hsm = HSM(config)
+    hsm.start()
+    try:
+        if not hsm.connection.wait_connected(ready_timeout):
+            log.warning("not connected to libvirt after %.0f s; still trying", ready_timeout)
+        notify.notify("READY=1")
+        # Event.wait with no timeout would block signal handlers until it
+        # returns; a timeout lets the main thread run them.
+        while not stop.wait(1.0):
+            pass
+    finally:
+        notify.notify("STOPPING=1")
+        hsm.stop()
+    return 0

@@ -1,0 +1,49 @@
+"""``xtnd hsm``: the HSM daemon, its configuration and its benchmark.
+
+    xtnd hsm --config /etc/xtnd/hsm.conf            run the daemon (SIGTERM stops it)
+    xtnd hsm --config /etc/xtnd/hsm.conf --show-config
+    xtnd hsm bench [--json] ...                     see xtnd.tools.hsm_bench
+
+Also adds ``xtnd volume prepare|teardown`` (xtnd.tools.volume_host_cli):
+the commands a host runs to use a volume, next to the daemon that watches it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from xtnd.hsm import config as hsm_config
+from xtnd.tools import volume_host_cli
+
+DEFAULT_CONFIG = "/etc/xtnd/hsm.conf"
+
+
+def _daemon(args: argparse.Namespace) -> int:
+    try:
+        config = hsm_config.load(args.config)
+        if args.show_config:
+            sys.stdout.write(hsm_config.show(config))
+            return 0
+        config.validate()
+    except hsm_config.ConfigError as e:
+        print(f"xtnd hsm: {e}", file=sys.stderr)
+        return 2
+    from xtnd.hsm import daemon  # libvirt and storage only when running
+
+    return daemon.run(config)
+
+
+def register(top: Any) -> None:
+    volume_host_cli.register(top)
+    p = top.add_parser("hsm", help="the HSM daemon: watch thin VM disks, extend, refresh, resume")
+    p.add_argument(
+        "--config", default=DEFAULT_CONFIG, help=f"config file, drop-ins in FILE.d/*.conf (default {DEFAULT_CONFIG})"
+    )
+    p.add_argument("--show-config", action="store_true", help="print the effective configuration and exit")
+    p.set_defaults(func=_daemon)
+    sub = p.add_subparsers(dest="hsm_command", metavar="SUBCOMMAND")
+    from xtnd.tools import hsm_bench
+
+    hsm_bench.register(sub)
