@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 from testlib import storage
+from testlib.sanlockd import sanlock_hosts, sanlockd  # noqa: F401 (fixtures)
 
 
 @pytest.fixture

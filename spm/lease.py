@@ -1,0 +1,360 @@
+"""The SPM lease: the sanlock resource that makes one host the SPM.
+
+Only the holder of the `SDM` resource lease (in the master domain's `leases`
+area) may change LVM metadata. Holding it takes two steps:
+
+1. join(): the local sanlock daemon acquires our host id (the mailbox host
+   id) in the lockspace named after the master domain UUID, on its `ids`
+   area (add_lockspace; ~3 s with io_timeout=1, about 2 x the io_timeout
+   stored on disk otherwise). The daemon then renews this *delta lease*
+   every 2 x io_timeout.
+2. acquire(): the resource lease through a registered sanlock connection;
+   the daemon releases it when that connection closes, so the process exit
+   (even SIGKILL) frees the lease for the next SPM at once.
+
+A resource lease is only valid while its host id is renewed. If renewals
+fail (storage lost, daemon stuck), other hosts may take the lease over once
+they see our delta lease unchanged for 8 x io_timeout + 60 s (sanlock's
+host_dead_seconds); our own daemon kills the holder after 8 x io_timeout.
+We must stop touching LVM before that, so:
+
+- check() asks the daemon, every time, whether it still lists our lease,
+  whether it has given up on the lockspace, and how old the last successful
+  renewal is. The lease counts as valid while that age stays under
+  max_renewal_age (default 6 x io_timeout, sanlock's own warning point). If
+  the daemon cannot be asked (status command failing), the last confirmation
+  stays good until its age would pass the bound, and no longer.
+- fence() is check() under the name the SPM uses right before each LVM
+  command: it raises LeaseLost once the loss is detectable.
+- LeaseWatchdog runs check() continuously and calls on_lost(reason) once.
+
+Loss is sticky: once lost, the lease object never reports valid again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import errno
+import logging
+import os
+import threading
+import time
+from collections.abc import Callable
+from typing import NoReturn
+
+import sanlock
+from xtnd.common import cmd
+from xtnd.common.ratelimit import RateLimitedLog
+
+from . import sanlockutil
+
+log = logging.getLogger("xtnd.spm.lease")
+
+SDM_RESOURCE = "SDM"
+SDM_OFFSET = 1024 * 1024  # 512-byte sector storage
+DEFAULT_IO_TIMEOUT = 10
+
+# sanlock_rv.h: the lease is held by, or being acquired by, another host.
+_SANLK_ACQUIRE_IDLIVE = -243
+_SANLK_ACQUIRE_OWNED = -244
+_SANLK_ACQUIRE_OTHER = -245
+_SANLK_ACQUIRE_OWNED_RETRY = -247
+_BUSY = {_SANLK_ACQUIRE_IDLIVE, _SANLK_ACQUIRE_OWNED, _SANLK_ACQUIRE_OTHER, _SANLK_ACQUIRE_OWNED_RETRY, errno.EAGAIN}
+
+
+class LeaseError(Exception):
+    """sanlock refused or failed an operation on the SPM lease."""
+
+    msg = "SPM lease error: {reason}"
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(self.msg.format(reason=reason))
+
+
+class LeaseLost(LeaseError):
+    """The lease is gone or cannot be confirmed: stop touching LVM now."""
+
+    msg = "SPM lease lost: {reason}"
+
+
+@dataclasses.dataclass(frozen=True)
+class Owner:
+    host_id: int
+    generation: int
+    timestamp: int
+
+
+class LeaseBusy(LeaseError):
+    """Another host holds the lease (owners as read from storage, if known)."""
+
+    msg = "SPM lease busy: {reason}"
+
+    def __init__(self, reason: str, owners: list[Owner]):
+        self.owners = owners
+        super().__init__(reason)
+
+
+class SpmLease:
+    """The SDM lease of one pool, for the local sanlock daemon."""
+
+    def __init__(
+        self,
+        lockspace: str,
+        host_id: int,
+        ids_path: str,
+        leases_path: str,
+        offset: int = SDM_OFFSET,
+        resource: str = SDM_RESOURCE,
+        io_timeout: int = DEFAULT_IO_TIMEOUT,
+        max_renewal_age: float | None = None,
+        sanlock_cmd: str = sanlockutil.SANLOCK,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        if max_renewal_age is None:
+            max_renewal_age = 6 * io_timeout
+        # Past 8 x io_timeout our own daemon starts killing the holder; a
+        # bound at or below a renewal period would fail healthy leases.
+        if not 3 * io_timeout < max_renewal_age < 8 * io_timeout:
+            raise ValueError(f"max_renewal_age must be within (3, 8) x io_timeout, not {max_renewal_age}")
+        self.lockspace = lockspace
+        self.host_id = host_id
+        self.ids_path = ids_path
+        self.leases_path = leases_path
+        self.offset = offset
+        self.resource = resource
+        self.io_timeout = io_timeout
+        self.max_renewal_age = max_renewal_age
+        self.sanlock_cmd = sanlock_cmd
+        self._clock = clock
+        # Serialises everything that uses the registered connection (two
+        # threads must not interleave requests on one socket) and the state.
+        self._lock = threading.Lock()
+        self._fd: int | None = None
+        self._held = False
+        self._lost: str | None = None
+        self._valid_until = 0.0
+        self._status_errors = 0
+        self._ratelimited = RateLimitedLog(log, interval=60.0, clock=clock)
+
+    def __repr__(self) -> str:
+        return f"<SpmLease {self.lockspace}:{self.resource} host_id={self.host_id}>"
+
+    @property
+    def _ls(self) -> bytes:
+        return self.lockspace.encode()
+
+    @property
+    def _disks(self) -> list[tuple[str, int]]:
+        return [(self.leases_path, self.offset)]
+
+    @property
+    def held(self) -> bool:
+        return self._held and self._lost is None
+
+    # Lockspace
+
+    def join(self) -> None:
+        """Acquire our host id in the lockspace; blocks until done."""
+        start = self._clock()
+        try:
+            sanlock.add_lockspace(self._ls, self.host_id, self.ids_path, iotimeout=self.io_timeout)
+        except sanlock.SanlockException as e:
+            if e.errno != errno.EEXIST:
+                raise LeaseError(f"cannot join lockspace {self.lockspace} as host {self.host_id}: {e}") from e
+            # A previous SPM process left it joined: the daemon keeps it.
+            log.info("already in lockspace lockspace=%s host_id=%d", self.lockspace, self.host_id)
+            return
+        log.info(
+            "joined lockspace lockspace=%s host_id=%d elapsed=%.3f", self.lockspace, self.host_id, self._clock() - start
+        )
+
+    def leave(self) -> None:
+        """Release our host id; fails if the lease is still held."""
+        try:
+            sanlock.rem_lockspace(self._ls, self.host_id, self.ids_path, unused=True)
+        except sanlock.SanlockException as e:
+            if e.errno == errno.ENOENT:
+                return
+            raise LeaseError(f"cannot leave lockspace {self.lockspace}: {e}") from e
+        log.info("left lockspace lockspace=%s host_id=%d", self.lockspace, self.host_id)
+
+    # Resource lease
+
+    def acquire(self) -> None:
+        """Take the lease; raise LeaseBusy if another host holds it."""
+        with self._lock:
+            if self._fd is None:
+                # The registration lives as long as this fd: the daemon
+                # releases our leases when it closes (process exit included).
+                self._fd = sanlock.register()
+            start = self._clock()
+            try:
+                sanlock.acquire(self._ls, self.resource.encode(), self._disks, slkfd=self._fd)
+            except sanlock.SanlockException as e:
+                if e.errno in _BUSY:
+                    raise LeaseBusy(f"{self.resource} is held by another host: {e}", self._owners()) from e
+                raise LeaseError(f"cannot acquire {self.resource}: {e}") from e
+            self._held = True
+            self._lost = None
+            self._valid_until = start
+            self._status_errors = 0
+            log.info(
+                "acquired lease lockspace=%s resource=%s host_id=%d elapsed=%.3f",
+                self.lockspace,
+                self.resource,
+                self.host_id,
+                self._clock() - start,
+            )
+            self._confirm()
+
+    def _owners(self) -> list[Owner]:
+        try:
+            owners = sanlock.read_resource_owners(self._ls, self.resource.encode(), self._disks)
+        except sanlock.SanlockException as e:
+            log.warning("cannot read lease owners resource=%s error=%s", self.resource, e)
+            return []
+        return [Owner(o["host_id"], o["generation"], o["timestamp"]) for o in owners]
+
+    def release(self) -> None:
+        """Give the lease back (nothing to do if it is not held)."""
+        with self._lock:
+            if not self._held or self._fd is None:
+                return
+            self._held = False
+            try:
+                sanlock.release(self._ls, self.resource.encode(), self._disks, slkfd=self._fd)
+            except sanlock.SanlockException as e:
+                if self._lost is None:
+                    raise LeaseError(f"cannot release {self.resource}: {e}") from e
+                # sanlock may have dropped it already; closing the
+                # registration releases whatever is left.
+                log.info("lost lease not released resource=%s error=%s", self.resource, e)
+                return
+            log.info("released lease lockspace=%s resource=%s", self.lockspace, self.resource)
+
+    def close(self) -> None:
+        """Release the lease if held and unregister from the daemon."""
+        try:
+            self.release()
+        finally:
+            with self._lock:
+                if self._fd is not None:
+                    os.close(self._fd)
+                    self._fd = None
+                    self._held = False
+
+    # Validity
+
+    def check(self) -> float:
+        """Confirm the lease is valid now; return how long that stays proven.
+
+        Raises LeaseLost when it is not held, sanlock says it is gone or in
+        trouble, or it could not be confirmed within max_renewal_age.
+        """
+        with self._lock:
+            if self._lost is not None:
+                raise LeaseLost(self._lost)
+            if not self._held or self._fd is None:
+                raise LeaseLost("not acquired")
+            return self._confirm()
+
+    fence = check
+
+    def _confirm(self) -> float:
+        asked = self._clock()
+        try:
+            held = sanlock.inquire(slkfd=self._fd)
+        except sanlock.SanlockException as e:
+            # Answering needs no storage: the daemon is gone or broken.
+            self._lose(f"sanlock does not answer: {e}")
+        mine = [r for r in held if r["lockspace"] == self._ls and r["resource"] == self.resource.encode()]
+        if not mine:
+            self._lose("sanlock no longer lists the lease")
+        try:
+            status = sanlockutil.lockspace_status(self.lockspace, self.host_id, sanlock=self.sanlock_cmd)
+        except (cmd.CommandError, ValueError) as e:
+            return self._unconfirmed(asked, f"cannot read sanlock status: {e}")
+        if status is None:
+            self._lose("sanlock no longer lists the lockspace")
+        trouble = status.trouble()
+        if trouble is not None:
+            self._lose(trouble)
+        age = status.renewal_age
+        if age > self.max_renewal_age:
+            self._lose(f"last renewal {age}s ago (limit {self.max_renewal_age}s, result {status.renewal_last_result})")
+        if status.renewal_last_result < 0:
+            self._ratelimited.log(
+                logging.WARNING, "renewal", "lease renewal failing result=%d age=%ds", status.renewal_last_result, age
+            )
+        self._valid_until = asked + self.max_renewal_age - age
+        self._status_errors = 0
+        return self._valid_until - asked
+
+    def _unconfirmed(self, asked: float, reason: str) -> float:
+        self._status_errors += 1
+        left = self._valid_until - asked
+        if left <= 0:
+            self._lose(f"{reason} ({self._status_errors} errors, last confirmation expired)")
+        self._ratelimited.log(logging.WARNING, "status", "lease not confirmed reason=%s valid_for=%.1fs", reason, left)
+        return left
+
+    def _lose(self, reason: str) -> NoReturn:
+        if self._lost is None:
+            self._lost = reason
+            log.error("lease lost lockspace=%s resource=%s reason=%s", self.lockspace, self.resource, reason)
+        raise LeaseLost(self._lost)
+
+
+class LeaseWatchdog:
+    """Checks the lease continuously; calls on_lost(reason) once when lost.
+
+    The thread waits on a Condition between checks, so stop() wakes it at
+    once. on_lost runs in the watchdog thread; it should make the process
+    stop serving (the SPM daemon exits) and must not block for long.
+    """
+
+    def __init__(
+        self,
+        lease: SpmLease,
+        on_lost: Callable[[str], None],
+        interval: float | None = None,
+        name: str = "spm-lease-watchdog",
+    ):
+        if interval is None:
+            interval = min(1.0, lease.io_timeout / 2)
+        self.lease = lease
+        self.on_lost = on_lost
+        self.interval = interval
+        self.lost: str | None = None
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+
+    def start(self) -> None:
+        log.info("lease watchdog started interval=%.2fs", self.interval)
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread.is_alive() and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def step(self) -> bool:
+        """Check once; False (after calling on_lost) if the lease is lost."""
+        try:
+            self.lease.check()
+        except LeaseLost as e:
+            self.lost = e.reason
+            self.on_lost(e.reason)
+            return False
+        return True
+
+    def _run(self) -> None:
+        while self.step():
+            with self._cond:
+                if self._cond.wait_for(lambda: self._stopping, self.interval):
+                    break
+        log.info("lease watchdog stopped lost=%s", self.lost)
