@@ -25,6 +25,7 @@ TOP_COMMANDS = [
     "xtnd.tools.domain_cli",
     "xtnd.tools.demo",
     "xtnd.tools.hsm_cli",
+    "xtnd.tools.spm_cli",
 ]
 
 

@@ -1,0 +1,256 @@
+"""The SPM daemon: hold the SPM lease, serve extend mail, exit when it is lost.
+
+Start-up order (nothing is served before the lease is held):
+
+1. open the master domain (activating ids, leases, inbox, outbox);
+2. join its lockspace with our host id (the local sanlock daemon then
+   renews our delta lease);
+3. acquire the SPM lease through a registered sanlock connection, retrying
+   every acquire_interval while another host holds it (a standby SPM waits
+   here: after the holder dies its lease is free at once if its sanlock
+   daemon lives on, or after sanlock's host_dead_seconds if the host died);
+4. start the lease watchdog, then the mailbox with the extend handler and
+   the control socket; log "serving started"; tell systemd READY=1.
+
+Lease loss (watchdog, or fence() before an LVM command): log "serving
+stopped" and os._exit(EXIT_LEASE_LOST) at once, from whichever thread saw
+it; no reply and no LVM command can follow. sanlock releases whatever is
+left when the process's registration closes.
+
+SIGTERM/SIGINT: remove the control socket, stop taking mail (new requests
+are parked unanswered for the next SPM), let running extends finish within
+shutdown_grace, stop the mailbox, release the lease, exit 0. If extends are
+still running after the grace period the lease is not released by hand and
+the exit code is EXIT_ABANDONED (the process exit closes the registration;
+LVM commands are killed at command_timeout, which the config keeps below
+shutdown_grace, so none outlives it in practice).
+
+"serving started/stopped" lines carry CLOCK_MONOTONIC (shared by all
+processes of a machine) and wall time, so tests and operators can prove two
+SPMs never served at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import socket
+import threading
+import time
+import uuid as uuidlib
+from typing import Any
+
+from xtnd import storage
+from xtnd.mailbox import codec
+from xtnd.mailbox.directio import DirectFile
+from xtnd.mailbox.spm import SPMConfig, SPMMailbox
+
+from . import lease as spm_lease
+from .config import Config
+from .control import ControlServer
+from .domains import DomainRegistry
+from .extend import ExtendService
+from .metrics import Metrics
+from .ops import VolumeOps
+
+log = logging.getLogger("xtnd.spm.daemon")
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_LEASE_LOST = 3
+EXIT_ABANDONED = 4
+
+# After the running extends are done, time for the mailbox thread to write
+# their replies before it is stopped: it is woken by each reply and writes
+# within one event interval. A reply lost here is not lost for the HSM: the
+# next SPM serves every pending request again.
+REPLY_FLUSH = 0.2
+
+
+def sd_notify(state: str) -> bool:
+    """Tell systemd (Type=notify) our state; False when not run by systemd."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return False
+    if path.startswith("@"):
+        path = "\0" + path[1:]  # abstract socket namespace
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+        sock.connect(path)
+        sock.sendall(state.encode())
+    return True
+
+
+def _stamp() -> str:
+    return f"mono={time.monotonic():.6f} wall={time.time():.6f}"
+
+
+def managed_domains(config: Config, hostcfg: storage.HostConfig) -> list[uuidlib.UUID]:
+    names = [config.spm.master_domain]
+    for name in config.spm.domains.split():
+        names.extend(hostcfg.domains if name == "*" else [name])
+    names.extend(config.domain)
+    return list(dict.fromkeys(uuidlib.UUID(n) for n in names))
+
+
+class Opener:
+    """Opens a domain from its [domain UUID] section, else the host storage config."""
+
+    def __init__(self, config: Config, hostcfg: storage.HostConfig):
+        self.config = config
+        self.hostcfg = hostcfg
+
+    def __call__(self, uuid: uuidlib.UUID) -> storage.Domain:
+        section = self.config.domain.get(str(uuid))
+        if section is not None:
+            domain = storage.open_domain(
+                uuid, pvs=section.pv_list, root=section.path or None, activation=self.hostcfg.activation
+            )
+        else:
+            domain = self.hostcfg.open(uuid)
+        if isinstance(domain, storage.BlockDomain):
+            domain.runner.timeout = self.config.lvm.command_timeout
+        return domain
+
+
+def mailbox_config(config: Config) -> SPMConfig:
+    m = config.mailbox
+    return SPMConfig(
+        event_interval=m.event_interval,
+        idle_event_interval=m.idle_event_interval,
+        active_window=m.active_window,
+        scan_interval=m.scan_interval,
+        workers=m.workers,
+    )
+
+
+class SpmDaemon:
+    def __init__(self, config: Config):
+        self.config = config
+        self.hostcfg = storage.HostConfig.load(config.spm.storage_config or None)
+        self.opener = Opener(config, self.hostcfg)
+        self.metrics = Metrics()
+        self._stop = threading.Event()
+        self._stop_reason = ""
+        self.lease: spm_lease.SpmLease | None = None
+        self.mailbox: SPMMailbox | None = None
+
+    # Signals and loss
+
+    def request_stop(self, reason: str) -> None:
+        self._stop_reason = reason
+        self._stop.set()
+
+    def _on_signal(self, signo: int, frame: Any) -> None:
+        self.request_stop(signal.Signals(signo).name)
+
+    def _on_lost(self, reason: str) -> None:
+        """Lease gone: no further mail or LVM; exit now, from any thread."""
+        log.critical("lease lost, exiting at once reason=%r", reason)
+        log.info("serving stopped host_id=%d reason=lease-lost %s", self.config.spm.host_id, _stamp())
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        os._exit(EXIT_LEASE_LOST)
+
+    # Life cycle
+
+    def run(self) -> int:
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+        cfg = self.config
+        master = self.opener(cfg.master_uuid)
+        lockspace = master.lockspace()
+        lease_loc = master.spm_lease()
+        mbx = master.mailbox()
+        if cfg.spm.host_id > mbx.max_hosts:
+            log.error("host id above the domain's max hosts host_id=%d max_hosts=%d", cfg.spm.host_id, mbx.max_hosts)
+            return EXIT_ERROR
+        self.lease = lease = spm_lease.SpmLease(
+            lockspace.name,
+            cfg.spm.host_id,
+            lockspace.path,
+            lease_loc.path,
+            offset=lease_loc.offset,
+            resource=lease_loc.resource,
+            io_timeout=cfg.lease.io_timeout,
+        )
+        log.info("joining lockspace lockspace=%s host_id=%d ids=%s", lockspace.name, cfg.spm.host_id, lockspace.path)
+        sd_notify("STATUS=joining lockspace")
+        lease.join()
+        if not self._acquire(lease):
+            lease.close()
+            log.info("stopped before acquiring the lease reason=%s", self._stop_reason)
+            return EXIT_OK
+        try:
+            return self._serve(lease, master, mbx)
+        finally:
+            lease.close()
+
+    def _acquire(self, lease: spm_lease.SpmLease) -> bool:
+        sd_notify("STATUS=waiting for the SPM lease")
+        attempts = 0
+        while not self._stop.is_set():
+            attempts += 1
+            try:
+                lease.acquire()
+                return True
+            except spm_lease.LeaseBusy as e:
+                owners = ",".join(f"{o.host_id}/{o.generation}" for o in e.owners) or "unknown"
+                level = logging.INFO if attempts == 1 else logging.DEBUG
+                log.log(level, "SPM lease busy, waiting owners=%s attempts=%d", owners, attempts)
+            self._stop.wait(self.config.lease.acquire_interval)
+        return False
+
+    def _serve(self, lease: spm_lease.SpmLease, master: storage.Domain, mbx: storage.MailboxLocation) -> int:
+        cfg = self.config
+        watchdog = spm_lease.LeaseWatchdog(lease, self._on_lost, cfg.lease.check_interval or None)
+        watchdog.start()
+        registry = DomainRegistry(self.opener, managed_domains(cfg, self.hostcfg), cfg.lvm.volume_cache_ttl)
+        registry.open_all()
+        service = ExtendService(registry, lease.fence, self._on_lost, self.metrics, alloc=cfg.lvm.alloc)
+        inbox = DirectFile(mbx.inbox)
+        outbox = DirectFile(mbx.outbox)
+        self.mailbox = mailbox = SPMMailbox(inbox, outbox, mbx.max_hosts, mailbox_config(cfg))
+        mailbox.register(codec.EXTEND_OPCODE, service.handle)
+        ops = VolumeOps(registry, service, self.stats)
+        control = ControlServer(cfg.spm.control_socket, ops.table()) if cfg.spm.control_socket else None
+        lease.fence()
+        log.info("serving started host_id=%d lockspace=%s %s", cfg.spm.host_id, lease.lockspace, _stamp())
+        mailbox.start()
+        if control:
+            control.start()
+        sd_notify(f"READY=1\nSTATUS=serving as SPM host_id={cfg.spm.host_id}\nMAINPID={os.getpid()}")
+        self._wait_for_stop()
+        log.info("stopping reason=%s", self._stop_reason)
+        sd_notify("STOPPING=1\nSTATUS=stopping")
+        if control:
+            control.stop()
+        drained = service.drain(cfg.spm.shutdown_grace)
+        if drained:
+            threading.Event().wait(REPLY_FLUSH)
+        mailbox.stop(timeout=1.0)
+        log.info("serving stopped host_id=%d reason=%s %s", cfg.spm.host_id, self._stop_reason, _stamp())
+        log.info("stats %s mailbox=%s", self.metrics.summary(), mailbox.stats)
+        watchdog.stop(timeout=10)
+        inbox.close()
+        outbox.close()
+        if not drained:
+            log.error("extends still running after shutdown_grace=%.1fs, not releasing", cfg.spm.shutdown_grace)
+            return EXIT_ABANDONED
+        lease.release()
+        return EXIT_OK
+
+    def _wait_for_stop(self) -> None:
+        interval = self.config.spm.stats_interval or None
+        while not self._stop.wait(interval):
+            log.info("stats %s", self.metrics.summary())
+
+    def stats(self) -> dict[str, Any]:
+        lease = self.lease
+        return {
+            "host_id": self.config.spm.host_id,
+            "master_domain": self.config.spm.master_domain,
+            "lease_held": bool(lease and lease.held),
+            "extends": self.metrics.snapshot(),
+            "mailbox": dict(self.mailbox.stats) if self.mailbox else {},
+        }
