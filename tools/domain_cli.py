@@ -13,18 +13,18 @@ directory) in the host's storage config (/etc/xtnd/storage.json, see
 xtnd.storage.hostconfig); later commands look the UUID up there. --pv or
 --path on any command override the file.
 
-The seam for the SPM daemon: every command goes through a Backend. Today
-LocalBackend calls xtnd.storage in this process, which is right as long
-as no SPM runs (creating a domain comes before any SPM exists). Once the
-SPM daemon serves a control socket, volume create/remove must be sent to
-it instead (only the SPM may change LVM metadata): add a backend with the
-same methods that forwards each call, and choose it in _backend().
+Every command goes through a Backend. LocalBackend calls xtnd.storage in
+this process, which is right as long as no SPM runs here (creating a
+domain comes before any SPM exists). When the SPM daemon's control socket
+exists ($XTND_SPM_SOCKET, default /run/xtnd/spm.sock), SpmBackend sends
+volume commands to it instead: only the SPM may change LVM metadata.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import uuid as uuidlib
@@ -32,6 +32,8 @@ from typing import Any, Protocol
 
 from xtnd import lvm, storage
 from xtnd.common.cmd import CommandError
+from xtnd.spm import control
+from xtnd.spm.control import ControlClient, volume_from_dict
 from xtnd.storage import constants as c
 
 _UNITS = {"": 1, "b": 1, "k": c.KiB, "m": c.MiB, "g": c.GiB, "t": 1024 * c.GiB}
@@ -117,8 +119,58 @@ class LocalBackend:
         return self._open(args, args.domain).list_volumes()
 
 
+class SpmBackend(LocalBackend):
+    """Volume commands through the local SPM daemon's control socket.
+
+    While an SPM runs on this host only it may change LVM metadata, so
+    create and remove (and, for one consistent view, info and list) go to
+    it; the domain is the SPM's, --pv/--path are not used. Domain commands
+    stay local: creating a domain comes before any SPM, info only reads.
+    """
+
+    def __init__(self, config: storage.HostConfig, client: ControlClient):
+        super().__init__(config)
+        self.client = client
+
+    def create_volume(self, args: argparse.Namespace) -> storage.VolumeInfo:
+        image = str(args.image) if args.image else None
+        result = self.client.call(
+            "volume_create",
+            domain=str(args.domain),
+            uuid=str(args.uuid),
+            capacity=args.capacity,
+            format=args.format,
+            initial_size=args.initial_size,
+            image=image,
+        )
+        return volume_from_dict(result)
+
+    def remove_volume(self, args: argparse.Namespace) -> None:
+        self.client.call("volume_remove", domain=str(args.domain), uuid=str(args.uuid))
+
+    def volume_info(self, args: argparse.Namespace) -> storage.VolumeInfo:
+        return volume_from_dict(self.client.call("volume_info", domain=str(args.domain), uuid=str(args.uuid)))
+
+    def list_volumes(self, args: argparse.Namespace) -> list[storage.VolumeInfo]:
+        return [volume_from_dict(d) for d in self.client.call("volume_list", domain=str(args.domain))]
+
+
 def _backend(args: argparse.Namespace) -> Backend:
-    return LocalBackend(storage.HostConfig.load(args.storage_config))
+    config = storage.HostConfig.load(args.storage_config)
+    path = control.default_path()
+    if os.path.exists(path):
+        client = ControlClient(path)
+        try:
+            client.call("ping")
+        except ConnectionRefusedError:
+            # Left by an SPM that was killed: nobody serves it (a running SPM
+            # replaces it at start).
+            print(f"xtnd: warning: stale SPM socket {path}, running locally", file=sys.stderr)
+        except OSError as e:
+            raise control.ControlError("Unreachable", f"cannot reach the SPM at {path}: {e}") from None
+        else:
+            return SpmBackend(config, client)
+    return LocalBackend(config)
 
 
 def _print(data: dict[str, Any] | list[dict[str, Any]], as_json: bool) -> None:
