@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from testlib import lvmpv
+from testlib.spmd import Pool
+from xtnd import lvm
+
+
+@pytest.fixture
+def pvs(workdir: str, need_root: None) -> Iterator[list[str]]:
+    if lvm.device_mapper_available():
+        pytest.skip("these tests map LVs with loop devices (no device-mapper)")
+    with lvmpv.loop_pvs(workdir, count=1) as devices:
+        yield devices
+
+
+@pytest.fixture
+def pool(workdir: str, pvs: list[str]) -> Iterator[Pool]:
+    p = Pool(workdir, pvs)
+    try:
+        yield p
+    finally:
+        p.close()
+        try:
+            lvm.vgremove(p.domain.runner, p.domain.vg)
+        except lvm.LVMError:
+            pass

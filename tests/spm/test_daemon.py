@@ -1,0 +1,139 @@
+"""A real ``xtnd spm`` daemon (own sanlock daemon and namespace) serving a real HSM mailbox.
+
+Every extend runs a real lvextend; sizes are checked with lvs. Refusals are
+checked on the wire (reply size 0) and in the daemon's log line.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+from testlib import sanlockd
+from testlib.spmd import MiB, Pool, SpmProcess
+from xtnd import lvm
+from xtnd.mailbox.hsm import ExtendFailed
+from xtnd.spm.control import ControlClient
+from xtnd.storage import constants as c
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@pytest.fixture
+def spm(pool: Pool, sanlock_hosts: Callable[[int], list[sanlockd.SanlockDaemon]], workdir: str) -> Iterator[SpmProcess]:
+    [host] = sanlock_hosts(1)
+    proc = SpmProcess(host, pool.spm_config(1), os.path.join(workdir, "spm1.log"))
+    proc.wait_serving()
+    yield proc
+    if proc.proc.poll() is None:
+        proc.kill()
+
+
+def test_extend_flow(pool: Pool, spm: SpmProcess) -> None:
+    vol = pool.create_volume(capacity=100 * MiB, size=8 * MiB)
+    hsm = pool.hsm(host_id=2)
+    hsm.start()
+    try:
+        # Request-to-reply through the mailbox, real lvextend.
+        assert hsm.submit(pool.uuid, vol, 20 * MiB).result(timeout=60) == 20 * MiB
+        assert pool.lv_size(vol) == 20 * MiB
+        # A size not on an extent boundary is rounded up to one (4 MiB).
+        assert hsm.submit(pool.uuid, vol, 29 * MiB).result(timeout=60) == 32 * MiB
+        assert pool.lv_size(vol) == 32 * MiB
+        # Replays and smaller sizes: success with the current size, no change.
+        assert hsm.submit(pool.uuid, vol, 29 * MiB).result(timeout=60) == 32 * MiB
+        assert hsm.submit(pool.uuid, vol, 10 * MiB).result(timeout=60) == 32 * MiB
+        assert pool.lv_size(vol) == 32 * MiB
+        # Exactly the max size (capacity x 1.1) is allowed.
+        assert hsm.submit(pool.uuid, vol, 110 * MiB).result(timeout=60) == 112 * MiB
+    finally:
+        hsm.stop()
+    log = spm.log()
+    assert log.count("extend done result=extended") == 3
+    assert log.count("extend done result=noop") == 2
+    line = next(ln for ln in log.splitlines() if "extend done result=extended" in ln)
+    for key in ("queue_ms=", "lock_ms=", "validate_ms=", "lvextend_ms=", "total_ms=", f"volume={vol}"):
+        assert key in line
+    stats = ControlClient(os.path.join(pool.workdir, "spm1.sock")).call("stats")
+    assert stats["lease_held"] is True
+    assert stats["extends"]["results"]["extended"] == 3
+    assert stats["extends"]["lvextend"]["count"] == 3
+
+
+def test_refusals(pool: Pool, spm: SpmProcess) -> None:
+    vol = pool.create_volume(capacity=100 * MiB, size=8 * MiB)
+    # An LV tagged special (like ids/leases/inbox/outbox) and one xtnd did not make.
+    special, foreign = uuid.uuid4(), uuid.uuid4()
+    lvm.lvcreate(pool.domain.runner, pool.domain.vg, str(special), 8 * MiB, (c.TAG_SPECIAL,))
+    lvm.lvcreate(pool.domain.runner, pool.domain.vg, str(foreign), 8 * MiB)
+    free = pool.free_extents()
+    hsm = pool.hsm(host_id=3)
+    hsm.start()
+    try:
+        cases = {
+            "unknown domain": (uuid.uuid4(), vol, 20 * MiB),
+            "unknown volume": (pool.uuid, uuid.uuid4(), 20 * MiB),
+            "special": (pool.uuid, special, 20 * MiB),
+            "foreign": (pool.uuid, foreign, 20 * MiB),
+            "oversize": (pool.uuid, vol, 111 * MiB),
+        }
+        for name, (sd, v, size) in cases.items():
+            with pytest.raises(ExtendFailed):
+                hsm.submit(sd, v, size).result(timeout=60)
+            assert spm.log().count("extend done result=refused") == list(cases).index(name) + 1, name
+    finally:
+        hsm.stop()
+    assert pool.free_extents() == free
+    assert pool.lv_size(vol) == pool.lv_size(special) == pool.lv_size(foreign) == 8 * MiB
+    log = spm.log()
+    assert "not managed by this SPM" in log
+    assert "unknown volume" in log
+    assert "special LV" in log and "foreign LV" in log
+    assert "above max size" in log
+    # No LVM command for any of them.
+    refused = [ln for ln in log.splitlines() if "extend done result=refused" in ln]
+    assert len(refused) == len(cases)
+    assert all("lvextend_ms=0.000" in ln for ln in refused)
+
+
+def test_no_free_extents(pool: Pool, spm: SpmProcess) -> None:
+    vol = pool.create_volume(capacity=2000 * MiB, size=8 * MiB)
+    # Take every free extent but one.
+    filler = "filler"
+    lvm.lvcreate(pool.domain.runner, pool.domain.vg, filler, (pool.free_extents() - 1) * 4 * MiB)
+    hsm = pool.hsm(host_id=2)
+    hsm.start()
+    try:
+        with pytest.raises(ExtendFailed):
+            hsm.submit(pool.uuid, vol, 20 * MiB).result(timeout=60)
+        # The one free extent still serves a smaller request.
+        assert hsm.submit(pool.uuid, vol, 12 * MiB).result(timeout=60) == 12 * MiB
+    finally:
+        hsm.stop()
+    assert pool.lv_size(vol) == 12 * MiB
+    assert pool.free_extents() == 0
+    assert "no free space in domain" in spm.wait_log(r"extend done result=failed .*").group(0)
+
+
+def test_sigterm_releases_lease(pool: Pool, spm: SpmProcess) -> None:
+    assert os.path.exists(os.path.join(pool.workdir, "spm1.sock"))
+    assert spm.terminate() == 0
+    log = spm.log()
+    assert "released lease" in log
+    [started, stopped] = spm.serving()
+    assert started[0] == "started" and stopped[0] == "stopped" and started[2] < stopped[2]
+    assert not os.path.exists(os.path.join(pool.workdir, "spm1.sock"))
+
+
+def test_unit_file_verifies() -> None:
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze not installed")
+    unit = os.path.join(REPO, "systemd", "xtnd-spm.service")
+    result = subprocess.run([analyze, "verify", unit], capture_output=True, text=True)
+    errors = [ln for ln in result.stderr.splitlines() if "xtnd-spm.service" in ln]
+    assert result.returncode == 0 or not errors, result.stderr
