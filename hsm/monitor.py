@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -84,7 +85,7 @@ class LibvirtConnection(Protocol):
 class MonitorConfig:
     sizing: sizing.SizingConfig = dataclasses.field(default_factory=sizing.SizingConfig)
     run_dir: str = links.RUN_DIR
-    workers: int = 4
+    workers: int = 4  # 0: run jobs inline (tests)
     stats_interval: float = 2.0
     extend_timeout: float = 120.0
     backoff_initial: float = 1.0
@@ -107,6 +108,7 @@ class Tracked:
     pending: tuple[str, float] | None = None  # a trigger that came while busy
     failures: int = 0
     retry_at: float | None = None
+    extended_at: float = float("-inf")  # when the last extend completed
 
 
 @dataclasses.dataclass
@@ -146,7 +148,8 @@ class Monitor:
     # Life cycle
 
     def start(self, stats_thread: bool = True) -> None:
-        self._pool = concurrent.futures.ThreadPoolExecutor(self.config.workers, thread_name_prefix="xtnd-hsm-worker")
+        workers = max(1, self.config.workers)
+        self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="xtnd-hsm-worker")
         if stats_thread:
             self._thread = threading.Thread(target=self._run, name="xtnd-hsm-stats", daemon=True)
             self._thread.start()
@@ -302,13 +305,15 @@ class Monitor:
     # Jobs (worker threads)
 
     def _submit(self, fn: Callable[..., None], *args: Any) -> None:
+        """Run fn(*args) on a worker (inline with workers=0: tests step through)."""
         with self._cond:
             if self._stopping or self._pool is None:
                 return
-            try:
-                self._pool.submit(self._job, fn, *args)
-            except RuntimeError:
-                pass  # shutting down
+            if self.config.workers > 0:
+                with contextlib.suppress(RuntimeError):  # shutting down
+                    self._pool.submit(self._job, fn, *args)
+                return
+        self._job(fn, *args)
 
     def _job(self, fn: Callable[..., None], *args: Any) -> None:
         try:
@@ -382,19 +387,20 @@ class Monitor:
         with self._lock:
             vm = self._vms.get(vm_id)
             t = vm.drives.get(name) if vm else None
-            if vm is None or t is None:
-                if vm is None and trigger != LOAD:
-                    self._submit(self._load_job, vm_id)
-                return
-            if t.busy:
-                # Handled when the running job ends; an urgent trigger wins.
-                if t.pending is None or trigger in _URGENT:
-                    t.pending = (trigger, since)
-                return
-            if t.drive.state is State.DISABLED:
-                log.debug("drive disabled vm=%s drive=%s trigger=%s", vm.name, name, trigger)
-                return
-            t.busy = True
+            if t is not None:
+                if t.busy:
+                    # Handled when the running job ends; an urgent trigger wins.
+                    if t.pending is None or trigger in _URGENT:
+                        t.pending = (trigger, since)
+                    return
+                if t.drive.state is State.DISABLED:
+                    log.debug("drive disabled vm=%s drive=%s trigger=%s", vm_id, name, trigger)
+                    return
+                t.busy = True
+        if vm is None or t is None:
+            if vm is None and trigger != LOAD:
+                self._submit(self._load_job, vm_id)
+            return
         try:
             while True:
                 self._check(vm, t, trigger, since)
@@ -428,11 +434,17 @@ class Monitor:
                 d.disable(DisabledReason.AT_MAX_SIZE)
             log.warning("drive at max size, not monitored vm=%s drive=%s physical=%d", vm.name, d.name, d.physical)
             return
-        urgent = trigger in _URGENT or d.state is State.EXCEEDED
+        # A trigger older than the last extend was answered by it (two
+        # triggers for one shortage, e.g. the threshold event and the stats
+        # pass): only the numbers decide then, and a pause is just resumed.
+        urgent = (trigger in _URGENT and since > t.extended_at) or d.state is State.EXCEEDED
         if urgent or decision.action is sizing.Action.EXTEND:
             self._extend(dom, vm, t, trigger, since, decision.new_size)
-        elif d.state is State.UNSET or block.threshold != decision.threshold:
+            return
+        if d.state is State.UNSET or block.threshold != decision.threshold:
             self._arm(dom, t, decision.threshold)
+        if trigger == ENOSPC and self._maybe_resume(dom, vm, t):
+            log.info("vm resumed after a pause its last extend already fixed vm=%s drive=%s", vm.name, d.name)
 
     def _refuse(self, dom: Any, vm: VM, t: Tracked, decision: sizing.Decision) -> None:
         d = t.drive
@@ -480,6 +492,7 @@ class Monitor:
             return
         with self._lock:
             d.extend_done(size)
+            t.extended_at = self._clock()
             t.failures = 0
             t.retry_at = None
             # The guest may already be past the new threshold: look again.

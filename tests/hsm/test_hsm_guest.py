@@ -11,17 +11,25 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import libvirt
 import pytest
 from testlib import guest, hsmrig
+from testlib.wait import wait_for
 from xtnd.hsm import config as hsm_config
 from xtnd.hsm.daemon import HSM
 from xtnd.hsm.libvirtconn import EventLoop
-from xtnd.hsm.metrics import ExtendRecord
+from xtnd.hsm.metrics import ExtendRecord, parse_line
+from xtnd.mailbox import codec
+from xtnd.mailbox.directio import DirectFile
 
 MiB = 1024**2
 GiB = 1024**3
@@ -121,3 +129,193 @@ def test_steady_writer_never_pauses(
     sizes = [rec.new_size for rec in records]
     assert sizes == sorted(sizes)
     assert pool.volume_size(disk) == records[-1].new_size >= 64 * MiB
+
+
+def test_tiny_chunk_pauses_and_resumes(
+    pool: hsmrig.Pool, conn: libvirt.virConnect, rig: guest.Rig, libvirt_events: EventLoop, workdir: str
+) -> None:
+    """Chunk 4 MiB with 100% utilization: no headroom at all, so every chunk
+    ends in ENOSPC; each pause is extended and resumed by the HSM."""
+    disk = pool.thin_volume(initial=4 * MiB)
+    pauses = Pauses(conn)
+    with hsmrig.spm(pool), running(pool.config(chunk_mb=4, utilization_percent=100), libvirt_events) as r:
+        with started(conn, rig, disk, guest.Workload(write_mb=20), workdir) as g:
+            text = g.wait_console("XTND-VERIFY-OK", timeout=180)
+            assert "XTND-WRITE-DONE mb=20" in text
+            g.wait_state(libvirt.VIR_DOMAIN_SHUTOFF, timeout=60)
+            name = g.name
+    pauses.close()
+    for rec in r.records:
+        log.info("%s", rec.line())
+    resumed = [rec for rec in r.records if rec.resumed]
+    assert pauses.ioerror(name) >= 2
+    assert len(resumed) >= 2
+    assert pool.volume_size(disk) >= 20 * MiB
+
+
+def test_user_paused_vm_left_alone(
+    pool: hsmrig.Pool, conn: libvirt.virConnect, rig: guest.Rig, libvirt_events: EventLoop, workdir: str
+) -> None:
+    """The user pauses the VM while its extend is with the SPM: the extend
+    completes, the VM stays paused until the user resumes it."""
+    disk = pool.thin_volume(initial=16 * MiB)
+    gate = hsmrig.Gate()
+    gate.open.clear()
+    with hsmrig.spm(pool, gate), running(pool.config(chunk_mb=16), libvirt_events) as r:
+        with started(conn, rig, disk, guest.Workload(write_mb=24, rate=4), workdir) as g:
+            assert gate.held.wait(120), "no extend request reached the SPM"
+            g.dom.suspend()
+            gate.open.set()
+            (rec,) = r.wait_records(1)
+            assert not rec.resumed
+            passes = r.hsm.monitor.counters["stats_passes"]
+            wait_for(lambda: r.hsm.monitor.counters["stats_passes"] >= passes + 2, timeout=30)
+            assert g.state() == (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_USER)
+            g.dom.resume()
+            g.wait_console("XTND-VERIFY-OK", timeout=120)
+
+
+@pytest.mark.parametrize("add_space", ["pvresize", "vgextend"])
+def test_vg_full_resumes_when_space_added(
+    add_space: str,
+    workdir: str,
+    need_root: None,
+    conn: libvirt.virConnect,
+    rig: guest.Rig,
+    libvirt_events: EventLoop,
+) -> None:
+    """A 128 MiB PV holds the special LVs (56 MiB) and at most 68 MiB of
+    volume: the guest writing 80 MiB pauses, the SPM refuses every extend,
+    the HSM keeps retrying with backoff; once space is added the next retry
+    succeeds and the VM resumes with no other action."""
+    with hsmrig.pool(workdir, pv_size=128 * MiB) as pool:
+        if add_space == "vgextend" and pool.domain.runner.driverloaded is False:
+            pytest.skip(
+                "without device-mapper LVs are mapped by loop devices, which cannot map the two-segment LV "
+                "that lvextend makes on a new PV (TESTBED.md); pvresize of a grown LUN covers this host"
+            )
+        disk = pool.thin_volume(initial=16 * MiB)
+        with hsmrig.spm(pool), running(pool.config(chunk_mb=16), libvirt_events) as r:
+            with started(conn, rig, disk, guest.Workload(write_mb=80), workdir) as g:
+                g.wait_state(libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_IOERROR, timeout=120)
+                monitor = r.hsm.monitor
+                wait_for(lambda: monitor.counters["failures"] >= 3, timeout=30, what="three refused extends")
+                assert g.state() == (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_IOERROR)
+                full = pool.volume_size(disk)
+                if add_space == "pvresize":
+                    pool.grow_pv(0, 256 * MiB)
+                else:
+                    pool.add_pv(256 * MiB)
+                g.wait_console("XTND-VERIFY-OK", timeout=120)
+        for rec in r.records:
+            log.info("%s", rec.line())
+        assert any(rec.trigger == "retry" and rec.resumed for rec in r.records)
+        assert pool.volume_size(disk) > full
+
+
+def _read_host_block(pool: hsmrig.Pool) -> bytes:
+    with DirectFile(pool.domain.mailbox().inbox, readonly=True) as f:
+        return f.read(hsmrig.HOST_ID * codec.BLOCK_SIZE, codec.BLOCK_SIZE)
+
+
+def test_hsm_restarted_while_vm_paused(
+    pool: hsmrig.Pool, conn: libvirt.virConnect, rig: guest.Rig, workdir: str
+) -> None:
+    """`xtnd hsm` as a process: no SPM yet, so the guest pauses on ENOSPC
+    with a request pending; SIGTERM stops the daemon at once and clears its
+    mailbox block; the SPM comes up, the daemon starts again and resumes
+    the VM it finds paused."""
+    disk = pool.thin_volume(initial=16 * MiB)
+    conf = pool.write_config(pool.config(chunk_mb=16), os.path.join(workdir, "hsm.conf"))
+    cmd = [sys.executable, "-m", "xtnd.tools.cli", "-v", "hsm", "--config", conf]
+
+    def start(n: int) -> tuple[subprocess.Popen[bytes], str]:
+        path = os.path.join(workdir, f"hsm.{n}.log")
+        with open(path, "wb") as out:
+            return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT), path
+
+    def read(path: str) -> str:
+        with open(path) as f:
+            return f.read()
+
+    proc, first = start(1)
+    try:
+        with started(conn, rig, disk, guest.Workload(write_mb=24), workdir) as g:
+            g.wait_state(libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_IOERROR, timeout=120)
+            wait_for(lambda: "extend requested" in read(first), timeout=30)
+            assert _read_host_block(pool) != bytes(codec.BLOCK_SIZE), "the request is in the inbox"
+            stopping = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(20) == 0, read(first)
+            log.info("hsm stopped in %.2f s", time.monotonic() - stopping)
+            assert _read_host_block(pool) == bytes(codec.BLOCK_SIZE), "host block cleared on stop"
+            assert g.state() == (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_IOERROR)
+
+            with hsmrig.spm(pool):
+                proc, second = start(2)
+                g.wait_console("XTND-VERIFY-OK", timeout=120)
+                lines = [ln for ln in read(second).splitlines() if "extend-complete" in ln]
+                assert lines, read(second)
+                first_done = parse_line(lines[0])
+                assert first_done["resumed"] == "yes"
+                assert first_done["trigger"] in ("enospc", "load")
+                proc.send_signal(signal.SIGTERM)
+                assert proc.wait(20) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+def _progress(g: guest.Guest) -> int:
+    """MiB the guest says it wrote so far."""
+    lines = [ln for ln in g.console().splitlines() if ln.startswith("XTND-PROGRESS mb=")]
+    return int(lines[-1].split("=")[1]) if lines else 0
+
+
+def test_libvirtd_restart_during_monitoring(
+    pool: hsmrig.Pool, rig: guest.Rig, libvirt_events: EventLoop, workdir: str
+) -> None:
+    """libvirtd is killed while the guest writes; thresholds crossed while
+    it is down are never reported, so the HSM re-reads everything when it
+    reconnects and keeps extending; the guest never pauses.
+
+    A private libvirtd (testlib.hsmrig.NamespacedLibvirtd): killing the
+    machine's libvirtd would cut everyone else's connections and tests."""
+    nsd = hsmrig.NamespacedLibvirtd(workdir)
+    try:
+        nsd.start()
+        disk = pool.thin_volume(initial=16 * MiB)
+        config = pool.config(chunk_mb=16)
+        config.libvirt.uri = nsd.uri()
+        config.libvirt.reconnect_max = 0.5
+        c1 = libvirt.open(nsd.uri())
+        with hsmrig.spm(pool), running(config, libvirt_events) as r:
+            g = guest.Guest.define(c1, rig, disk, guest.Workload(write_mb=64, rate=4), workdir)
+            try:
+                g.start()
+                (first,) = r.wait_records(1)
+                generation = r.hsm.connection.generation
+                nsd.kill()
+                with contextlib.suppress(libvirt.libvirtError):
+                    c1.close()
+                # Let the guest cross the next threshold (physical 32 MiB -
+                # watermark 12.8 MiB) while nobody listens: that event is lost.
+                crossed = (first.new_size - config.sizing().watermark()) // MiB + 2
+                wait_for(lambda: _progress(g) >= crossed, timeout=60, what=f"guest past {crossed} MiB")
+                nsd.start()
+                assert r.hsm.connection.wait_connected(30, after_generation=generation)
+                c2 = libvirt.open(nsd.uri())
+                g.conn, g.dom = c2, c2.lookupByName(g.name)
+                text = g.wait_console("XTND-VERIFY-OK", timeout=180)
+                assert "XTND-WRITE-DONE mb=64" in text
+            finally:
+                g.remove()
+        for rec in r.records:
+            log.info("%s", rec.line())
+        assert len(r.records) >= 3
+        assert r.records[1].trigger == "load", "the missed threshold was found by re-reading"
+        assert not any(rec.resumed for rec in r.records), "the guest never paused"
+        assert pool.volume_size(disk) >= 64 * MiB
+    finally:
+        nsd.close()

@@ -207,6 +207,7 @@ class NamespacedLibvirtd:
         self.sock_dir = os.path.join(self.dir, "sock")
         os.makedirs(self.sock_dir)
         self.conf = os.path.join(self.dir, "libvirtd.conf")
+        self.pidfile = os.path.join(self.dir, "libvirtd.pid")
         with open(self.conf, "w") as f:
             f.write(f'unix_sock_dir = "{self.sock_dir}"\n')
         ready = os.path.join(self.dir, "ns-ready")
@@ -241,7 +242,7 @@ class NamespacedLibvirtd:
         self.starts += 1
         with open(os.path.join(self.dir, f"libvirtd.{self.starts}.log"), "wb") as out:
             self.proc = subprocess.Popen(
-                ["nsenter", "-t", str(self.holder.pid), "-m", "libvirtd", "-f", self.conf],
+                ["nsenter", "-t", str(self.holder.pid), "-m", "libvirtd", "-f", self.conf, "-p", self.pidfile],
                 stdout=out,
                 stderr=subprocess.STDOUT,
             )

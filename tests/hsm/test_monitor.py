@@ -1,0 +1,217 @@
+"""Monitor logic with fakes (testlib/hsmfakes.py): triggers, resume rules, retries.
+
+Jobs run inline (workers=0) and time comes from a fake clock, so each test
+steps the monitor through one situation deterministically. The real
+thing, with libvirtd, QEMU and LVM, is tested in test_hsm_guest.py.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import libvirt
+import pytest
+from testlib.hsmfakes import RUN, FakeConn, FakeConnection, FakeDisk, FakeDomain, FakeSPM, GiB, MiB, disk_xml
+from xtnd.hsm import sizing
+from xtnd.hsm.drive import DisabledReason, State
+from xtnd.hsm.metrics import parse_line
+from xtnd.hsm.monitor import Monitor, MonitorConfig
+
+CHUNK = sizing.SizingConfig(chunk_mb=16, utilization_percent=20)
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock() -> Clock:
+    return Clock()
+
+
+class Rig:
+    def __init__(self, clock: Clock, *domains: FakeDomain):
+        self.conn = FakeConn(*domains)
+        self.connection = FakeConnection(self.conn)
+        self.spm = FakeSPM(self.conn)
+        config = MonitorConfig(sizing=CHUNK, run_dir=RUN, workers=0, backoff_initial=1.0, backoff_max=4.0)
+        self.monitor = Monitor(self.connection, self.spm, self.spm, config, clock=clock)
+        self.monitor.start(stats_thread=False)
+
+    def drive(self, dom: FakeDomain, name: str = "vda") -> State:
+        return self.monitor.snapshot()[dom.UUIDString()][name].state
+
+
+@pytest.fixture
+def make(clock: Clock) -> Iterator[object]:
+    rigs: list[Rig] = []
+
+    def factory(*domains: FakeDomain) -> Rig:
+        rig = Rig(clock, *domains)
+        rigs.append(rig)
+        rig.monitor.connected(rig.conn)
+        return rig
+
+    yield factory
+    for rig in rigs:
+        rig.monitor.stop()
+
+
+def test_connect_arms_threshold(make: object) -> None:
+    dom = FakeDomain("vm", FakeDisk("vda", physical=16 * MiB))
+    rig = make(dom)  # type: ignore[operator]
+    # watermark = 16 MiB * 80% = 12.8 MiB
+    assert dom.thresholds == [("vda[1]", 16 * MiB - 16 * MiB * 80 // 100)]
+    assert rig.drive(dom) is State.ARMED
+    assert rig.spm.requests == []
+
+
+def test_only_linked_qcow2_disks_are_watched(make: object) -> None:
+    other = disk_xml("vdb", 2, "/var/lib/images/vm.qcow2") + disk_xml("vdc", 3, RUN + "/not-a-uuid/x")
+    raw = FakeDisk("vdd")
+    dom = FakeDomain("vm", FakeDisk("vda"), extra_xml=other + disk_xml("vdd", 4, raw.path, fmt="raw"))
+    rig = make(dom)  # type: ignore[operator]
+    assert set(rig.monitor.snapshot()[dom.UUIDString()]) == {"vda"}
+
+
+def test_threshold_event_extends_and_rearms(make: object, caplog: pytest.LogCaptureFixture) -> None:
+    disk = FakeDisk("vda", physical=16 * MiB, allocation=1 * MiB)
+    dom = FakeDomain("vm", disk)
+    rig = make(dom)  # type: ignore[operator]
+    disk.allocation, disk.threshold = 5 * MiB, None  # crossed: libvirt dropped it
+    caplog.set_level("INFO", "xtnd.hsm")
+    rig.monitor.block_threshold(dom, "vda[1]", disk.path, 3 * MiB, 2 * MiB)
+    assert rig.spm.requests == [(disk.volume, 32 * MiB)]
+    assert disk.physical == 32 * MiB
+    assert dom.thresholds[-1] == ("vda[1]", 32 * MiB - 16 * MiB * 80 // 100)
+    assert rig.drive(dom) is State.ARMED
+    assert dom.resumes == 0
+    (line,) = [r.message for r in caplog.records if r.message.startswith("extend-complete")]
+    fields = parse_line(line)
+    assert fields["vm"] == "vm" and fields["drive"] == "vda" and fields["trigger"] == "threshold"
+    assert (fields["old_mb"], fields["new_mb"], fields["resumed"]) == ("16", "32", "no")
+    assert {"wait_ms", "extend_ms", "refresh_ms", "resume_ms", "total_ms"} <= set(fields)
+
+
+def test_enospc_pause_extends_and_resumes(make: object) -> None:
+    disk = FakeDisk("vda", physical=16 * MiB, allocation=1 * MiB)
+    dom = FakeDomain("vm", disk)
+    rig = make(dom)  # type: ignore[operator]
+    disk.allocation = 16 * MiB
+    dom.pause_enospc("vda")
+    rig.monitor.io_error(dom, disk.path, "virtio-disk0", libvirt.VIR_DOMAIN_EVENT_IO_ERROR_PAUSE, "enospc")
+    assert rig.spm.requests[0] == (disk.volume, 32 * MiB)
+    assert dom.resumes == 1
+    assert rig.monitor.records[0].trigger == "enospc" and rig.monitor.records[0].resumed
+
+
+def test_user_paused_vm_is_not_resumed(make: object) -> None:
+    disk = FakeDisk("vda", physical=16 * MiB, allocation=1 * MiB)
+    dom = FakeDomain("vm", disk)
+    rig = make(dom)  # type: ignore[operator]
+    dom.suspend()
+    disk.allocation, disk.threshold = 5 * MiB, None
+    rig.monitor.block_threshold(dom, "vda[1]", disk.path, 3 * MiB, 2 * MiB)
+    assert disk.physical == 32 * MiB
+    assert dom.resumes == 0
+    assert dom.state() == [libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_USER]
+
+
+def test_pause_for_another_reason_is_not_resumed(make: object) -> None:
+    a, b = FakeDisk("vda"), FakeDisk("vdb")
+    dom = FakeDomain("vm", a, b)
+    rig = make(dom)  # type: ignore[operator]
+    a.allocation = 16 * MiB
+    dom.pause_enospc("vda")
+    dom.errors["vdb"] = libvirt.VIR_DOMAIN_DISK_ERROR_UNSPEC  # an EIO: not ours to fix
+    rig.monitor.tick()
+    assert a.physical == 32 * MiB
+    assert dom.resumes == 0
+
+
+def test_failures_retry_with_capped_backoff_then_resume(make: object, clock: Clock) -> None:
+    disk = FakeDisk("vda", physical=16 * MiB, allocation=1 * MiB)
+    dom = FakeDomain("vm", disk)
+    rig = make(dom)  # type: ignore[operator]
+    disk.allocation = 16 * MiB
+    rig.spm.fail = True
+    dom.pause_enospc("vda")
+    rig.monitor.tick()
+    delays = []
+    for _ in range(5):
+        (t,) = rig.monitor._vms[dom.UUIDString()].drives.values()
+        assert t.retry_at is not None
+        delays.append(t.retry_at - clock.now)
+        rig.monitor.tick()  # not due yet: nothing sent
+        sent = len(rig.spm.requests)
+        clock.now = t.retry_at
+        rig.monitor.tick()
+        assert len(rig.spm.requests) == sent + 1
+    assert delays == [1.0, 2.0, 4.0, 4.0, 4.0]
+    assert dom.resumes == 0
+    rig.spm.fail = False  # space was added
+    (t,) = rig.monitor._vms[dom.UUIDString()].drives.values()
+    clock.now = t.retry_at or clock.now
+    rig.monitor.tick()
+    assert dom.resumes == 1
+    assert rig.monitor.records[-1].trigger == "retry"
+    assert rig.drive(dom) is State.ARMED
+
+
+def test_improbable_allocation_pauses_and_refuses(make: object) -> None:
+    disk = FakeDisk("vda", physical=16 * MiB, allocation=1 * MiB)
+    dom = FakeDomain("vm", disk)
+    rig = make(dom)  # type: ignore[operator]
+    disk.allocation, disk.threshold = 100 * MiB, None  # beyond physical + chunk
+    rig.monitor.block_threshold(dom, "vda[1]", disk.path, 3 * MiB, 97 * MiB)
+    assert rig.spm.requests == []
+    assert dom.suspends == 1
+    drive = rig.monitor.snapshot()[dom.UUIDString()]["vda"]
+    assert drive.state is State.DISABLED
+    assert drive.disabled_reason is DisabledReason.IMPROBABLE_ALLOCATION
+
+
+def test_at_max_size_is_disabled(make: object) -> None:
+    capacity = 64 * MiB
+    disk = FakeDisk("vda", capacity=capacity, physical=sizing.max_size(capacity), allocation=70 * MiB)
+    dom = FakeDomain("vm", disk)
+    rig = make(dom)  # type: ignore[operator]
+    assert rig.spm.requests == []
+    drive = rig.monitor.snapshot()[dom.UUIDString()]["vda"]
+    assert drive.disabled_reason is DisabledReason.AT_MAX_SIZE
+
+
+def test_stats_pass_catches_missed_threshold(make: object) -> None:
+    disk = FakeDisk("vda", physical=16 * MiB, allocation=1 * MiB)
+    dom = FakeDomain("vm", disk)
+    rig = make(dom)  # type: ignore[operator]
+    disk.allocation, disk.threshold = 6 * MiB, None  # the event was lost
+    rig.monitor.tick()
+    assert rig.spm.requests == [(disk.volume, 32 * MiB)]
+    assert rig.monitor.records[0].trigger == "stats"
+    assert rig.conn.bulk_calls == 1
+
+
+def test_reconnect_rearms(make: object) -> None:
+    disk = FakeDisk("vda")
+    dom = FakeDomain("vm", disk)
+    rig = make(dom)  # type: ignore[operator]
+    armed = len(dom.thresholds)
+    rig.monitor.disconnected()
+    rig.monitor.connected(rig.conn)
+    assert len(dom.thresholds) == armed + 1
+    assert rig.drive(dom) is State.ARMED
+
+
+def test_vm_started_and_stopped(make: object) -> None:
+    rig = make()  # type: ignore[operator]
+    dom = FakeDomain("late", FakeDisk("vda", capacity=2 * GiB))
+    rig.conn.domains[dom.UUIDString()] = dom
+    rig.monitor.lifecycle(dom, libvirt.VIR_DOMAIN_EVENT_STARTED, libvirt.VIR_DOMAIN_EVENT_STARTED_MIGRATED)
+    assert rig.drive(dom) is State.ARMED
+    rig.monitor.lifecycle(dom, libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN)
+    assert rig.monitor.snapshot() == {}
