@@ -1,0 +1,154 @@
+"""Small pure parts of the HSM: config, links, disk XML, stats, metrics, notify."""
+
+from __future__ import annotations
+
+import os
+import socket
+import uuid
+
+import pytest
+from testlib.hsmfakes import RUN, FakeDisk, FakeDomain, disk_xml
+from xtnd.hsm import config as hsm_config
+from xtnd.hsm import disks, links, metrics, notify, stats
+
+MiB = 1024**2
+
+
+def test_config_defaults_file_and_dropins(tmp_path: str) -> None:
+    path = os.path.join(tmp_path, "hsm.conf")
+    with open(path, "w") as f:
+        f.write("[host]\nhost_id = 7\nmaster_domain = abc\n[thin]\nchunk_mb = 64\n")
+    os.mkdir(path + ".d")
+    with open(os.path.join(path + ".d", "10-a.conf"), "w") as f:
+        f.write("[thin]\nchunk_mb = 128\n[retry]\nbackoff_max = 5.5\n")
+    with open(os.path.join(path + ".d", "20-b.conf"), "w") as f:
+        f.write("[thin]\nutilization_percent = 50\n")
+    c = hsm_config.load(path)
+    assert (c.host.host_id, c.host.master_domain) == (7, "abc")
+    assert (c.thin.chunk_mb, c.thin.utilization_percent) == (128, 50)
+    assert c.retry.backoff_max == 5.5
+    assert c.monitor.stats_interval == 2.0
+    c.validate()
+    text = hsm_config.show(c)
+    assert "# Size of one extend in MiB" in text and "chunk_mb = 128" in text
+    # What --show-config prints reads back as the same configuration.
+    again = os.path.join(tmp_path, "again.conf")
+    with open(again, "w") as f:
+        f.write(text)
+    assert hsm_config.load(again) == c
+
+
+@pytest.mark.parametrize(
+    "text, error",
+    [
+        ("[hots]\nhost_id = 1\n", "unknown section"),
+        ("[host]\nhostid = 1\n", "unknown option"),
+        ("[host]\nhost_id = one\n", "not a int"),
+    ],
+)
+def test_config_errors(tmp_path: str, text: str, error: str) -> None:
+    path = os.path.join(tmp_path, "hsm.conf")
+    with open(path, "w") as f:
+        f.write(text)
+    with pytest.raises(hsm_config.ConfigError, match=error):
+        hsm_config.load(path)
+
+
+def test_config_validate() -> None:
+    with pytest.raises(hsm_config.ConfigError, match="host_id"):
+        hsm_config.Config().validate()
+    c = hsm_config.Config()
+    c.host.host_id, c.host.master_domain, c.thin.utilization_percent = 1, "x", 101
+    with pytest.raises(hsm_config.ConfigError, match="utilization"):
+        c.validate()
+
+
+def test_links(tmp_path: str) -> None:
+    run = os.path.join(tmp_path, "run")
+    sd, vol = uuid.uuid4(), uuid.uuid4()
+    target = os.path.join(tmp_path, "dev")
+    open(target, "w").close()
+    path = links.create(sd, vol, target, run)
+    assert path == os.path.join(run, str(sd), str(vol))
+    assert os.readlink(path) == target
+    assert links.create(sd, vol, target + "2", run) == path  # replaced in place
+    assert os.readlink(path) == target + "2"
+    assert links.parse(path, run) == (sd, vol)
+    assert links.parse(path + "/x", run) is None
+    assert links.parse("/dev/loop3", run) is None
+    assert links.parse(os.path.join(run, "nope", str(vol)), run) is None
+    links.remove(sd, vol, run)
+    links.remove(sd, vol, run)
+    assert not os.path.exists(os.path.dirname(path))
+
+
+def test_thin_disks_from_xml() -> None:
+    a, b = FakeDisk("vda"), FakeDisk("vdb")
+    cdrom = (
+        "<disk type='file' device='cdrom'><driver type='qcow2'/><source file='x' index='9'/><target dev='hdc'/></disk>"
+    )
+    dom = FakeDomain("vm", a, b, extra_xml=disk_xml("vdc", 5, "/images/c.qcow2") + cdrom)
+    found = disks.thin_disks(dom.XMLDesc(), RUN)
+    assert [(d.name, d.index, d.domain, d.volume) for d in found] == [
+        ("vda", 1, a.domain, a.volume),
+        ("vdb", 1, b.domain, b.volume),
+    ]
+
+
+def test_stats_top_image_only() -> None:
+    raw = {
+        "state.state": 3,
+        "state.reason": 5,
+        "block.count": 3,
+        "block.0.name": "vda",
+        "block.0.path": "/run/xtnd/a/b",
+        "block.0.backingIndex": 2,
+        "block.0.capacity": 1024,
+        "block.0.allocation": 10,
+        "block.0.physical": 100,
+        "block.0.threshold": 50,
+        "block.1.name": "vda",
+        "block.1.backingIndex": 1,
+        "block.1.allocation": 999,
+        "block.2.name": "vdb",
+        "block.2.physical": 7,
+    }
+    st = stats.parse(raw)
+    assert (st.state, st.reason) == (3, 5)
+    assert st.blocks["vda"] == stats.BlockStats("vda", 2, "/run/xtnd/a/b", 1024, 10, 100, 50)
+    assert st.blocks["vdb"].threshold is None and st.blocks["vdb"].physical == 7
+
+
+def test_record_line_and_percentiles() -> None:
+    r = metrics.ExtendRecord("u", "vm1", "vda", "d", "v", "enospc", 16 * MiB, 32 * MiB, 1.0, 1.01, 1.2, 1.3, 1.35, True)
+    fields = metrics.parse_line("12:00 INFO " + r.line())
+    assert fields == {
+        "vm": "vm1",
+        "drive": "vda",
+        "domain": "d",
+        "volume": "v",
+        "old_mb": "16",
+        "new_mb": "32",
+        "trigger": "enospc",
+        "wait_ms": "10.0",
+        "extend_ms": "190.0",
+        "refresh_ms": "100.0",
+        "resume_ms": "50.0",
+        "total_ms": "350.0",
+        "resumed": "yes",
+    }
+    assert metrics.percentile([3.0, 1.0, 2.0], 50) == 2.0
+    assert metrics.percentile([1.0, 2.0, 3.0, 4.0], 99) == 4.0
+    with pytest.raises(ValueError):
+        metrics.percentile([], 50)
+
+
+def test_notify(tmp_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("NOTIFY_SOCKET", raising=False)
+    assert not notify.notify("READY=1")
+    path = os.path.join(tmp_path, "notify")
+    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as s:
+        s.bind(path)
+        monkeypatch.setenv("NOTIFY_SOCKET", path)
+        assert notify.notify("READY=1")
+        assert s.recv(100) == b"READY=1"

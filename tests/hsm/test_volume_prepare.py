@@ -1,0 +1,50 @@
+"""`xtnd volume prepare/teardown` on a real block domain (loop-mapped LVs)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+import pytest
+from testlib import hsmrig
+from xtnd.hsm import links
+from xtnd.lvm import loop
+
+MiB = 1024**2
+
+pytestmark = pytest.mark.root
+
+
+def xtnd(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "xtnd.tools.cli", *args], capture_output=True, text=True)
+
+
+def test_prepare_teardown(workdir: str, need_root: None) -> None:
+    with hsmrig.pool(workdir) as p:
+        vol = uuid.uuid4()
+        p.domain.create_volume(vol, 1024 * MiB, initial_size=16 * MiB)
+        common = ["--domain", str(p.uuid), "--uuid", str(vol), "--storage-config", p.storage_config]
+        common += ["--run-dir", p.run_dir]
+        r = xtnd("volume", "prepare", *common, "--json")
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout)
+        path = links.link_path(p.uuid, vol, p.run_dir)
+        assert out["path"] == path
+        assert os.path.realpath(path) == out["device"]
+        assert loop.size(path) == 16 * MiB
+        assert links.parse(path, p.run_dir) == (p.uuid, vol)
+        # Idempotent: a second prepare gives the same device.
+        again = json.loads(xtnd("volume", "prepare", *common, "--json").stdout)
+        assert again["device"] == out["device"]
+
+        r = xtnd("volume", "teardown", *common)
+        assert r.returncode == 0, r.stderr
+        assert not os.path.lexists(path)
+        assert p.domain.volume_info(vol).path is None
+
+        r = xtnd("volume", "prepare", "--domain", str(p.uuid), "--uuid", str(uuid.uuid4()),
+                 "--storage-config", p.storage_config, "--run-dir", p.run_dir)  # fmt: skip
+        assert r.returncode == 1 and "xtnd: error:" in r.stderr
