@@ -6,9 +6,9 @@ Start order: the master domain's mailbox (clears this host's inbox block,
 so requests of a previous run are forgotten; the monitor asks again for
 whatever is still short), the monitor's workers and stats thread, then
 the libvirt connection, whose connected() makes the monitor read every
-running VM. Stop runs in reverse: no new events, the mailbox stops (pending
+running VM. Stop: the monitor takes no new work, the mailbox stops (pending
 requests fail at once, so no worker waits for the SPM; the host block is
-cleared), the workers finish, the event loop ends.
+cleared), the workers finish, then the connection and the event loop end.
 
 SIGTERM and SIGINT stop the daemon; systemd is told READY=1 once libvirt
 is connected (or after a short wait: a host whose libvirtd is down still
@@ -111,9 +111,12 @@ class HSM:
 
     def stop(self) -> None:
         log.info("hsm stopping")
-        self.connection.stop()
+        # Jobs end before the connection they use closes: no new ones, then
+        # the mailbox fails pending requests at once, then the workers finish.
+        self.monitor.stop_scheduling()
         self.mailbox.stop()
-        self.monitor.stop()
+        self.monitor.join()
+        self.connection.stop()
         if self._own_loop:
             self.event_loop.stop()
         self._inbox.close()

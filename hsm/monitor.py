@@ -154,15 +154,24 @@ class Monitor:
             self._thread = threading.Thread(target=self._run, name="xtnd-hsm-stats", daemon=True)
             self._thread.start()
 
-    def stop(self, timeout: float = 10.0) -> None:
-        """Stop scheduling; wait for running jobs (stop the mailbox first so none waits)."""
+    def stop_scheduling(self, timeout: float = 10.0) -> None:
+        """No new jobs; the stats thread ends. Running jobs go on (see join())."""
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join(timeout)
+            if self._thread.is_alive():
+                log.warning("stats thread did not stop in %.1f seconds", timeout)
+
+    def join(self) -> None:
+        """Wait for running jobs (stop the mailbox first, so that none waits for the SPM)."""
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def stop(self, timeout: float = 10.0) -> None:
+        self.stop_scheduling(timeout)
+        self.join()
 
     def snapshot(self) -> dict[str, dict[str, Drive]]:
         """VM uuid -> drive name -> a copy of its Drive (for tests and tools)."""

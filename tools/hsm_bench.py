@@ -1,7 +1,331 @@
-"""placeholder"""
+"""``xtnd hsm bench``: the HSM's extend latency on real guests and storage.
 
+    xtnd hsm bench [--json] [--extends 8] [--pauses 8] [--rate-chunk-mb 1] [--rates 1,2,3,0]
+                   [--spm daemon|inprocess]
+
+Needs root and the source tree: it builds the test guest rig of
+tests/testlib (a TCG guest writing a known pattern, see guest.py), a
+master block domain on a loop PV (4 MiB extents), starts an SPM serving
+real lvextend (by default the real ``xtnd spm`` daemon with its own sanlock
+daemon; ``--spm inprocess`` serves from this process) and runs the HSM in
+this process against the machine's libvirtd. Three runs, one guest each:
+
+1. threshold: chunk 8 MiB, the guest writes at 4 MiB/s and crosses
+   ``--extends`` thresholds; latency = block-threshold event to volume
+   refreshed, verified and re-armed (wait + extend + refresh).
+2. enospc: chunk 4 MiB with no headroom (utilization 100%), so every chunk
+   ends in an ENOSPC pause; latency = trigger to VM running again, from the
+   HSM's records; the pause as libvirt reported it (lifecycle events
+   SUSPENDED_IOERROR to RESUMED) is shown too.
+3. rate: chunk ``--rate-chunk-mb`` at 20% utilization, one guest per
+   rate in ``--rates`` (MiB/s, 0 = as fast as the guest can): the highest
+   rate whose guest never paused. TCG guests write at most ~3.5 MiB/s
+   here, so the chunk must be tiny for a limit to show.
+
+Each phase prints the completion lines' phase breakdown (p50/p99 of wait,
+extend, refresh, resume). ``--json`` prints one JSON object instead. The
+default run takes about two to three minutes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib
+import json
+import logging
+import os
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator
 from typing import Any
+
+from xtnd.hsm.metrics import ExtendRecord, percentile
+
+MiB = 1024**2
+GiB = 1024**3
+TARGET_THRESHOLD_MS = 200
+TARGET_ENOSPC_MS = 500
+
+log = logging.getLogger("xtnd.hsm.bench")
+
+
+def _testlib() -> None:
+    """Make tests/testlib importable (the guest rig lives with the tests)."""
+    tests = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
+    if not os.path.isdir(os.path.join(tests, "testlib")):
+        raise SystemExit(f"xtnd hsm bench: needs the source tree's tests/testlib (not found at {tests})")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    if not values:
+        return {"count": 0}
+    ms = [v * 1000 for v in values]
+    return {
+        "count": len(ms),
+        "min": round(min(ms), 1),
+        "p50": round(percentile(ms, 50), 1),
+        "p99": round(percentile(ms, 99), 1),
+        "max": round(max(ms), 1),
+    }
+
+
+def _phases(records: list[ExtendRecord]) -> dict[str, dict[str, float]]:
+    return {
+        "wait": _summary([r.wait for r in records]),
+        "extend": _summary([r.extend for r in records]),
+        "refresh": _summary([r.refresh for r in records]),
+        "resume": _summary([r.resume for r in records]),
+        "total": _summary([r.total for r in records]),
+    }
+
+
+class Lifecycle:
+    """Pause and resume times of domains, from libvirt lifecycle events."""
+
+    def __init__(self, conn: Any):
+        import libvirt
+
+        self._libvirt = libvirt
+        self.conn = conn
+        self.paused: dict[str, list[float]] = {}
+        self.pauses: dict[str, list[float]] = {}
+        self._id = conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._event, None)
+
+    def _event(self, conn: Any, dom: Any, event: int, detail: int, _: Any) -> None:
+        lv = self._libvirt
+        now = time.monotonic()
+        name = dom.name()
+        if event == lv.VIR_DOMAIN_EVENT_SUSPENDED and detail == lv.VIR_DOMAIN_EVENT_SUSPENDED_IOERROR:
+            self.paused.setdefault(name, []).append(now)
+        elif event == lv.VIR_DOMAIN_EVENT_RESUMED and self.paused.get(name):
+            self.pauses.setdefault(name, []).append(now - self.paused[name].pop())
+
+    def count(self, name: str) -> int:
+        return len(self.pauses.get(name, [])) + len(self.paused.get(name, []))
+
+    def close(self) -> None:
+        self.conn.domainEventDeregisterAny(self._id)
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, workdir: str, say: Callable[[str], None]):
+        _testlib()
+        import libvirt
+        from xtnd.hsm.libvirtconn import EventLoop
+
+        # Test helpers, imported by name: they are not part of the package.
+        guest = importlib.import_module("testlib.guest")
+        hsmrig = importlib.import_module("testlib.hsmrig")
+
+        self.args = args
+        self.workdir = workdir
+        self.say = say
+        self.guest = guest
+        self.hsmrig = hsmrig
+        guest.start_libvirt()
+        self.rig = guest.build_rig()
+        self.events = EventLoop(name="xtnd-bench-libvirt-events")
+        self.events.start()
+        self.conn = libvirt.open("qemu:///system")
+        self.lifecycle = Lifecycle(self.conn)
+
+    def close(self) -> None:
+        self.lifecycle.close()
+        self.conn.close()
+        self.events.stop()
+
+    @contextlib.contextmanager
+    def spm(self, pool: Any) -> Iterator[None]:
+        if self.args.spm == "inprocess":
+            with self.hsmrig.spm(pool):
+                yield
+            return
+        sanlockd = importlib.import_module("testlib.sanlockd")
+        reason = sanlockd.missing()
+        if reason:
+            raise SystemExit(f"xtnd hsm bench: no sanlock for the SPM daemon ({reason}); try --spm inprocess")
+        host = sanlockd.SanlockDaemon("bench-spm", self.workdir).start()
+        try:
+            with self.hsmrig.spm_daemon(pool, host):
+                yield
+        finally:
+            host.stop()
+
+    def run_guest(
+        self, pool: Any, chunk_mb: int, utilization: int, workload: Any, initial_mb: int
+    ) -> tuple[list[ExtendRecord], str, float]:
+        """One guest on a fresh volume under a fresh HSM; records, name, write seconds."""
+        from xtnd.hsm.daemon import HSM
+
+        records: list[ExtendRecord] = []
+        lock = threading.Lock()
+
+        def on_extend(r: ExtendRecord) -> None:
+            with lock:
+                records.append(r)
+
+        disk = pool.thin_volume(initial=initial_mb * MiB)
+        config = pool.config(chunk_mb=chunk_mb, utilization_percent=utilization)
+        hsm = HSM(config, event_loop=self.events, on_extend=on_extend)
+        hsm.start()
+        try:
+            hsm.connection.wait_connected(30)
+            with self.guest.guest(self.conn, self.rig, disk, workload, self.workdir) as g:
+                g.start()
+                g.wait_console("XTND-START", timeout=120)
+                start = time.monotonic()
+                g.wait_console("XTND-WRITE-DONE", timeout=600)
+                elapsed = time.monotonic() - start
+                g.wait_console("XTND-VERIFY-OK" if workload.verify else "XTND-WRITE-DONE", timeout=600)
+                name = g.name
+        finally:
+            hsm.stop()
+            self._remove(pool, disk)
+        return records, name, elapsed
+
+    def _remove(self, pool: Any, link: str) -> None:
+        """Free the volume so the next one is again the VG's last LV (one segment)."""
+        from xtnd.hsm import links
+
+        parsed = links.parse(link, pool.run_dir)
+        assert parsed is not None
+        links.remove(parsed[0], parsed[1], pool.run_dir)
+        pool.domain.remove_volume(parsed[1])
+
+    def threshold(self, pool: Any) -> dict[str, Any]:
+        n = self.args.extends
+        chunk = 8
+        self.say(f"threshold: chunk {chunk} MiB, guest writing {chunk * n} MiB at 4 MiB/s")
+        workload = self.guest.Workload(write_mb=chunk * n, rate=4, verify=False)
+        records, name, _ = self.run_guest(pool, chunk, 20, workload, initial_mb=chunk)
+        crossed = [r for r in records if r.trigger == "threshold"]
+        refreshed = [r.t_refreshed - r.t_event for r in crossed]
+        return {
+            "chunk_mb": chunk,
+            "extends": len(records),
+            "paused": self.lifecycle.count(name),
+            "refreshed_ms": _summary(refreshed),
+            "phases_ms": _phases(crossed),
+            "target_p50_ms": TARGET_THRESHOLD_MS,
+        }
+
+    def enospc(self, pool: Any) -> dict[str, Any]:
+        n = self.args.pauses
+        chunk = 4
+        self.say(f"enospc: chunk {chunk} MiB with no headroom, guest writing {chunk * n} MiB")
+        workload = self.guest.Workload(write_mb=chunk * n, verify=True)
+        records, name, _ = self.run_guest(pool, chunk, 100, workload, initial_mb=chunk)
+        resumed = [r for r in records if r.resumed]
+        return {
+            "chunk_mb": chunk,
+            "extends": len(records),
+            "resumed": len(resumed),
+            "running_again_ms": _summary([r.total for r in resumed]),
+            "phases_ms": _phases(resumed),
+            "libvirt_pause_ms": _summary(self.lifecycle.pauses.get(name, [])),
+            "target_p50_ms": TARGET_ENOSPC_MS,
+        }
+
+    def rate(self, pool: Any) -> dict[str, Any]:
+        chunk = self.args.rate_chunk_mb
+        tried: list[dict[str, Any]] = []
+        best: float | None = None
+        for rate in self.args.rates:
+            write_mb = max(12, chunk * 6)
+            self.say(f"rate: chunk {chunk} MiB, guest writing {write_mb} MiB at {rate or 'max'} MiB/s")
+            workload = self.guest.Workload(write_mb=write_mb, rate=rate, verify=False)
+            records, name, elapsed = self.run_guest(pool, chunk, 20, workload, initial_mb=4)
+            paused = self.lifecycle.count(name)
+            achieved = write_mb / elapsed if elapsed > 0 else 0.0
+            tried.append(
+                {"rate_mbs": rate, "achieved_mbs": round(achieved, 2), "extends": len(records), "paused": paused}
+            )
+            if paused == 0 and (best is None or achieved > best):
+                best = round(achieved, 2)
+        return {"chunk_mb": chunk, "utilization_percent": 20, "tried": tried, "max_rate_without_pause_mbs": best}
+
+
+def _run(args: argparse.Namespace) -> int:
+    if os.geteuid() != 0:
+        print("xtnd hsm bench: needs root (LVM, loop devices, libvirt)", file=sys.stderr)
+        return 1
+
+    def say(msg: str) -> None:
+        if not args.json:
+            print(msg, flush=True)
+
+    os.makedirs("/var/tmp/xtnd-bench", exist_ok=True)
+    result: dict[str, Any] = {"spm": args.spm}
+    with tempfile.TemporaryDirectory(dir="/var/tmp/xtnd-bench") as workdir:
+        os.chmod(workdir, 0o755)  # QEMU runs as another user: it opens the volume links in here
+        bench = Bench(args, workdir, say)
+        try:
+            with bench.hsmrig.pool(workdir) as pool, bench.spm(pool):
+                started = time.monotonic()
+                result["threshold"] = bench.threshold(pool)
+                result["enospc"] = bench.enospc(pool)
+                if args.rates:
+                    result["rate"] = bench.rate(pool)
+                result["duration_s"] = round(time.monotonic() - started, 1)
+        finally:
+            bench.close()
+    if args.json:
+        json.dump(result, sys.stdout)
+        print()
+    else:
+        _print(result)
+    return 0
+
+
+def _line(label: str, s: dict[str, float]) -> str:
+    if not s.get("count"):
+        return f"  {label:<22} -"
+    return (
+        f"  {label:<22} p50 {s['p50']:7.1f}  p99 {s['p99']:7.1f}  min {s['min']:7.1f}  max {s['max']:7.1f}"
+        f"  (n={s['count']:.0f})"
+    )
+
+
+def _print(result: dict[str, Any]) -> None:
+    t, e = result["threshold"], result["enospc"]
+    print(f"\nthreshold event -> refreshed and re-armed (ms), chunk {t['chunk_mb']} MiB, paused {t['paused']}x:")
+    print(_line("refreshed", t["refreshed_ms"]))
+    for phase in ("wait", "extend", "refresh"):
+        print(_line(phase, t["phases_ms"][phase]))
+    print(f"\nENOSPC pause -> running again (ms), chunk {e['chunk_mb']} MiB, {e['resumed']} resumes:")
+    print(_line("running again", e["running_again_ms"]))
+    for phase in ("wait", "extend", "refresh", "resume"):
+        print(_line(phase, e["phases_ms"][phase]))
+    print(_line("libvirt pause", e["libvirt_pause_ms"]))
+    if "rate" in result:
+        r = result["rate"]
+        print(f"\nguest write rate vs pauses, chunk {r['chunk_mb']} MiB at {r['utilization_percent']}% utilization:")
+        for row in r["tried"]:
+            print(
+                f"  asked {row['rate_mbs'] or 'max':>4} MiB/s  achieved {row['achieved_mbs']:5.2f} MiB/s  "
+                f"extends {row['extends']:3}  paused {row['paused']}"
+            )
+        print(f"  highest write rate that never paused: {r['max_rate_without_pause_mbs']} MiB/s (achieved)")
+    print(f"\n{result['duration_s']} s (SPM: {result['spm']})")
+
+
+def _rates(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x.strip()] if text else []
 
 
 def register(sub: Any) -> None:
-    pass
+    p = sub.add_parser("bench", help="extend latency and safe write rate on a real guest (root, source tree)")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--extends", type=int, default=8, help="thresholds the first guest crosses (default 8)")
+    p.add_argument("--pauses", type=int, default=8, help="ENOSPC pauses of the second guest (default 8)")
+    p.add_argument("--rate-chunk-mb", type=int, default=1, help="chunk of the rate search (default 1 MiB)")
+    p.add_argument(
+        "--rates", type=_rates, default=[1, 2, 3, 0], help="MiB/s to try, 0 = unthrottled (default 1,2,3,0; '' skips)"
+    )
+    p.add_argument("--spm", choices=["daemon", "inprocess"], default="daemon", help="the SPM serving extends")
+    p.set_defaults(func=_run)

@@ -3,7 +3,8 @@
 Each guest is the rig of testlib.guest writing a known pattern to its
 qcow2 disk, a thin LV of a block domain (4 MiB extents) exposed as a
 volume link; it reads everything back at the end (XTND-VERIFY-OK). The
-SPM serves the domain's mailbox with real lvextend (testlib.hsmrig.spm).
+SPM is the real daemon (`xtnd spm`, with its own sanlock daemon and the
+SPM lease) serving the domain's mailbox with real lvextend.
 TCG guests write about 3.5 MiB/s, so sizes are MiB-scale.
 """
 
@@ -17,12 +18,13 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import libvirt
 import pytest
 from testlib import guest, hsmrig
+from testlib.sanlockd import SanlockDaemon
 from testlib.wait import wait_for
 from xtnd.hsm import config as hsm_config
 from xtnd.hsm.daemon import HSM
@@ -81,6 +83,13 @@ class Running:
 
 
 @pytest.fixture
+def spm_host(sanlock_hosts: Callable[[int], list[SanlockDaemon]]) -> SanlockDaemon:
+    """A simulated host (its own sanlock daemon) for the SPM daemon."""
+    [host] = sanlock_hosts(1)
+    return host
+
+
+@pytest.fixture
 def pool(workdir: str, need_root: None, libvirtd: None) -> Iterator[hsmrig.Pool]:
     with hsmrig.pool(workdir) as p:
         yield p
@@ -107,13 +116,18 @@ def started(
 
 
 def test_steady_writer_never_pauses(
-    pool: hsmrig.Pool, conn: libvirt.virConnect, rig: guest.Rig, libvirt_events: EventLoop, workdir: str
+    spm_host: SanlockDaemon,
+    pool: hsmrig.Pool,
+    conn: libvirt.virConnect,
+    rig: guest.Rig,
+    libvirt_events: EventLoop,
+    workdir: str,
 ) -> None:
     """Chunk 16 MiB, 20% utilization: extend with 12.8 MiB free, ~3 s of
     writing at 4 MiB/s; each extend takes well under that."""
     disk = pool.thin_volume(initial=16 * MiB)
     pauses = Pauses(conn)
-    with hsmrig.spm(pool), running(pool.config(chunk_mb=16), libvirt_events) as r:
+    with hsmrig.spm_daemon(pool, spm_host), running(pool.config(chunk_mb=16), libvirt_events) as r:
         with started(conn, rig, disk, guest.Workload(write_mb=64, rate=4), workdir) as g:
             text = g.wait_console("XTND-VERIFY-OK", timeout=180)
             assert "XTND-WRITE-DONE mb=64" in text
@@ -132,13 +146,21 @@ def test_steady_writer_never_pauses(
 
 
 def test_tiny_chunk_pauses_and_resumes(
-    pool: hsmrig.Pool, conn: libvirt.virConnect, rig: guest.Rig, libvirt_events: EventLoop, workdir: str
+    spm_host: SanlockDaemon,
+    pool: hsmrig.Pool,
+    conn: libvirt.virConnect,
+    rig: guest.Rig,
+    libvirt_events: EventLoop,
+    workdir: str,
 ) -> None:
     """Chunk 4 MiB with 100% utilization: no headroom at all, so every chunk
     ends in ENOSPC; each pause is extended and resumed by the HSM."""
     disk = pool.thin_volume(initial=4 * MiB)
     pauses = Pauses(conn)
-    with hsmrig.spm(pool), running(pool.config(chunk_mb=4, utilization_percent=100), libvirt_events) as r:
+    with (
+        hsmrig.spm_daemon(pool, spm_host),
+        running(pool.config(chunk_mb=4, utilization_percent=100), libvirt_events) as r,
+    ):
         with started(conn, rig, disk, guest.Workload(write_mb=20), workdir) as g:
             text = g.wait_console("XTND-VERIFY-OK", timeout=180)
             assert "XTND-WRITE-DONE mb=20" in text
@@ -154,30 +176,35 @@ def test_tiny_chunk_pauses_and_resumes(
 
 
 def test_user_paused_vm_left_alone(
-    pool: hsmrig.Pool, conn: libvirt.virConnect, rig: guest.Rig, libvirt_events: EventLoop, workdir: str
+    spm_host: SanlockDaemon,
+    pool: hsmrig.Pool,
+    conn: libvirt.virConnect,
+    rig: guest.Rig,
+    libvirt_events: EventLoop,
+    workdir: str,
 ) -> None:
-    """The user pauses the VM while its extend is with the SPM: the extend
-    completes, the VM stays paused until the user resumes it."""
+    """The user pauses the VM while its extend request waits for the SPM
+    (not running yet): the extend completes once the SPM serves it, and
+    the VM stays paused until the user resumes it."""
     disk = pool.thin_volume(initial=16 * MiB)
-    gate = hsmrig.Gate()
-    gate.open.clear()
-    with hsmrig.spm(pool, gate), running(pool.config(chunk_mb=16), libvirt_events) as r:
+    with running(pool.config(chunk_mb=16), libvirt_events) as r:
         with started(conn, rig, disk, guest.Workload(write_mb=24, rate=4), workdir) as g:
-            assert gate.held.wait(120), "no extend request reached the SPM"
+            wait_for(lambda: r.hsm.mailbox.in_flight > 0, timeout=120, what="an extend request")
             g.dom.suspend()
-            gate.open.set()
-            (rec,) = r.wait_records(1)
-            assert not rec.resumed
-            passes = r.hsm.monitor.counters["stats_passes"]
-            wait_for(lambda: r.hsm.monitor.counters["stats_passes"] >= passes + 2, timeout=30)
-            assert g.state() == (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_USER)
-            g.dom.resume()
-            g.wait_console("XTND-VERIFY-OK", timeout=120)
+            with hsmrig.spm_daemon(pool, spm_host):
+                (rec,) = r.wait_records(1)
+                assert not rec.resumed
+                passes = r.hsm.monitor.counters["stats_passes"]
+                wait_for(lambda: r.hsm.monitor.counters["stats_passes"] >= passes + 2, timeout=30)
+                assert g.state() == (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_USER)
+                g.dom.resume()
+                g.wait_console("XTND-VERIFY-OK", timeout=120)
 
 
 @pytest.mark.parametrize("add_space", ["pvresize", "vgextend"])
 def test_vg_full_resumes_when_space_added(
     add_space: str,
+    spm_host: SanlockDaemon,
     workdir: str,
     need_root: None,
     conn: libvirt.virConnect,
@@ -195,7 +222,7 @@ def test_vg_full_resumes_when_space_added(
                 "that lvextend makes on a new PV (TESTBED.md); pvresize of a grown LUN covers this host"
             )
         disk = pool.thin_volume(initial=16 * MiB)
-        with hsmrig.spm(pool), running(pool.config(chunk_mb=16), libvirt_events) as r:
+        with hsmrig.spm_daemon(pool, spm_host), running(pool.config(chunk_mb=16), libvirt_events) as r:
             with started(conn, rig, disk, guest.Workload(write_mb=80), workdir) as g:
                 g.wait_state(libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_IOERROR, timeout=120)
                 monitor = r.hsm.monitor
@@ -219,7 +246,7 @@ def _read_host_block(pool: hsmrig.Pool) -> bytes:
 
 
 def test_hsm_restarted_while_vm_paused(
-    pool: hsmrig.Pool, conn: libvirt.virConnect, rig: guest.Rig, workdir: str
+    spm_host: SanlockDaemon, pool: hsmrig.Pool, conn: libvirt.virConnect, rig: guest.Rig, workdir: str
 ) -> None:
     """`xtnd hsm` as a process: no SPM yet, so the guest pauses on ENOSPC
     with a request pending; SIGTERM stops the daemon at once and clears its
@@ -251,7 +278,7 @@ def test_hsm_restarted_while_vm_paused(
             assert _read_host_block(pool) == bytes(codec.BLOCK_SIZE), "host block cleared on stop"
             assert g.state() == (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_IOERROR)
 
-            with hsmrig.spm(pool):
+            with hsmrig.spm_daemon(pool, spm_host):
                 proc, second = start(2)
                 g.wait_console("XTND-VERIFY-OK", timeout=120)
                 lines = [ln for ln in read(second).splitlines() if "extend-complete" in ln]
@@ -274,7 +301,7 @@ def _progress(g: guest.Guest) -> int:
 
 
 def test_libvirtd_restart_during_monitoring(
-    pool: hsmrig.Pool, rig: guest.Rig, libvirt_events: EventLoop, workdir: str
+    spm_host: SanlockDaemon, pool: hsmrig.Pool, rig: guest.Rig, libvirt_events: EventLoop, workdir: str
 ) -> None:
     """libvirtd is killed while the guest writes; thresholds crossed while
     it is down are never reported, so the HSM re-reads everything when it
@@ -290,7 +317,7 @@ def test_libvirtd_restart_during_monitoring(
         config.libvirt.uri = nsd.uri()
         config.libvirt.reconnect_max = 0.5
         c1 = libvirt.open(nsd.uri())
-        with hsmrig.spm(pool), running(config, libvirt_events) as r:
+        with hsmrig.spm_daemon(pool, spm_host), running(config, libvirt_events) as r:
             g = guest.Guest.define(c1, rig, disk, guest.Workload(write_mb=64, rate=4), workdir)
             try:
                 g.start()

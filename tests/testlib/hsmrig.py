@@ -3,10 +3,11 @@
 - Pool: a master block domain (a VG with 4 MiB extents) on its own loop
   PV, recorded in a storage.json under the test's directory, and the
   volume links of the test under that directory too (not /run/xtnd).
-- spm(): an SPM serving the pool's mailbox with real lvextend, in this
-  process (SPMMailbox + Domain.extend_volume). The SPM daemon (xtnd spm)
-  is being built elsewhere; when it lands, only spm() changes. A gate lets
-  a test hold replies (a slow SPM) or refuse every request.
+- spm_daemon(): the real SPM daemon (`xtnd spm`, testlib.spmd) on a
+  simulated host with its own sanlock daemon: lease, validation, lvextend.
+- spm(): an SPM inside this process (SPMMailbox + Domain.extend_volume,
+  the same lvextend) for the benchmark and for tests that need to hold or
+  refuse replies at a precise moment (Gate).
 - NamespacedLibvirtd: a private libvirtd that can be killed and restarted
   while its QEMU guests keep running (see its docstring).
 """
@@ -31,8 +32,10 @@ from xtnd.hsm import links
 from xtnd.mailbox import codec
 from xtnd.mailbox.directio import DirectFile
 from xtnd.mailbox.spm import Request, SPMConfig, SPMMailbox
+from xtnd.spm import sanlockutil
 
-from testlib import lvmpv, storage
+from testlib import lvmpv, spmd, storage
+from testlib.sanlockd import SanlockDaemon
 from testlib.wait import Timeout
 
 MiB = 1024**2
@@ -120,6 +123,9 @@ def pool(workdir: str, pv_size: int = 512 * MiB) -> Iterator[Pool]:
         domain = xstorage.create_block_domain(
             sd, pvs, master=True, max_hosts=MAX_HOSTS, extent_size=EXTENT, activation="loop"
         )
+        # Short sanlock io timeout: joining takes ~3 s instead of ~20 s.
+        ls = domain.lockspace()
+        sanlockutil.init_lockspace(ls.name, ls.path, ls.offset, io_timeout=spmd.IO_TIMEOUT)
         host = xstorage.HostConfig(os.path.join(workdir, "storage.json"), activation="loop")
         host.add_block(sd, pvs)
         host.save()
@@ -137,6 +143,20 @@ def pool(workdir: str, pv_size: int = 512 * MiB) -> Iterator[Pool]:
                 lvm.vgremove(lvm.Runner(p.pvs), str(sd))
             for extra in p.pvs[1:]:
                 storage.detach(extra)
+
+
+@contextlib.contextmanager
+def spm_daemon(p: Pool, host: SanlockDaemon) -> Iterator[spmd.SpmProcess]:
+    """`xtnd spm --config FILE` serving the pool, on host (its sanlock daemon)."""
+    config = spmd.Pool.spm_config(p, HOST_ID)  # type: ignore[arg-type]  # same attributes
+    n = len([f for f in os.listdir(p.workdir) if f.startswith("spm.")])
+    proc = spmd.SpmProcess(host, config, os.path.join(p.workdir, f"spm.{n}.log"))
+    try:
+        proc.wait_serving()
+        yield proc
+    finally:
+        if proc.proc.poll() is None:
+            proc.terminate(30)
 
 
 class Gate:
