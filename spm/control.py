@@ -101,6 +101,7 @@ class ControlServer:
             except OSError:
                 pass
             self._sock.close()
+            self._sock = None
         if self._thread is not None:
             self._thread.join(10)
         log.info("control socket closed path=%s", self.path)

@@ -9,16 +9,20 @@ Start-up order (nothing is served before the lease is held):
    every acquire_interval while another host holds it (a standby SPM waits
    here: after the holder dies its lease is free at once if its sanlock
    daemon lives on, or after sanlock's host_dead_seconds if the host died);
-4. start the lease watchdog, then the mailbox with the extend handler and
-   the control socket; log "serving started"; tell systemd READY=1.
+4. start the lease watchdog, then the mailbox with the extend handler;
+   log "serving started"; enable volume commands on the control socket
+   (it exists from the start, answering "not the SPM" until now, so that
+   `xtnd volume create` on a standby host never runs LVM itself); tell
+   systemd READY=1.
 
 Lease loss (watchdog, or fence() before an LVM command): log "serving
 stopped" and os._exit(EXIT_LEASE_LOST) at once, from whichever thread saw
 it; no reply and no LVM command can follow. sanlock releases whatever is
 left when the process's registration closes.
 
-SIGTERM/SIGINT: remove the control socket, stop taking mail (new requests
-are parked unanswered for the next SPM), let running extends finish within
+SIGTERM/SIGINT: refuse volume commands, stop taking mail (new requests
+are parked unanswered for the next SPM), let running extends and volume
+commands finish within
 shutdown_grace, stop the mailbox, release the lease, exit 0. If extends are
 still running after the grace period the lease is not released by hand and
 the exit code is EXIT_ABANDONED (the process exit closes the registration;
@@ -48,7 +52,7 @@ from xtnd.mailbox.spm import SPMConfig, SPMMailbox
 
 from . import lease as spm_lease
 from .config import Config
-from .control import ControlServer
+from .control import ControlServer, Op
 from .domains import DomainRegistry
 from .extend import ExtendService
 from .metrics import Metrics
@@ -124,6 +128,17 @@ def mailbox_config(config: Config) -> SPMConfig:
     )
 
 
+VOLUME_OPS = ("volume_create", "volume_remove", "volume_info", "volume_list")
+
+
+class NotSpm(Exception):
+    """A volume command reached a daemon that does not hold the lease (yet)."""
+
+
+def _not_spm(args: dict[str, Any]) -> Any:
+    raise NotSpm("this host is not the SPM now (waiting for the lease, or stopping)")
+
+
 class SpmDaemon:
     def __init__(self, config: Config):
         self.config = config
@@ -134,6 +149,9 @@ class SpmDaemon:
         self._stop_reason = ""
         self.lease: spm_lease.SpmLease | None = None
         self.mailbox: SPMMailbox | None = None
+        # Control socket ops: volume commands only while serving.
+        self.ops: dict[str, Op] = {"ping": lambda args: "pong", "stats": lambda args: self.stats()}
+        self.ops.update(dict.fromkeys(VOLUME_OPS, _not_spm))
 
     # Signals and loss
 
@@ -174,16 +192,22 @@ class SpmDaemon:
             resource=lease_loc.resource,
             io_timeout=cfg.lease.io_timeout,
         )
-        log.info("joining lockspace lockspace=%s host_id=%d ids=%s", lockspace.name, cfg.spm.host_id, lockspace.path)
-        sd_notify("STATUS=joining lockspace")
-        lease.join()
-        if not self._acquire(lease):
-            lease.close()
-            log.info("stopped before acquiring the lease reason=%s", self._stop_reason)
-            return EXIT_OK
+        # The socket exists from the start: on a standby host, volume
+        # commands get "not the SPM" instead of running LVM locally.
+        control = ControlServer(cfg.spm.control_socket, self.ops) if cfg.spm.control_socket else None
+        if control:
+            control.start()
         try:
-            return self._serve(lease, master, mbx)
+            log.info("joining lockspace lockspace=%s host_id=%d", lockspace.name, cfg.spm.host_id)
+            sd_notify("STATUS=joining lockspace")
+            lease.join()
+            if not self._acquire(lease):
+                log.info("stopped before acquiring the lease reason=%s", self._stop_reason)
+                return EXIT_OK
+            return self._serve(lease, mbx)
         finally:
+            if control:
+                control.stop()
             lease.close()
 
     def _acquire(self, lease: spm_lease.SpmLease) -> bool:
@@ -201,7 +225,7 @@ class SpmDaemon:
             self._stop.wait(self.config.lease.acquire_interval)
         return False
 
-    def _serve(self, lease: spm_lease.SpmLease, master: storage.Domain, mbx: storage.MailboxLocation) -> int:
+    def _serve(self, lease: spm_lease.SpmLease, mbx: storage.MailboxLocation) -> int:
         cfg = self.config
         watchdog = spm_lease.LeaseWatchdog(lease, self._on_lost, cfg.lease.check_interval or None)
         watchdog.start()
@@ -212,19 +236,16 @@ class SpmDaemon:
         outbox = DirectFile(mbx.outbox)
         self.mailbox = mailbox = SPMMailbox(inbox, outbox, mbx.max_hosts, mailbox_config(cfg))
         mailbox.register(codec.EXTEND_OPCODE, service.handle)
-        ops = VolumeOps(registry, service, self.stats)
-        control = ControlServer(cfg.spm.control_socket, ops.table()) if cfg.spm.control_socket else None
         lease.fence()
         log.info("serving started host_id=%d lockspace=%s %s", cfg.spm.host_id, lease.lockspace, _stamp())
         mailbox.start()
-        if control:
-            control.start()
+        self.ops.update(VolumeOps(registry, service, self.stats).table())
         sd_notify(f"READY=1\nSTATUS=serving as SPM host_id={cfg.spm.host_id}\nMAINPID={os.getpid()}")
         self._wait_for_stop()
         log.info("stopping reason=%s", self._stop_reason)
         sd_notify("STOPPING=1\nSTATUS=stopping")
-        if control:
-            control.stop()
+        for name in VOLUME_OPS:
+            self.ops[name] = _not_spm
         drained = service.drain(cfg.spm.shutdown_grace)
         if drained:
             threading.Event().wait(REPLY_FLUSH)

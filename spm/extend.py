@@ -130,6 +130,20 @@ class ExtendService:
             log.info("extends drained done=%s running=%d parked=%d", done, self._running, self._parked)
             return done
 
+    @contextlib.contextmanager
+    def operation(self) -> Iterator[None]:
+        """Count a volume command as running (drain waits for it); refuse while draining."""
+        with self._cond:
+            if self._draining:
+                raise Parked("the SPM is stopping")
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._running -= 1
+                self._cond.notify_all()
+
     @property
     def running(self) -> int:
         with self._cond:

@@ -2,7 +2,9 @@
 
 Commands that change LVM metadata (create, remove) fence the lease first
 and hold the volume's lock, so they never interleave with an extend of the
-same volume; they invalidate the domain's cached volume list.
+same volume; they invalidate the domain's cached volume list. They count
+as running work for the daemon's shutdown (the lease is released only
+after they end) and are refused once it started.
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ class VolumeOps:
     def create(self, args: dict[str, Any]) -> dict[str, Any]:
         domain, volume = _uuid(args, "domain"), _uuid(args, "uuid")
         managed = self.registry.get(domain)
-        with self.service.volume_locks.hold((domain, volume)):
+        with self.service.operation(), self.service.volume_locks.hold((domain, volume)):
             self.service.fence()
             try:
                 info = managed.domain.create_volume(
@@ -66,7 +68,7 @@ class VolumeOps:
     def remove(self, args: dict[str, Any]) -> None:
         domain, volume = _uuid(args, "domain"), _uuid(args, "uuid")
         managed = self.registry.get(domain)
-        with self.service.volume_locks.hold((domain, volume)):
+        with self.service.operation(), self.service.volume_locks.hold((domain, volume)):
             self.service.fence()
             try:
                 managed.domain.remove_volume(volume)

@@ -20,6 +20,7 @@ from testlib import sanlockd, storage
 from testlib.spmd import EXTENT, IO_TIMEOUT, MiB, Pool, SpmProcess
 from xtnd.lvm import loop
 from xtnd.mailbox.hsm import HSMMailbox
+from xtnd.spm.control import ControlClient, ControlError
 
 log = logging.getLogger("xtnd.tests.failover")
 
@@ -83,6 +84,12 @@ def two_spms(
 
 def test_sigkill_failover(pool: Pool, two_spms: tuple[SpmProcess, SpmProcess]) -> None:
     spm1, spm2 = two_spms
+    # The standby refuses volume commands instead of letting them run locally.
+    standby = ControlClient(os.path.join(pool.workdir, "spm2.sock"))
+    assert standby.call("stats")["lease_held"] is False
+    with pytest.raises(ControlError) as e:
+        standby.call("volume_list", domain=str(pool.uuid))
+    assert e.value.error == "NotSpm"
     volumes = [pool.create_volume(capacity=100 * MiB, size=8 * MiB) for _ in range(6)]
     free = pool.free_extents()
     hsm, futures = submit_burst(pool, 3, volumes, steps=3)
@@ -105,6 +112,7 @@ def test_sigkill_failover(pool: Pool, two_spms: tuple[SpmProcess, SpmProcess]) -
         assert pool.lv_size(vol) == 8 * MiB + 3 * EXTENT
     assert pool.free_extents() == free - len(volumes) * 3
     assert_never_both(intervals((spm1, killed), (spm2, None)))
+    assert [v["uuid"] for v in standby.call("volume_list", domain=str(pool.uuid))] == sorted(map(str, volumes))
     assert spm2.terminate() == 0
     assert_never_both(intervals((spm1, killed), (spm2, None)))
 
