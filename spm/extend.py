@@ -70,6 +70,7 @@ class _Timing:
     started: float
     locked: float = 0.0
     validated: float = 0.0
+    fence: float = 0.0
     lvextend: float | None = None
     done: float = 0.0
 
@@ -222,7 +223,7 @@ class ExtendService:
         log.log(
             level,
             "extend done result=%s domain=%s volume=%s host_id=%d slot=%d size_mb=%d granted_mb=%d "
-            "queue_ms=%.3f lock_ms=%.3f validate_ms=%.3f lvextend_ms=%.3f total_ms=%.3f%s",
+            "queue_ms=%.3f lock_ms=%.3f validate_ms=%.3f fence_ms=%.3f lvextend_ms=%.3f total_ms=%.3f%s",
             result,
             msg.domain,
             msg.volume,
@@ -233,6 +234,7 @@ class ExtendService:
             ms(t.started - t.received),
             ms(t.locked - t.started),
             ms(t.validated - t.locked),
+            ms(t.fence),
             lvx or 0.0,
             total,
             f" reason={reason!r}" if reason else "",
@@ -269,7 +271,9 @@ class ExtendService:
             return "noop", lv.size // MiB
         block = managed.block
         target = lvm.round_up(size, lv.extent_size)
+        start = self._clock()
         self.fence()
+        t.fence = self._clock() - start
         start = self._clock()
         try:
             new_size = lvm.lvextend(block.runner, block.vg, lv.name, target, self._alloc)

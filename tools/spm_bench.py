@@ -37,7 +37,7 @@ from typing import Any
 from xtnd import lvm, storage
 from xtnd.mailbox import codec
 from xtnd.mailbox.directio import DirectFile
-from xtnd.mailbox.hsm import HSMMailbox
+from xtnd.mailbox.hsm import HSMConfig, HSMMailbox
 from xtnd.mailbox.spm import SPMConfig, SPMMailbox
 from xtnd.spm.domains import DomainRegistry
 from xtnd.spm.extend import ExtendService
@@ -55,6 +55,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--requests", type=int, default=160, help="extends in the SPM run (default %(default)s)")
     p.add_argument("--plain", type=int, default=80, help="lvextend commands per plain run (default %(default)s)")
     p.add_argument("--workers", type=int, default=8, help="SPM worker threads (default %(default)s)")
+    p.add_argument(
+        "--poll-growth",
+        type=float,
+        default=HSMConfig.poll_growth,
+        help="HSM outbox poll delay as a fraction of the time waited (default %(default)s)",
+    )
     p.add_argument("--json", action="store_true", help="print one JSON object")
 
 
@@ -121,7 +127,7 @@ class Bench:
         mbx = domain.mailbox()
         spm = SPMMailbox(DirectFile(mbx.inbox), DirectFile(mbx.outbox), mbx.max_hosts, SPMConfig(workers=args.workers))
         spm.register(codec.EXTEND_OPCODE, service.handle)
-        hsm = HSMMailbox(DirectFile(mbx.inbox), DirectFile(mbx.outbox), 1)
+        hsm = HSMMailbox(DirectFile(mbx.inbox), DirectFile(mbx.outbox), 1, HSMConfig(poll_growth=args.poll_growth))
         volumes = [v for v in domain.list_volumes()]
         per_volume = [args.requests // len(volumes) + (i < args.requests % len(volumes)) for i in range(len(volumes))]
         latencies: list[float] = []
@@ -185,6 +191,7 @@ class Bench:
             "lease": "skipped (in-process SPM, fence is a no-op)",
             "volumes": args.volumes,
             "workers": args.workers,
+            "hsm_poll_growth": args.poll_growth,
             "extent_mb": EXTENT // c.MiB,
             "p50_ms": round(spm["p50_ms"], 3),
             "p99_ms": round(spm["p99_ms"], 3),
@@ -205,8 +212,7 @@ def _print(result: dict[str, Any]) -> None:
     print(f"lease: {result['lease']}")
     print(f"volumes in flight: {result['volumes']}, SPM workers: {result['workers']}, +{result['extent_mb']} MiB each")
     print(
-        f"request -> reply: p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms "
-        f"({result['extends']} extends)"
+        f"request -> reply: p50 {result['p50_ms']:.1f} ms, p99 {result['p99_ms']:.1f} ms ({result['extends']} extends)"
     )
     print(f"through the SPM:  {result['extends_per_s']:.1f} extends/s")
     print(f"plain lvextend:   {result['plain_lvextend_per_s']:.1f} /s (runs: {result['plain_runs_per_s']})")

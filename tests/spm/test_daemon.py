@@ -6,7 +6,9 @@ checked on the wire (reply size 0) and in the daemon's log line.
 
 from __future__ import annotations
 
+import logging
 import os
+import re
 import shutil
 import subprocess
 import uuid
@@ -56,8 +58,12 @@ def test_extend_flow(pool: Pool, spm: SpmProcess) -> None:
     assert log.count("extend done result=extended") == 3
     assert log.count("extend done result=noop") == 2
     line = next(ln for ln in log.splitlines() if "extend done result=extended" in ln)
-    for key in ("queue_ms=", "lock_ms=", "validate_ms=", "lvextend_ms=", "total_ms=", f"volume={vol}"):
+    for key in ("queue_ms=", "lock_ms=", "validate_ms=", "fence_ms=", "lvextend_ms=", "total_ms=", f"volume={vol}"):
         assert key in line
+    # With the real lease, fence() (sanlock inquire + client status) runs before each lvextend.
+    fences = [float(m) for m in re.findall(r"result=extended .*?fence_ms=([\d.]+)", log)]
+    assert len(fences) == 3 and all(f > 0 for f in fences)
+    logging.getLogger("xtnd.tests.spm").info("fence_ms=%s", fences)
     stats = ControlClient(os.path.join(pool.workdir, "spm1.sock")).call("stats")
     assert stats["lease_held"] is True
     assert stats["extends"]["results"]["extended"] == 3
@@ -127,6 +133,39 @@ def test_sigterm_releases_lease(pool: Pool, spm: SpmProcess) -> None:
     [started, stopped] = spm.serving()
     assert started[0] == "started" and stopped[0] == "stopped" and started[2] < stopped[2]
     assert not os.path.exists(os.path.join(pool.workdir, "spm1.sock"))
+
+
+def test_sigterm_with_requests_in_flight(
+    pool: Pool, sanlock_hosts: Callable[[int], list[sanlockd.SanlockDaemon]], workdir: str
+) -> None:
+    """SIGTERM mid-burst: running extends finish, the rest waits for the next SPM."""
+    [host] = sanlock_hosts(1)
+    # Two workers: at most two requests are being handled when SIGTERM comes.
+    config = pool.spm_config(1, **{"mailbox.workers": "2"})
+    spm = SpmProcess(host, config, os.path.join(workdir, "spm1.log"))
+    spm.wait_serving()
+    volumes = [pool.create_volume(capacity=100 * MiB, size=8 * MiB) for _ in range(4)]
+    hsm = pool.hsm(host_id=2, reoffer_timeout=60.0)
+    hsm.start()
+    try:
+        futures = [hsm.submit(pool.uuid, v, 8 * MiB + step * 4 * MiB) for step in (1, 2, 3) for v in volumes]
+        spm.wait_log("extend done result=extended")
+        assert spm.terminate() == 0
+        log = spm.log()
+        assert "extends drained done=True" in log
+        assert "released lease" in log
+        served = log.count("extend done result=")
+        # The next SPM (same host, lockspace still joined) serves the rest.
+        again = SpmProcess(host, config, os.path.join(workdir, "spm1-again.log"))
+        again.wait_serving()
+        for step, future in zip([s for s in (1, 2, 3) for _ in volumes], futures, strict=True):
+            assert future.result(timeout=60) >= 8 * MiB + step * 4 * MiB
+    finally:
+        hsm.stop()
+    assert served < len(futures), "everything was served before SIGTERM"
+    for vol in volumes:
+        assert pool.lv_size(vol) == 8 * MiB + 3 * 4 * MiB
+    assert again.terminate() == 0
 
 
 def test_unit_file_verifies() -> None:
