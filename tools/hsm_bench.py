@@ -239,7 +239,7 @@ class Bench:
             write_mb = max(12, chunk * 6)
             self.say(f"rate: chunk {chunk} MiB, guest writing {write_mb} MiB at {rate or 'max'} MiB/s")
             workload = self.guest.Workload(write_mb=write_mb, rate=rate, verify=False)
-            records, name, elapsed = self.run_guest(pool, chunk, 20, workload, initial_mb=4)
+            records, name, elapsed = self.run_guest(pool, chunk, self.args.rate_utilization, workload, initial_mb=4)
             paused = self.lifecycle.count(name)
             achieved = write_mb / elapsed if elapsed > 0 else 0.0
             tried.append(
@@ -247,7 +247,12 @@ class Bench:
             )
             if paused == 0 and (best is None or achieved > best):
                 best = round(achieved, 2)
-        return {"chunk_mb": chunk, "utilization_percent": 20, "tried": tried, "max_rate_without_pause_mbs": best}
+        return {
+            "chunk_mb": chunk,
+            "utilization_percent": self.args.rate_utilization,
+            "tried": tried,
+            "max_rate_without_pause_mbs": best,
+        }
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -271,6 +276,7 @@ def _run(args: argparse.Namespace) -> int:
                 result["enospc"] = bench.enospc(pool)
                 if args.rates:
                     result["rate"] = bench.rate(pool)
+                result["estimate"] = _estimate(result, args)
                 result["duration_s"] = round(time.monotonic() - started, 1)
         finally:
             bench.close()
@@ -280,6 +286,23 @@ def _run(args: argparse.Namespace) -> int:
     else:
         _print(result)
     return 0
+
+
+def _estimate(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """Fastest write that never pauses, from the measured latency: the guest
+    may write the headroom (chunk x (100 - utilization)%) while an extend is
+    under way, so rate = headroom / latency (p99 of threshold -> refreshed)."""
+    p99 = result["threshold"]["refreshed_ms"].get("p99")
+    if not p99:
+        return {}
+    out: dict[str, Any] = {"latency_p99_ms": p99}
+    for key, chunk, util in (
+        ("threshold_chunk", result["threshold"]["chunk_mb"], 20),
+        ("rate_chunk", args.rate_chunk_mb, args.rate_utilization),
+    ):
+        headroom = chunk * (100 - util) / 100
+        out[key] = {"chunk_mb": chunk, "utilization_percent": util, "max_rate_mbs": round(headroom / (p99 / 1000), 1)}
+    return out
 
 
 def _line(label: str, s: dict[str, float]) -> str:
@@ -311,6 +334,11 @@ def _print(result: dict[str, Any]) -> None:
                 f"extends {row['extends']:3}  paused {row['paused']}"
             )
         print(f"  highest write rate that never paused: {r['max_rate_without_pause_mbs']} MiB/s (achieved)")
+    for est in (v for k, v in result.get("estimate", {}).items() if k != "latency_p99_ms"):
+        print(
+            f"  estimate at chunk {est['chunk_mb']} MiB, {est['utilization_percent']}%: "
+            f"{est['max_rate_mbs']} MiB/s (headroom / p99 latency)"
+        )
     print(f"\n{result['duration_s']} s (SPM: {result['spm']})")
 
 
@@ -326,6 +354,9 @@ def register(sub: Any) -> None:
     p.add_argument("--rate-chunk-mb", type=int, default=1, help="chunk of the rate search (default 1 MiB)")
     p.add_argument(
         "--rates", type=_rates, default=[1, 2, 3, 0], help="MiB/s to try, 0 = unthrottled (default 1,2,3,0; '' skips)"
+    )
+    p.add_argument(
+        "--rate-utilization", type=int, default=20, help="utilization_percent of the rate search (default 20)"
     )
     p.add_argument("--spm", choices=["daemon", "inprocess"], default="daemon", help="the SPM serving extends")
     p.set_defaults(func=_run)
