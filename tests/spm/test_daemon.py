@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import shutil
+import socket
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
@@ -125,9 +126,24 @@ def test_no_free_extents(pool: Pool, spm: SpmProcess) -> None:
     assert "no free space in domain" in spm.wait_log(r"extend done result=failed .*").group(0)
 
 
-def test_sigterm_releases_lease(pool: Pool, spm: SpmProcess) -> None:
+def test_sigterm_releases_lease(
+    pool: Pool, sanlock_hosts: Callable[[int], list[sanlockd.SanlockDaemon]], workdir: str
+) -> None:
+    # systemd's side of Type=notify: a datagram socket named by NOTIFY_SOCKET.
+    notify_path = os.path.join(workdir, "notify")
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(notify_path)
+    notify.settimeout(60)
+    [host] = sanlock_hosts(1)
+    spm = SpmProcess(host, pool.spm_config(1), os.path.join(workdir, "spm1.log"), env={"NOTIFY_SOCKET": notify_path})
+    states = []
+    while not any("READY=1" in s for s in states):
+        states.append(notify.recv(4096).decode())
+    assert spm.serving()[0][0] == "started", "READY=1 before serving"
     assert os.path.exists(os.path.join(pool.workdir, "spm1.sock"))
     assert spm.terminate() == 0
+    assert "STOPPING=1" in notify.recv(4096).decode()
+    notify.close()
     log = spm.log()
     assert "released lease" in log
     [started, stopped] = spm.serving()

@@ -113,13 +113,13 @@ class Pool:
 class SpmProcess:
     """``xtnd spm --config FILE`` in a host's namespace, logging to a file."""
 
-    def __init__(self, host: SanlockDaemon, config: str, logfile: str):
+    def __init__(self, host: SanlockDaemon, config: str, logfile: str, env: dict[str, str] | None = None):
         self.host = host
         self.logfile = logfile
         with open(logfile, "ab") as log:
             # "xtnd spm" with only the spm command loaded (xtnd.tools.spm_cli.main).
             argv = [sys.executable, "-m", "xtnd.tools.spm_cli", "--config", config]
-            self.proc = host.popen(argv, stdout=log, stderr=log)
+            self.proc = host.popen(argv, env={**os.environ, **(env or {})}, stdout=log, stderr=log)
 
     def log(self) -> str:
         with open(self.logfile, errors="replace") as f:
