@@ -153,6 +153,9 @@ class Config:
             raise ConfigError("[mailbox] workers must be >= 1")
         if self.spm.shutdown_grace <= 0:
             raise ConfigError("[spm] shutdown_grace must be > 0")
+        if not 0 < self.lvm.command_timeout < self.spm.shutdown_grace:
+            # A shutdown must never leave an LVM command running past the lease.
+            raise ConfigError("[lvm] command_timeout must be > 0 and below [spm] shutdown_grace")
         for section in self.domain.values():
             if bool(section.pvs) == bool(section.path):
                 raise ConfigError(f"[domain {section.uuid}] needs exactly one of pvs, path")

@@ -20,14 +20,14 @@ stopped" and os._exit(EXIT_LEASE_LOST) at once, from whichever thread saw
 it; no reply and no LVM command can follow. sanlock releases whatever is
 left when the process's registration closes.
 
-SIGTERM/SIGINT: refuse volume commands, stop taking mail (new requests
-are parked unanswered for the next SPM), let running extends and volume
-commands finish within
-shutdown_grace, stop the mailbox, release the lease, exit 0. If extends are
-still running after the grace period the lease is not released by hand and
-the exit code is EXIT_ABANDONED (the process exit closes the registration;
-LVM commands are killed at command_timeout, which the config keeps below
-shutdown_grace, so none outlives it in practice).
+SIGTERM/SIGINT: refuse volume commands, stop taking mail (new requests are
+parked unanswered for the next SPM), let running extends and volume
+commands finish within shutdown_grace, stop the mailbox, release the
+lease, exit 0. The config keeps [lvm] command_timeout below shutdown_grace,
+so every LVM command ends (or is killed) within the grace period. If work
+is still running after it anyway, the lease is not released by hand: the
+process exits at once with EXIT_ABANDONED and sanlock frees the lease when
+the registration closes.
 
 "serving started/stopped" lines carry CLOCK_MONOTONIC (shared by all
 processes of a machine) and wall time, so tests and operators can prove two
@@ -83,6 +83,11 @@ def sd_notify(state: str) -> bool:
         sock.connect(path)
         sock.sendall(state.encode())
     return True
+
+
+def _flush_logs() -> None:
+    for handler in logging.getLogger().handlers:
+        handler.flush()
 
 
 def _stamp() -> str:
@@ -166,8 +171,7 @@ class SpmDaemon:
         """Lease gone: no further mail or LVM; exit now, from any thread."""
         log.critical("lease lost, exiting at once reason=%r", reason)
         log.info("serving stopped host_id=%d reason=lease-lost %s", self.config.spm.host_id, _stamp())
-        for handler in logging.getLogger().handlers:
-            handler.flush()
+        _flush_logs()
         os._exit(EXIT_LEASE_LOST)
 
     # Life cycle
@@ -256,8 +260,12 @@ class SpmDaemon:
         inbox.close()
         outbox.close()
         if not drained:
-            log.error("extends still running after shutdown_grace=%.1fs, not releasing", cfg.spm.shutdown_grace)
-            return EXIT_ABANDONED
+            # Releasing by hand would say "done" while an LVM command may
+            # still run; exiting closes the registration and sanlock frees
+            # the lease then (the command is bounded by command_timeout).
+            log.error("extends still running after shutdown_grace=%.1fs, exiting", cfg.spm.shutdown_grace)
+            _flush_logs()
+            os._exit(EXIT_ABANDONED)
         lease.release()
         return EXIT_OK
 

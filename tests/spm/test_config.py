@@ -61,6 +61,7 @@ def test_drop_ins_in_name_order(conf: str) -> None:
         (f"[spm]\nhost_id = 1\nmaster_domain = {MASTER}\n[nope]\n", "unknown section"),
         (f"[spm]\nhost_id = 1\nmaster_domain = {MASTER}\n[domain {OTHER}]\n", "exactly one of pvs, path"),
         (f"[spm]\nhost_id = 1\nmaster_domain = {MASTER}\n[domain xyz]\npvs = /dev/a\n", "not a UUID"),
+        (f"[spm]\nhost_id = 1\nmaster_domain = {MASTER}\nshutdown_grace = 5\n", "below \\[spm\\] shutdown_grace"),
     ],
 )
 def test_errors(workdir: str, text: str, error: str) -> None:
