@@ -4,16 +4,35 @@ Every external tool (lvm, losetup, qemu-img, sanlock, ...) runs through
 run(): it never uses a shell, raises CommandError with the command, exit
 code and both outputs when the command fails, and kills the child if the
 caller is interrupted or the timeout expires, so nothing is left behind.
+
+Children also die with their parent: each runs under util-linux's
+``setpriv --pdeathsig KILL``, which asks the kernel (PR_SET_PDEATHSIG) to
+SIGKILL the child when the thread that started it dies. This matters most
+for the SPM: if it is SIGKILLed mid-extend, sanlock frees its lease at
+once, and an lvextend still running after that could change LVM metadata
+while another host is already the SPM. (subprocess's preexec_fn could set
+the same flag, but it is unsafe in a process with threads.)
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import subprocess
 import time
 from collections.abc import Mapping, Sequence
 
 log = logging.getLogger("xtnd.cmd")
+
+_SETPRIV = shutil.which("setpriv")
+if _SETPRIV is None:
+    log.warning("setpriv not found: child processes will not die with their parent")
+
+
+def _argv(cmd: Sequence[str]) -> list[str]:
+    if _SETPRIV is None:
+        return list(cmd)
+    return [_SETPRIV, "--pdeathsig", "KILL", "--", *cmd]
 
 
 class CommandError(Exception):
@@ -53,7 +72,7 @@ def run(
     start = time.monotonic()
     log.debug("run cmd=%s", cmd)
     with subprocess.Popen(
-        list(cmd),
+        _argv(cmd),
         stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
