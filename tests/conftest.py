@@ -9,12 +9,28 @@ from testlib import storage
 from testlib.sanlockd import sanlock_hosts, sanlockd  # noqa: F401 (fixtures)
 
 
+def pytest_sessionstart(session: pytest.Session) -> None:
+    """Detach loop devices left by earlier runs whose files are gone."""
+    if storage.is_root() and os.path.isdir("/sys/block"):
+        stale = storage.detach_stale(lambda b: b.startswith(storage.BASE + "/") and not os.path.exists(b))
+        if stale:
+            print(f"detached {len(stale)} stale loop devices from earlier runs")
+
+
 @pytest.fixture
 def workdir(request: pytest.FixtureRequest) -> Iterator[str]:
-    """A fresh directory under /var/tmp (O_DIRECT capable), removed after."""
+    """A fresh directory under /var/tmp (O_DIRECT capable), removed after.
+
+    Loop devices over files in it that a failed test did not detach are
+    detached here (set up first, this fixture is torn down last).
+    """
     os.makedirs(storage.BASE, exist_ok=True)
     path = storage.workdir(request.node.name[:40].replace("/", "_").replace("[", "_").replace("]", ""))
     yield path
+    if storage.is_root():
+        leaked = storage.detach_stale(lambda b: b.startswith(path + "/"))
+        if leaked:
+            print(f"detached {len(leaked)} loop devices the test left behind: {leaked}")
     shutil.rmtree(path, ignore_errors=True)
 
 

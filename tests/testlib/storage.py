@@ -14,7 +14,7 @@ import contextlib
 import os
 import subprocess
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 BASE = "/var/tmp/xtnd-tests"
 GUARD = 1024 * 1024
@@ -52,6 +52,35 @@ def losetup(path: str, sector_size: int = 512, offset: int = 0, sizelimit: int =
 
 def detach(device: str) -> None:
     subprocess.run(["losetup", "--detach", device], check=False, capture_output=True)
+
+
+def _loops() -> dict[str, str]:
+    """Attached loop devices: /dev/loopN -> backing file as the kernel shows it."""
+    found = {}
+    for name in os.listdir("/sys/block"):
+        if not name.startswith("loop"):
+            continue
+        try:
+            with open(f"/sys/block/{name}/loop/backing_file") as f:
+                found[f"/dev/{name}"] = f.read().strip()
+        except OSError:
+            continue  # not attached
+    return found
+
+
+def detach_stale(owned: Callable[[str], bool]) -> list[str]:
+    """Detach loop devices whose backing file ``owned`` accepts.
+
+    Devices stacked on them (LVs emulated by loop devices over a loop PV,
+    whose backing file the kernel shows as "/loopN") go first. A safety net
+    for tests that fail before their own cleanup runs.
+    """
+    loops = _loops()
+    doomed = {dev for dev, backing in loops.items() if owned(backing.removesuffix(" (deleted)"))}
+    stacked = {dev for dev, backing in loops.items() if "/dev" + backing in doomed or backing in doomed}
+    for dev in [*sorted(stacked - doomed), *sorted(doomed)]:
+        detach(dev)
+    return sorted(doomed | stacked)
 
 
 @contextlib.contextmanager
