@@ -11,6 +11,7 @@ the commands a host runs to use a volume, next to the daemon that watches it.
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from typing import Any
 
@@ -32,6 +33,10 @@ def _daemon(args: argparse.Namespace) -> int:
         return 2
     from xtnd.hsm import daemon  # libvirt and storage only when running
 
+    if args.verbose == 0:
+        # A daemon logs its state changes and extend-complete lines (INFO)
+        # even without -v; -vv still gives DEBUG.
+        logging.getLogger("xtnd").setLevel(logging.INFO)
     return daemon.run(config)
 
 

@@ -141,8 +141,27 @@ def pool(workdir: str, pv_size: int = 512 * MiB) -> Iterator[Pool]:
             domain.deactivate_special()
             with contextlib.suppress(Exception):
                 lvm.vgremove(lvm.Runner(p.pvs), str(sd))
+            _detach_foreign_loops(p.pvs)
             for extra in p.pvs[1:]:
                 storage.detach(extra)
+
+
+def _detach_foreign_loops(pvs: list[str]) -> None:
+    """Detach LV mappings made by the SPM daemon in its own mount namespace.
+
+    sysfs names their backing device as that namespace saw it ("/loop7",
+    not "/dev/loop7"), so lvmpv's cleanup, matching "/dev/loop7", misses
+    them, and the PV's own loop device would then stay attached too.
+    """
+    names = {"/" + os.path.basename(pv) for pv in pvs}
+    for name in os.listdir("/sys/block"):
+        try:
+            with open(f"/sys/block/{name}/loop/backing_file") as f:
+                backing = f.read().strip()
+        except OSError:
+            continue
+        if backing in names:
+            storage.detach(f"/dev/{name}")
 
 
 @contextlib.contextmanager
