@@ -1,8 +1,9 @@
 """Which disks of a VM the HSM watches, read from the live domain XML.
 
-A disk is ours when its source path is a volume link under the run dir
-(xtnd.hsm.links), its format is qcow2 (a raw volume is fully allocated)
-and libvirt gave the top image an index (``<source index='N'>``), which
+A disk is ours when it is a block device (a file volume grows by itself),
+its source path is a volume link under the run dir (xtnd.hsm.links), its
+format is qcow2 (a raw volume is fully allocated) and libvirt gave the top
+image an index (``<source index='N'>``), which
 setBlockThreshold and the threshold event use as ``vda[N]``.
 """
 
@@ -28,7 +29,7 @@ def thin_disks(xml: str, run_dir: str = links.RUN_DIR) -> list[Disk]:
     root = ET.fromstring(xml)
     found = []
     for disk in root.iterfind("devices/disk"):
-        if disk.get("device", "disk") != "disk":
+        if disk.get("device", "disk") != "disk" or disk.get("type") != "block":
             continue
         driver = disk.find("driver")
         if driver is None or driver.get("type") != "qcow2":
@@ -37,7 +38,7 @@ def thin_disks(xml: str, run_dir: str = links.RUN_DIR) -> list[Disk]:
         target = disk.find("target")
         if source is None or target is None or target.get("dev") is None:
             continue
-        path = source.get("dev") or source.get("file")
+        path = source.get("dev")
         if not path:
             continue
         ids = links.parse(path, run_dir)

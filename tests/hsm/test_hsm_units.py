@@ -87,7 +87,10 @@ def test_thin_disks_from_xml() -> None:
     cdrom = (
         "<disk type='file' device='cdrom'><driver type='qcow2'/><source file='x' index='9'/><target dev='hdc'/></disk>"
     )
-    dom = FakeDomain("vm", a, b, extra_xml=disk_xml("vdc", 5, "/images/c.qcow2") + cdrom)
+    linked = FakeDisk("vde").path  # a file volume's link: it grows by itself, nothing to watch
+    on_file = f"<disk type='file' device='disk'><driver type='qcow2'/><source file='{linked}' index='2'/>"
+    on_file += "<target dev='vde'/></disk>"
+    dom = FakeDomain("vm", a, b, extra_xml=disk_xml("vdc", 5, "/images/c.qcow2") + cdrom + on_file)
     found = disks.thin_disks(dom.XMLDesc(), RUN)
     assert [(d.name, d.index, d.domain, d.volume) for d in found] == [
         ("vda", 1, a.domain, a.volume),
