@@ -81,7 +81,7 @@ class MailboxSection:
     # Event block poll interval while mail is flowing (seconds).
     event_interval: float = 0.002
     # Event block poll interval when idle (seconds): idle I/O and CPU bound.
-    idle_event_interval: float = 0.02
+    idle_event_interval: float = 0.025
     # Seconds after the last mail during which polling stays fast.
     active_window: float = 3.0
     # Full inbox scan even without a new event (seconds; vdsm HSMs of old

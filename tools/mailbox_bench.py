@@ -461,7 +461,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--max-hosts", type=int, default=250, help="mailbox size in hosts (SPM scans all)")
     p.add_argument("--idle-seconds", type=float, default=3.0, help="length of the idle measurement")
     p.add_argument("--event-interval", type=float, default=2.0, help="SPM event poll interval while busy, ms")
-    p.add_argument("--idle-event-interval", type=float, default=20.0, help="SPM event poll interval when idle, ms")
+    p.add_argument("--idle-event-interval", type=float, default=25.0, help="SPM event poll interval when idle, ms")
     p.add_argument(
         "--hsm-procs",
         type=int,
