@@ -5,9 +5,9 @@ One I/O thread ("mailbox-spm") owns all mailbox storage I/O:
 - it polls the event block (4 KiB) every ``event_interval`` while mail came
   in the last ``active_window`` seconds, else every ``idle_event_interval``
   (each timed wake-up costs ~0.1-0.15 ms of CPU on our VMs, so an idle
-  SPM polls slowly: 40 wake-ups a second cost ~0.85% of a core); when the event id changes, or every ``scan_interval`` anyway
-  (vdsm HSMs of older versions write no events), it reads the whole inbox
-  in one read;
+  SPM polls slowly: 40 wake-ups a second cost ~0.85% of a core); when the
+  event id changes, or every ``scan_interval`` anyway (vdsm HSMs of older
+  versions write no events), it reads the whole inbox in one read;
 - a host block that differs from the previous scan is checksum-checked
   before any of its slots is used (a bad block is ignored and forgotten, so
   it is reconsidered once valid); a slot is new when its bytes changed;
