@@ -121,11 +121,18 @@ class ControlServer:
     def _serve(self, conn: socket.socket) -> None:
         with conn:
             uid = peer_uid(conn)
+            reader = conn.makefile("rb")
             if uid != self.allowed_uid:
                 log.warning("control connection refused uid=%d", uid)
+                # Read the request first: closing with it unread would make
+                # the client's send fail (EPIPE) before it sees the refusal.
+                conn.settimeout(5.0)
+                try:
+                    reader.readline(MAX_LINE)
+                except OSError:
+                    pass  # the refusal below is all the peer gets anyway
                 conn.sendall(_answer({"ok": False, "error": "PermissionError", "message": "root only"}))
                 return
-            reader = conn.makefile("rb")
             for line in reader:
                 if self._stopping.is_set():
                     return
@@ -162,7 +169,10 @@ class ControlClient:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.settimeout(self.timeout)
             sock.connect(self.path)
-            sock.sendall(_answer({"op": op, **args}))
+            try:
+                sock.sendall(_answer({"op": op, **args}))
+            except (BrokenPipeError, ConnectionResetError):
+                pass  # the SPM closed early; its answer, if any, is still readable
             with sock.makefile("rb") as f:
                 line = f.readline(MAX_LINE)
         if not line:
