@@ -18,8 +18,9 @@ Phases, all from one monotonic clock:
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
+
+from xtnd.common import stats
 
 MiB = 1024**2
 
@@ -80,10 +81,4 @@ def parse_line(line: str) -> dict[str, str]:
     return dict(field.split("=", 1) for field in line[start:].split()[1:])
 
 
-def percentile(values: list[float], p: float) -> float:
-    """Nearest-rank percentile (p in 0..100) of a non-empty list."""
-    if not values:
-        raise ValueError("percentile of nothing")
-    ordered = sorted(values)
-    rank = max(1, math.ceil(p / 100 * len(ordered)))
-    return ordered[rank - 1]
+percentile = stats.percentile

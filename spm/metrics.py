@@ -12,6 +12,8 @@ import collections
 import threading
 from typing import Any
 
+from xtnd.common import stats
+
 # Upper bounds (ms) of the histogram buckets; the last bucket is open.
 BUCKETS_MS = (5, 10, 25, 50, 75, 100, 150, 250, 500, 1000, 2500, 5000, 10000)
 WINDOW = 2048
@@ -22,11 +24,7 @@ RESULTS = ("extended", "noop", "refused", "failed", "fenced")
 
 def percentile(values: list[float], p: float) -> float:
     """Nearest-rank percentile of values (p in 0..100); 0 for no values."""
-    if not values:
-        return 0.0
-    ordered = sorted(values)
-    rank = max(1, -(-len(ordered) * p // 100))
-    return ordered[int(rank) - 1]
+    return stats.percentile(values, p) if values else 0.0
 
 
 class Latency:

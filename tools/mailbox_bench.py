@@ -23,7 +23,6 @@ import multiprocessing.connection
 import os
 import random
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -32,6 +31,7 @@ from collections.abc import Callable, Iterator
 from multiprocessing.connection import Connection
 from typing import Any
 
+from xtnd.common import cmd, stats
 from xtnd.mailbox import codec, directio
 from xtnd.mailbox.hsm import HSMConfig, HSMMailbox
 from xtnd.mailbox.spm import SPMConfig, SPMMailbox
@@ -63,19 +63,14 @@ def make_mailbox(storage: str, max_hosts: int, base: str = "/var/tmp") -> Iterat
             with open(path, "wb") as f:
                 f.truncate(_area_size(max_hosts))
             if storage == "loop":
-                dev = subprocess.run(
-                    ["losetup", "--find", "--show", "--sector-size", "512", path],
-                    check=True,
-                    capture_output=True,
-                    text=True,
-                ).stdout.strip()
+                dev = cmd.run(["losetup", "--find", "--show", "--sector-size", "512", path]).decode().strip()
                 devices.append(dev)
                 path = dev
             paths.append(path)
         yield Mailbox(paths[0], paths[1], max_hosts)
     finally:
         for dev in devices:
-            subprocess.run(["losetup", "--detach", dev], check=False)
+            cmd.run(["losetup", "--detach", dev], check=False)
         shutil.rmtree(workdir, ignore_errors=True)
 
 
@@ -251,11 +246,9 @@ def _lean_main(box: Mailbox, host_ids: list[int], conn: Connection) -> None:
         conn.send((latencies, failures))
 
 
-def percentile(sorted_values: list[float], pct: float) -> float:
-    if not sorted_values:
-        return math.nan
-    k = max(0, math.ceil(pct / 100 * len(sorted_values)) - 1)
-    return sorted_values[k]
+def percentile(values: list[float], pct: float) -> float:
+    """Nearest-rank percentile; NaN when there is nothing to rank."""
+    return stats.percentile(values, pct) if values else math.nan
 
 
 class Cluster:

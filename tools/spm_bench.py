@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import shutil
-import subprocess
 import tempfile
 import threading
 import time
@@ -35,6 +34,7 @@ import uuid as uuidlib
 from typing import Any
 
 from xtnd import lvm, storage
+from xtnd.common import cmd
 from xtnd.mailbox import codec
 from xtnd.mailbox.directio import DirectFile
 from xtnd.mailbox.hsm import HSMConfig, HSMMailbox
@@ -77,9 +77,7 @@ class Bench:
         pv = os.path.join(self.workdir, "pv")
         with open(pv, "wb") as f:
             f.truncate(grow + 512 * c.MiB)
-        self.loop = subprocess.run(
-            ["losetup", "--find", "--show", pv], check=True, capture_output=True, text=True
-        ).stdout.strip()
+        self.loop = cmd.run(["losetup", "--find", "--show", pv]).decode().strip()
         domain = storage.create_block_domain(
             uuidlib.uuid4(), [self.loop], master=True, max_hosts=4, extent_size=EXTENT, activation="auto"
         )
@@ -100,7 +98,7 @@ class Bench:
             except lvm.LVMError as e:
                 log.warning("cannot remove bench VG: %s", e)
         if self.loop:
-            subprocess.run(["losetup", "--detach", self.loop], check=False)
+            cmd.run(["losetup", "--detach", self.loop], check=False)
         shutil.rmtree(self.workdir, ignore_errors=True)
 
     def plain(self, lv: str, count: int) -> float:
