@@ -195,11 +195,12 @@ class Workload:
     rate: int = 0  # MiB/s, 0: as fast as it can
     offset_mb: int = 0
     verify: bool = True
+    hold: bool = False  # stay up when done (XTND-HOLD) until the test stops it
 
     def cmdline(self) -> str:
         return (
             f"xtnd.write_mb={self.write_mb} xtnd.chunk_mb={self.chunk_mb} xtnd.rate={self.rate} "
-            f"xtnd.offset_mb={self.offset_mb} xtnd.verify={int(self.verify)}"
+            f"xtnd.offset_mb={self.offset_mb} xtnd.verify={int(self.verify)} xtnd.hold={int(self.hold)}"
         )
 
 

@@ -10,11 +10,14 @@
 #   xtnd.rate=N        limit writing to about N MiB/s (default 0: no limit)
 #   xtnd.offset_mb=N   start writing at this offset of /dev/vda (default 0)
 #   xtnd.verify=0|1    read back and check (default 1)
+#   xtnd.hold=0|1      stay up when done instead of powering off (default 0);
+#                      the test stops the domain itself
 #
 # Every chunk holds one 32-byte line repeated, naming the chunk's offset in
 # MiB, so a chunk read back from the wrong place (or not written) differs.
 # Markers: XTND-START, XTND-PROGRESS mb=N, XTND-WRITE-DONE,
-# XTND-VERIFY-OK / XTND-VERIFY-FAIL chunk=N, XTND-WRITE-FAIL chunk=N.
+# XTND-VERIFY-OK / XTND-VERIFY-FAIL chunk=N, XTND-WRITE-FAIL chunk=N,
+# XTND-HOLD (done, staying up).
 
 /bin/busybox mkdir -p /bin /proc /sys /dev /tmp
 /bin/busybox --install -s /bin
@@ -24,6 +27,10 @@ mount -t devtmpfs devtmpfs /dev
 
 finish() {
     sync
+    if [ "$hold" = 1 ]; then
+        echo "XTND-HOLD"
+        while :; do sleep 3600; done
+    fi
     poweroff -f
 }
 
@@ -32,6 +39,7 @@ chunk_mb=1
 rate=0
 offset_mb=0
 verify=1
+hold=0
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
     xtnd.write_mb=*) write_mb=${arg#*=} ;;
@@ -39,6 +47,7 @@ for arg in $(cat /proc/cmdline); do
     xtnd.rate=*) rate=${arg#*=} ;;
     xtnd.offset_mb=*) offset_mb=${arg#*=} ;;
     xtnd.verify=*) verify=${arg#*=} ;;
+    xtnd.hold=*) hold=${arg#*=} ;;
     esac
 done
 
