@@ -119,7 +119,9 @@ def test_block_threshold_and_bulk_stats(
     guest.qcow2_create(loop_disk.device, 1 * GiB)
     threshold = 24 * MiB
     # Slow enough that the console shows progress near the crossing.
-    with guest.guest(conn, rig, loop_disk.device, guest.Workload(write_mb=40, rate=4, verify=False, hold=True), workdir) as g:
+    with guest.guest(
+        conn, rig, loop_disk.device, guest.Workload(write_mb=40, rate=4, verify=False, hold=True), workdir
+    ) as g:
         events = Events(conn, g.dom)
         try:
             g.start()

@@ -25,9 +25,7 @@ def areas(request: pytest.FixtureRequest, workdir: str) -> Iterator[Areas]:
         pytest.skip("loop devices need root")
     sector = int(kind.removeprefix("loop"))
     guarded = {name: storage.GuardedArea(os.path.join(workdir, name), AREA) for name in ("inbox", "outbox")}
-    devices = {
-        name: storage.losetup(g.path, sector, offset=g.offset, sizelimit=AREA) for name, g in guarded.items()
-    }
+    devices = {name: storage.losetup(g.path, sector, offset=g.offset, sizelimit=AREA) for name, g in guarded.items()}
     handles: list[directio.DirectFile] = []
 
     def opener(name: str) -> directio.Storage:

@@ -28,5 +28,3 @@ class Areas:
 
     def write_block(self, area: str, host: int, data: bytes) -> None:
         self._opener(area).write(host * codec.BLOCK_SIZE, data)
-
-

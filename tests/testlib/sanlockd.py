@@ -291,4 +291,3 @@ def sanlock_hosts(workdir: str) -> Iterator[Callable[[int], list[SanlockDaemon]]
     yield start
     for daemon in reversed(started):
         daemon.stop()
-
