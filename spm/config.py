@@ -74,6 +74,9 @@ class LeaseSection:
     check_interval: float = 0.0
     # While another host holds the lease, seconds between acquire attempts.
     acquire_interval: float = 5.0
+    # A lease check (a request to the local sanlock daemon) still running
+    # after this many seconds counts as a lost lease; 0: 2 x io_timeout.
+    stall_timeout: float = 0.0
 
 
 @dataclasses.dataclass
@@ -149,6 +152,8 @@ class Config:
             raise ConfigError("[spm] host_id must be >= 1")
         if self.lease.io_timeout < 1:
             raise ConfigError("[lease] io_timeout must be >= 1")
+        if self.lease.stall_timeout < 0:
+            raise ConfigError("[lease] stall_timeout must be >= 0")
         if self.mailbox.workers < 1:
             raise ConfigError("[mailbox] workers must be >= 1")
         if self.spm.shutdown_grace <= 0:

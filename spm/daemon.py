@@ -231,7 +231,9 @@ class SpmDaemon:
 
     def _serve(self, lease: spm_lease.SpmLease, mbx: storage.MailboxLocation) -> int:
         cfg = self.config
-        watchdog = spm_lease.LeaseWatchdog(lease, self._on_lost, cfg.lease.check_interval or None)
+        watchdog = spm_lease.LeaseWatchdog(
+            lease, self._on_lost, cfg.lease.check_interval or None, cfg.lease.stall_timeout or None
+        )
         watchdog.start()
         registry = DomainRegistry(self.opener, managed_domains(cfg, self.hostcfg), cfg.lvm.volume_cache_ttl)
         registry.open_all()

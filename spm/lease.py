@@ -24,9 +24,18 @@ We must stop touching LVM before that, so:
   max_renewal_age (default 6 x io_timeout, sanlock's own warning point). If
   the daemon cannot be asked (status command failing), the last confirmation
   stays good until its age would pass the bound, and no longer.
-- fence() is check() under the name the SPM uses right before each LVM
-  command: it raises LeaseLost once the loss is detectable.
+- fence() is what the SPM calls right before each LVM command: it raises
+  LeaseLost once the loss is detectable. It always asks the daemon whether
+  it still lists our lease (an in-process request on the registered
+  connection, well under a millisecond) and reuses the renewal status read
+  by the last check() if that is at most status_max_age old and still
+  proves the lease valid for fence_margin seconds; otherwise it reads the
+  status again, as check() does. The watchdog checks every second, so in
+  steady state no fence pays for a `sanlock client status` process.
 - LeaseWatchdog runs check() continuously and calls on_lost(reason) once.
+  A check that does not return (sanlock daemon hung: the binding has no
+  timeouts) is a loss too, once it has run past stall_timeout or past the
+  point where the last confirmation expires, whichever comes first.
 
 Loss is sticky: once lost, the lease object never reports valid again.
 """
@@ -108,6 +117,8 @@ class SpmLease:
         resource: str = SDM_RESOURCE,
         io_timeout: int = DEFAULT_IO_TIMEOUT,
         max_renewal_age: float | None = None,
+        status_max_age: float = 1.0,
+        fence_margin: float | None = None,
         sanlock_cmd: str = sanlockutil.SANLOCK,
         clock: Callable[[], float] = time.monotonic,
     ):
@@ -125,6 +136,11 @@ class SpmLease:
         self.resource = resource
         self.io_timeout = io_timeout
         self.max_renewal_age = max_renewal_age
+        # fence() trusts a status read this recently...
+        self.status_max_age = status_max_age
+        # ...while it proves the lease valid for at least this long, enough
+        # for the LVM command the fence guards to finish.
+        self.fence_margin = float(io_timeout) if fence_margin is None else fence_margin
         self.sanlock_cmd = sanlock_cmd
         self._clock = clock
         # Serialises everything that uses the registered connection (two
@@ -134,6 +150,7 @@ class SpmLease:
         self._held = False
         self._lost: str | None = None
         self._valid_until = 0.0
+        self._status_at = float("-inf")  # when the last good status was read
         self._status_errors = 0
         self._ratelimited = RateLimitedLog(log, interval=60.0, clock=clock)
 
@@ -198,6 +215,7 @@ class SpmLease:
             self._held = True
             self._lost = None
             self._valid_until = start
+            self._status_at = float("-inf")
             self._status_errors = 0
             log.info(
                 "acquired lease lockspace=%s resource=%s host_id=%d elapsed=%.3f",
@@ -259,10 +277,27 @@ class SpmLease:
                 raise LeaseLost("not acquired")
             return self._confirm()
 
-    fence = check
+    def fence(self) -> float:
+        """check(), reusing a fresh enough renewal status; see the module doc."""
+        with self._lock:
+            if self._lost is not None:
+                raise LeaseLost(self._lost)
+            if not self._held or self._fd is None:
+                raise LeaseLost("not acquired")
+            asked = self._clock()
+            fresh = asked - self._status_at <= self.status_max_age
+            if not fresh or self._valid_until - asked < self.fence_margin:
+                return self._confirm()
+            self._inquire()
+            return self._valid_until - asked
 
-    def _confirm(self) -> float:
-        asked = self._clock()
+    @property
+    def valid_until(self) -> float:
+        """Until when (clock time) the last confirmation proves the lease."""
+        return self._valid_until
+
+    def _inquire(self) -> None:
+        """Lose the lease unless the daemon still lists it for us."""
         try:
             held = sanlock.inquire(slkfd=self._fd)
         except sanlock.SanlockException as e:
@@ -271,6 +306,10 @@ class SpmLease:
         mine = [r for r in held if r["lockspace"] == self._ls and r["resource"] == self.resource.encode()]
         if not mine:
             self._lose("sanlock no longer lists the lease")
+
+    def _confirm(self) -> float:
+        asked = self._clock()
+        self._inquire()
         try:
             status = sanlockutil.lockspace_status(self.lockspace, self.host_id, sanlock=self.sanlock_cmd)
         except (cmd.CommandError, ValueError) as e:
@@ -288,6 +327,7 @@ class SpmLease:
                 logging.WARNING, "renewal", "lease renewal failing result=%d age=%ds", status.renewal_last_result, age
             )
         self._valid_until = asked + self.max_renewal_age - age
+        self._status_at = asked
         self._status_errors = 0
         return self._valid_until - asked
 
@@ -299,19 +339,32 @@ class SpmLease:
         self._ratelimited.log(logging.WARNING, "status", "lease not confirmed reason=%s valid_for=%.1fs", reason, left)
         return left
 
-    def _lose(self, reason: str) -> NoReturn:
+    def declare_lost(self, reason: str) -> None:
+        """Mark the lease lost from outside (the watchdog's stall guard).
+
+        Takes no lock: the thread holding it may be the one that hangs.
+        """
         if self._lost is None:
             self._lost = reason
             log.error("lease lost lockspace=%s resource=%s reason=%s", self.lockspace, self.resource, reason)
+
+    def _lose(self, reason: str) -> NoReturn:
+        self.declare_lost(reason)
+        assert self._lost is not None
         raise LeaseLost(self._lost)
 
 
 class LeaseWatchdog:
     """Checks the lease continuously; calls on_lost(reason) once when lost.
 
-    The thread waits on a Condition between checks, so stop() wakes it at
-    once. on_lost runs in the watchdog thread; it should make the process
-    stop serving (the SPM daemon exits) and must not block for long.
+    Two threads: the checker runs check() every `interval` seconds, waiting
+    on a Condition in between, so stop() wakes it at once. The stall guard
+    wakes when the running check's deadline passes: stall_timeout after it
+    began, or the moment the last confirmation expires if that is sooner. A
+    check still running then means sanlock (or a fence() holding the lease
+    lock) hangs, and the lease counts as lost. on_lost runs in whichever
+    thread saw the loss; it should make the process stop serving (the SPM
+    daemon exits) and must not block for long.
     """
 
     def __init__(
@@ -319,42 +372,92 @@ class LeaseWatchdog:
         lease: SpmLease,
         on_lost: Callable[[str], None],
         interval: float | None = None,
+        stall_timeout: float | None = None,
         name: str = "spm-lease-watchdog",
     ):
         if interval is None:
             interval = min(1.0, lease.io_timeout / 2)
+        if stall_timeout is None:
+            stall_timeout = 2.0 * lease.io_timeout
         self.lease = lease
         self.on_lost = on_lost
         self.interval = interval
+        self.stall_timeout = stall_timeout
         self.lost: str | None = None
         self._cond = threading.Condition()
         self._stopping = False
+        # Monotonic start of the check in progress, None between checks.
+        self._check_started: float | None = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._guard = threading.Thread(target=self._guard_run, name=f"{name}-stall", daemon=True)
 
     def start(self) -> None:
-        log.info("lease watchdog started interval=%.2fs", self.interval)
+        log.info("lease watchdog started interval=%.2fs stall_timeout=%.1fs", self.interval, self.stall_timeout)
         self._thread.start()
+        self._guard.start()
 
     def stop(self, timeout: float | None = None) -> None:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(timeout)
+        for thread in (self._thread, self._guard):
+            if thread.is_alive() and thread is not threading.current_thread():
+                thread.join(timeout)
 
     def step(self) -> bool:
         """Check once; False (after calling on_lost) if the lease is lost."""
+        with self._cond:
+            self._check_started = time.monotonic()
+            self._cond.notify_all()
         try:
             self.lease.check()
         except LeaseLost as e:
-            self.lost = e.reason
-            self.on_lost(e.reason)
+            self._report(e.reason)
             return False
-        return True
+        finally:
+            with self._cond:
+                self._check_started = None
+                self._cond.notify_all()
+        return self.lost is None
+
+    def _report(self, reason: str) -> None:
+        with self._cond:
+            if self.lost is not None:
+                return
+            self.lost = reason
+            self._cond.notify_all()
+        self.on_lost(reason)
 
     def _run(self) -> None:
         while self.step():
             with self._cond:
-                if self._cond.wait_for(lambda: self._stopping, self.interval):
+                if self._cond.wait_for(lambda: self._stopping or self.lost is not None, self.interval):
                     break
         log.info("lease watchdog stopped lost=%s", self.lost)
+
+    def _deadline(self) -> float | None:
+        if self._check_started is None:
+            return None
+        # valid_until is on the lease's clock, which is time.monotonic()
+        # unless a test injected another one; then only stall_timeout counts.
+        deadline = self._check_started + self.stall_timeout
+        if self.lease._clock is time.monotonic:
+            deadline = min(deadline, max(self.lease.valid_until, self._check_started))
+        return deadline
+
+    def _guard_run(self) -> None:
+        with self._cond:
+            while not self._stopping and self.lost is None:
+                deadline = self._deadline()
+                now = time.monotonic()
+                if deadline is not None and now >= deadline:
+                    started = self._check_started
+                    assert started is not None
+                    break
+                self._cond.wait(None if deadline is None else deadline - now)
+            else:
+                return
+        # Outside the lock: on_lost may exit the process or take a while.
+        reason = f"lease check stalled for {now - started:.1f}s (sanlock not answering)"
+        self.lease.declare_lost(reason)
+        self._report(reason)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import stat
 import time
 import uuid
@@ -202,6 +203,108 @@ def test_status_errors_tolerated_within_bound(joined: spm_lease.SpmLease, workdi
         lease.close()
 
 
+def counting_sanlock(workdir: str) -> tuple[str, str, str]:
+    """Like failing_sanlock, and it appends a line to a file per run."""
+    flag = os.path.join(workdir, "status-fails")
+    runs = os.path.join(workdir, "status-runs")
+    script = os.path.join(workdir, "sanlock-counting")
+    with open(script, "w") as f:
+        f.write(
+            f'#!/bin/sh\necho run >>"{runs}"\n'
+            f'[ -e "{flag}" ] && {{ echo "injected failure" >&2; exit 1; }}\nexec sanlock "$@"\n'
+        )
+    os.chmod(script, stat.S_IRWXU)
+    return script, flag, runs
+
+
+def _runs(path: str) -> int:
+    try:
+        with open(path) as f:
+            return len(f.readlines())
+    except FileNotFoundError:
+        return 0
+
+
+def test_fence_reuses_fresh_status(joined: spm_lease.SpmLease, workdir: str) -> None:
+    """fence() asks the daemon about the lease every time, but reads the
+    renewal status (a subprocess) only when the last one is stale."""
+    clock = FakeClock()
+    script, flag, runs = counting_sanlock(workdir)
+    lease = spm_lease.SpmLease(
+        joined.lockspace,
+        joined.host_id,
+        joined.ids_path,
+        joined.leases_path,
+        io_timeout=IO_TIMEOUT,
+        status_max_age=1.0,
+        fence_margin=0.5,
+        sanlock_cmd=script,
+        clock=clock,
+    )
+    try:
+        lease.acquire()
+        valid_for = lease.check()
+        assert valid_for > 1.5
+        before = _runs(runs)
+        for _ in range(20):
+            clock.now += 0.04
+            lease.fence()
+        assert _runs(runs) == before
+        # Stale status: fence reads it again (and here it fails, tolerated
+        # within the bound as in check()).
+        open(flag, "w").close()
+        clock.now += 0.5
+        left = lease.fence()
+        assert _runs(runs) == before + 1
+        assert left == pytest.approx(valid_for - 1.3)
+        # Close to the end of the proven window fence reads the status
+        # even if it is fresh.
+        os.unlink(flag)
+        lease.check()
+        clock.now = lease.valid_until - 0.4
+        before = _runs(runs)
+        lease.fence()
+        assert _runs(runs) == before + 1
+    finally:
+        lease.close()
+
+
+def test_fence_sees_dropped_lease_at_once(joined: spm_lease.SpmLease) -> None:
+    """With a fresh status, fence() still notices a lease sanlock dropped."""
+    joined.acquire()
+    joined.check()
+    import sanlock
+
+    with joined._lock:
+        assert joined._fd is not None
+        sanlock.release(joined.lockspace.encode(), b"SDM", [(joined.leases_path, joined.offset)], slkfd=joined._fd)
+    with pytest.raises(spm_lease.LeaseLost, match="no longer lists"):
+        joined.fence()
+
+
+def test_fence_cost(joined: spm_lease.SpmLease) -> None:
+    """Figures only (no timing asserted): fence() against check()."""
+    joined.acquire()
+    joined.check()
+    fences, checks = [], []
+    for _ in range(30):
+        start = time.perf_counter()
+        joined.check()
+        checks.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        joined.fence()
+        fences.append(time.perf_counter() - start)
+    fences.sort()
+    checks.sort()
+    log.info(
+        "fence p50=%.3fms max=%.3fms; check p50=%.3fms max=%.3fms",
+        fences[15] * 1e3,
+        fences[-1] * 1e3,
+        checks[15] * 1e3,
+        checks[-1] * 1e3,
+    )
+
+
 def test_watchdog_stop_wakes_at_once(joined: spm_lease.SpmLease) -> None:
     joined.acquire()
     lost: list[str] = []
@@ -353,6 +456,32 @@ def fence_on_storage_loss(agent1: LeaseAgent, agent2: LeaseAgent, devices: list[
     assert failed < lost["t"] < killed["t"]
     assert lost["t"] - failed < 8 * IO_TIMEOUT
     return lost["t"]
+
+
+def test_stalled_sanlock_is_a_loss(
+    sanlock_hosts: Callable[[int], list[sanlockd.SanlockDaemon]], domain: Domain
+) -> None:
+    """The sanlock daemon stops answering (SIGSTOP): the binding would wait
+    forever, so the watchdog's stall guard reports the loss, and the lease
+    stays lost after the daemon answers again."""
+    (host,) = sanlock_hosts(1)
+    agent = LeaseAgent(host, domain.lockspace, 1, domain.ids, domain.leases, stall_timeout=1.5)
+    agent.call("join")
+    agent.call("acquire")
+    agent.call("watch")
+    stopped = time.monotonic()
+    os.kill(host.pid, signal.SIGSTOP)
+    try:
+        lost = agent.event("lost", timeout=30)
+    finally:
+        os.kill(host.pid, signal.SIGCONT)
+    log.info("sanlock stopped: loss reported after %.3fs (%s)", lost["t"] - stopped, lost["reason"])
+    assert "stalled" in lost["reason"]
+    assert lost["t"] - stopped < 8 * IO_TIMEOUT
+    with pytest.raises(AgentError) as e:
+        agent.call("check")
+    assert e.value.error == "LeaseLost"
+    assert "stalled" in e.value.reason
 
 
 @pytest.mark.soak

@@ -53,6 +53,7 @@ class LeaseAgent:
         leases_path: str,
         io_timeout: int = 1,
         interval: float | None = None,
+        stall_timeout: float | None = None,
     ):
         self.host = host
         self.host_id = host_id
@@ -68,6 +69,8 @@ class LeaseAgent:
         ]
         if interval is not None:
             cmd.append(f"--interval={interval}")
+        if stall_timeout is not None:
+            cmd.append(f"--stall-timeout={stall_timeout}")
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join(p for p in (TESTS_DIR, env.get("PYTHONPATH")) if p)
         self.proc = host.popen(cmd, env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
@@ -146,13 +149,16 @@ def main() -> None:
     parser.add_argument("--leases", required=True)
     parser.add_argument("--io-timeout", type=int, default=1)
     parser.add_argument("--interval", type=float)
+    parser.add_argument("--stall-timeout", type=float)
     args = parser.parse_args()
 
     # The reason sanlock kills us when it gives up on the lockspace.
     signal.signal(signal.SIGTERM, lambda signo, frame: (_emit({"event": "sigterm"}), os._exit(143)))
 
     lease = spm_lease.SpmLease(args.lockspace, args.host_id, args.ids, args.leases, io_timeout=args.io_timeout)
-    watchdog = spm_lease.LeaseWatchdog(lease, lambda reason: _emit({"event": "lost", "reason": reason}), args.interval)
+    watchdog = spm_lease.LeaseWatchdog(
+        lease, lambda reason: _emit({"event": "lost", "reason": reason}), args.interval, args.stall_timeout
+    )
     ops = {
         "join": lease.join,
         "acquire": lease.acquire,
