@@ -10,14 +10,16 @@ import logging
 import os
 import re
 import shutil
+import signal
 import socket
 import subprocess
 import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
-from testlib import sanlockd
+from testlib import sanlockd, spmd
 from testlib.spmd import MiB, Pool, SpmProcess
+from testlib.wait import wait_for
 from xtnd import lvm
 from xtnd.mailbox.hsm import ExtendFailed
 from xtnd.spm.control import ControlClient
@@ -164,13 +166,24 @@ def test_sigterm_with_requests_in_flight(
     hsm = pool.hsm(host_id=2, reoffer_timeout=60.0)
     hsm.start()
     try:
-        futures = [hsm.submit(pool.uuid, v, 8 * MiB + step * 4 * MiB) for step in (1, 2, 3) for v in volumes]
-        spm.wait_log("extend done result=extended")
-        assert spm.terminate() == 0
+        # A no-op extend per volume makes the SPM read the new volumes (lvs)
+        # before the VG is locked below.
+        for v in volumes:
+            assert hsm.submit(pool.uuid, v, 8 * MiB).result(timeout=60) == 8 * MiB
+        # LVM's VG lock held by the test: both workers sit in lvextend when
+        # SIGTERM comes, however fast extends are on this machine.
+        with spmd.vg_locked(str(pool.uuid)):
+            futures = [hsm.submit(pool.uuid, v, 8 * MiB + step * 4 * MiB) for step in (1, 2, 3) for v in volumes]
+            wait_for(lambda: len(spmd.lvm_commands("lvextend", str(pool.uuid))) == 2, what="two lvextends waiting")
+            spm.proc.send_signal(signal.SIGTERM)
+            spm.wait_log("stopping reason=")
+        assert spm.wait() == 0
         log = spm.log()
         assert "extends drained done=True" in log
         assert "released lease" in log
-        served = log.count("extend done result=")
+        served = log.count("extend done result=extended")
+        # Exactly the two extends waiting in lvextend finished.
+        assert served == 2
         # The next SPM (same host, lockspace still joined) serves the rest.
         again = SpmProcess(host, config, os.path.join(workdir, "spm1-again.log"))
         again.wait_serving()

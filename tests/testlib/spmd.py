@@ -13,6 +13,8 @@ lines (CLOCK_MONOTONIC, shared by every process on the machine).
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -21,6 +23,7 @@ import subprocess
 import sys
 import time
 import uuid as uuidlib
+from collections.abc import Iterator
 from typing import Any
 
 from xtnd import lvm, storage
@@ -163,3 +166,37 @@ class SpmProcess:
 def write_json(path: str, data: Any) -> None:
     with open(path, "w") as f:
         json.dump(data, f)
+
+
+LVM_LOCK_DIR = "/run/lock/lvm"
+
+
+@contextlib.contextmanager
+def vg_locked(vg: str) -> Iterator[None]:
+    """Hold LVM's own lock of vg (flock on its lock file): every LVM command
+    that writes vg metadata waits until the block ends. Lets a test keep
+    extends in flight for as long as it needs, without sleeping."""
+    os.makedirs(LVM_LOCK_DIR, exist_ok=True)
+    fd = os.open(os.path.join(LVM_LOCK_DIR, f"V_{vg}"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+def lvm_commands(subcmd: str, vg: str) -> list[int]:
+    """Pids of running `lvm SUBCMD` processes naming vg in their arguments."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                argv = f.read().split(b"\0")
+        except OSError:
+            continue
+        if len(argv) > 2 and os.path.basename(argv[0]) == b"lvm" and argv[1] == subcmd.encode():
+            if any(vg.encode() in a for a in argv):
+                pids.append(int(entry))
+    return pids
