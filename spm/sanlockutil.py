@@ -1,8 +1,8 @@
-"""Small helpers around the sanlock command line tool.
+"""What the local sanlock daemon knows, from the sanlock command line tool.
 
-- init_lockspace()/init_resource(): format the `ids` and `leases` areas with
-  `sanlock direct init` (no daemon needed, unlike the binding's
-  write_lockspace, which goes through the daemon).
+(Formatting and reading sanlock areas on storage, which needs no daemon,
+is xtnd.storage.sanlockdirect.)
+
 - lockspace_status(): what the local daemon knows about the renewal of our
   host id. The Python binding does not expose it: get_hosts() reports our own
   delta lease as read at the start of the last renewal, so it lags one
@@ -19,51 +19,7 @@ import dataclasses
 from xtnd.common import cmd
 
 SANLOCK = "sanlock"
-ALIGN_1M = 1024 * 1024
 STATUS_TIMEOUT = 10.0
-
-
-def _escape(path: str) -> str:
-    # sanlock splits LOCKSPACE/RESOURCE arguments on ':'; it takes "\:" in a path.
-    return path.replace(":", "\\:")
-
-
-def init_lockspace(
-    lockspace: str,
-    path: str,
-    offset: int = 0,
-    io_timeout: int = 10,
-    sector: int = 512,
-    align: int = ALIGN_1M,
-    sanlock: str = SANLOCK,
-) -> None:
-    """Format a lockspace (the `ids` area) for all host ids.
-
-    io_timeout is stored on disk: a host joining with a shorter one waits for
-    the longer one (2 x io_timeout) before it owns its host id.
-    """
-    arg = f"{lockspace}:0:{_escape(path)}:{offset}"
-    cmd.run([sanlock, "direct", "init", "-o", str(io_timeout), "-Z", str(sector), "-A", _align(align), "-s", arg])
-
-
-def init_resource(
-    lockspace: str,
-    resource: str,
-    path: str,
-    offset: int,
-    sector: int = 512,
-    align: int = ALIGN_1M,
-    sanlock: str = SANLOCK,
-) -> None:
-    """Format one resource lease (e.g. SDM in the `leases` area), unowned."""
-    arg = f"{lockspace}:{resource}:{_escape(path)}:{offset}"
-    cmd.run([sanlock, "direct", "init", "-Z", str(sector), "-A", _align(align), "-r", arg])
-
-
-def _align(align: int) -> str:
-    if align % ALIGN_1M or align // ALIGN_1M not in (1, 2, 4, 8):
-        raise ValueError(f"sanlock alignment must be 1, 2, 4 or 8 MiB, not {align}")
-    return f"{align // ALIGN_1M}M"
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,6 +5,7 @@
     Domain.create_volume / remove_volume / volume_info / list_volumes
     Domain.extend_volume (SPM), prepare/refresh/teardown_volume (HSM)
     Domain.lockspace / spm_lease / mailbox     where sanlock and the mailbox live
+    sanlockdirect                              format and read sanlock areas (no daemon)
 
 Everything here is plain functions and objects so that the SPM daemon can
 call them directly; the CLI (xtnd.tools.domain_cli) is a thin shell over it.
@@ -12,7 +13,15 @@ call them directly; the CLI (xtnd.tools.domain_cli) is a thin shell over it.
 
 from .blockdomain import BlockDomain, create_block_domain
 from .domain import Domain, open_domain
-from .errors import DomainExists, DomainNotFound, InvalidArgument, StorageError, VolumeExists, VolumeNotFound
+from .errors import (
+    DomainExists,
+    DomainNotFound,
+    InvalidArgument,
+    LeaseAreaError,
+    StorageError,
+    VolumeExists,
+    VolumeNotFound,
+)
 from .filedomain import FileDomain, create_file_domain
 from .hostconfig import HostConfig
 from .model import (
@@ -35,6 +44,7 @@ __all__ = [
     "Format",
     "HostConfig",
     "InvalidArgument",
+    "LeaseAreaError",
     "LeaseLocation",
     "LockspaceLocation",
     "MailboxLocation",

@@ -22,7 +22,7 @@ from xtnd.mailbox.directio import DirectFile
 
 from . import constants as c
 from . import qemuimg, sanlockdirect
-from .errors import DomainExists, DomainNotFound, InvalidArgument, VolumeExists, VolumeNotFound
+from .errors import DomainExists, DomainNotFound, InvalidArgument, StorageError, VolumeExists, VolumeNotFound
 from .model import (
     DomainInfo,
     Format,
@@ -59,17 +59,20 @@ def create_block_domain(
     progress: Progress = _no_progress,
     activation: str = "auto",
     driverloaded: bool | None = None,
+    io_timeout: int = c.DEFAULT_IO_TIMEOUT,
 ) -> BlockDomain:
     """Make a VG on pvs with the special LVs, sanlock areas and empty mailbox.
 
     The PVs are overwritten. On failure the VG is removed again, so the
-    command can be retried on the same devices.
+    command can be retried on the same devices. io_timeout goes into the
+    lockspace; the SPM's [lease] io_timeout must be the same.
     """
     uuid = parse_uuid(uuid)
     if not pvs:
         raise InvalidArgument("a block domain needs at least one PV")
     if not 1 <= max_hosts <= c.MAX_HOSTS_LIMIT:
         raise InvalidArgument(f"max_hosts must be in 1..{c.MAX_HOSTS_LIMIT}, not {max_hosts}")
+    sanlockdirect.check_io_timeout(io_timeout)
     sector = loop.logical_block_size(pvs[0])
     align = sanlockdirect.alignment(sector, max_hosts)
     runner = lvm.Runner(pvs, driverloaded=driverloaded)
@@ -94,8 +97,8 @@ def create_block_domain(
             progress(f"creating special volume {name} ({size // c.MiB} MiB)")
             lvm.lvcreate(runner, vg, name, size, tags=(c.TAG_SPECIAL,))
         ids = domain.activator.activate(vg, c.IDS)
-        progress(f"initializing sanlock lockspace {vg} on {c.IDS}")
-        sanlockdirect.init_lockspace(vg, ids, 0, sector, align)
+        progress(f"initializing sanlock lockspace {vg} on {c.IDS} (io_timeout {io_timeout} s)")
+        sanlockdirect.init_lockspace(vg, ids, 0, sector, align, io_timeout=io_timeout)
         leases = domain.activator.activate(vg, c.LEASES)
         progress(f"initializing SPM lease {c.SPM_LEASE} at offset {align} on {c.LEASES}")
         sanlockdirect.init_resource(vg, c.SPM_LEASE, leases, align, sector, align)
@@ -112,13 +115,38 @@ def create_block_domain(
         raise
     domain.deactivate_special()
     progress(f"domain {vg} created")
-    log.info("block domain created uuid=%s pvs=%s master=%s max_hosts=%d", vg, list(pvs), master, max_hosts)
+    log.info(
+        "block domain created uuid=%s pvs=%s master=%s max_hosts=%d io_timeout=%d",
+        vg,
+        list(pvs),
+        master,
+        max_hosts,
+        io_timeout,
+    )
     return domain
 
 
 def _zero(path: str, length: int) -> None:
     with DirectFile(path) as f:
         f.write(0, bytes(length))
+
+
+def pv_location(lv: lvm.LVInfo, vg: lvm.VGInfo, offset: int, length: int) -> tuple[str, int]:
+    """The PV and byte offset holding bytes [offset, offset + length) of lv.
+
+    ``sanlock direct`` reads with O_DIRECT at any path and offset, so the
+    sanlock areas can be read through the PV without activating the LV on
+    this host: nothing is left mapped, and nothing races a daemon that
+    activates or uses the same LV. The range must lie in one linear
+    segment; sanlock areas are aligned to 1 MiB and extents are larger, so
+    only a striped or mirrored LV (never made by xtnd) fails.
+    """
+    ext = lv.extent_size
+    for seg in lv.segments:
+        start = seg.start_le * ext
+        if seg.first_pe >= 0 and start <= offset and offset + length <= start + seg.extents * ext:
+            return seg.pv, vg.pv(seg.pv).pe_start + seg.first_pe * ext + offset - start
+    raise StorageError(f"{lv.vg}/{lv.name} bytes {offset}+{length} are not on one linear segment")
 
 
 class BlockDomain:
@@ -159,6 +187,7 @@ class BlockDomain:
         max_hosts = int(_tag_value(vg.tags, c.TAG_MAX_HOSTS) or c.DEFAULT_MAX_HOSTS)
         active = self.activator.active_devices(self.vg)
         special = {lv.name: active.get(lv.name) for lv in lvs if lv.name in c.SPECIAL_NAMES}
+        ids = next((lv for lv in lvs if lv.name == c.IDS), None)
         return DomainInfo(
             uuid=self.uuid,
             kind=self.kind,
@@ -174,7 +203,17 @@ class BlockDomain:
             extent_size=vg.extent_size,
             free_extents=vg.free_extents,
             special=special,
+            io_timeout=self._io_timeout(ids, vg, sector) if ids else None,
         )
+
+    def _io_timeout(self, ids: lvm.LVInfo, vg: lvm.VGInfo, sector: int) -> int | None:
+        """The lockspace's io_timeout, read through the PV; None if it
+        cannot be read that way (info is read-only: it activates nothing)."""
+        try:
+            return sanlockdirect.lockspace_io_timeout(self.vg, *pv_location(ids, vg, 0, sector))
+        except StorageError as e:
+            log.warning("cannot read lockspace io_timeout vg=%s: %s", self.vg, e)
+            return None
 
     def lockspace(self) -> LockspaceLocation:
         """The sanlock lockspace, activating ids if needed."""

@@ -30,6 +30,13 @@ SPECIAL_NAMES = tuple(SPECIAL_SIZES)
 # (1 MiB for 512-byte sectors).
 SPM_LEASE = "SDM"
 
+# sanlock io_timeout written into a new lockspace (seconds): sanlock's own
+# default. Every host joining must use the same ([lease] io_timeout of the
+# SPM config). At most 60: a dead SPM's lease is free only after
+# 8 x io_timeout + 60 s, already 9 minutes at 60.
+DEFAULT_IO_TIMEOUT = 10
+MAX_IO_TIMEOUT = 60
+
 # Mailbox: one 4 KiB block per host id plus block 0 (the event block).
 MAILBOX_BLOCK_SIZE = 4096
 

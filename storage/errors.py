@@ -41,3 +41,17 @@ class VolumeExists(StorageError):
 
 class InvalidArgument(StorageError, ValueError):
     """A request that can never succeed as given (bad size, format, name)."""
+
+
+class LeaseAreaError(StorageError):
+    """A sanlock area does not hold the leader expected there (never
+    formatted, another lockspace or resource, unreadable); raw: what
+    sanlock printed."""
+
+    def __init__(self, what: str, path: str, offset: int, reason: str, raw: bytes = b""):
+        self.what = what
+        self.path = path
+        self.offset = offset
+        self.reason = reason
+        self.raw = raw
+        super().__init__(f"cannot read sanlock {what} at {path} offset {offset}: {reason}")

@@ -27,7 +27,7 @@ from xtnd.mailbox.directio import DirectFile
 
 from . import constants as c
 from . import qemuimg, sanlockdirect
-from .errors import DomainExists, DomainNotFound, InvalidArgument, VolumeExists, VolumeNotFound
+from .errors import DomainExists, DomainNotFound, InvalidArgument, LeaseAreaError, VolumeExists, VolumeNotFound
 from .model import DomainInfo, Format, LeaseLocation, LockspaceLocation, MailboxLocation, VolumeInfo, parse_uuid
 
 log = logging.getLogger("xtnd.storage")
@@ -57,10 +57,17 @@ def create_file_domain(
     master: bool = False,
     max_hosts: int = c.DEFAULT_MAX_HOSTS,
     progress: Callable[[str], None] = _no_progress,
+    io_timeout: int = c.DEFAULT_IO_TIMEOUT,
 ) -> FileDomain:
+    """Make ROOT/<uuid> with its sanlock areas and empty mailbox.
+
+    io_timeout goes into the lockspace; the SPM's [lease] io_timeout must
+    be the same.
+    """
     uuid = parse_uuid(uuid)
     if not 1 <= max_hosts <= c.MAX_HOSTS_LIMIT:
         raise InvalidArgument(f"max_hosts must be in 1..{c.MAX_HOSTS_LIMIT}, not {max_hosts}")
+    sanlockdirect.check_io_timeout(io_timeout)
     path = os.path.join(root, str(uuid))
     if os.path.exists(path):
         raise DomainExists(uuid)
@@ -73,8 +80,8 @@ def create_file_domain(
             with open(os.path.join(path, c.DOM_MD, name), "wb") as f:
                 f.truncate(size)
         domain = FileDomain(uuid, path)
-        progress(f"initializing sanlock lockspace {uuid} on {c.IDS}")
-        sanlockdirect.init_lockspace(str(uuid), domain._md(c.IDS), 0, FILE_SECTOR_SIZE, align)
+        progress(f"initializing sanlock lockspace {uuid} on {c.IDS} (io_timeout {io_timeout} s)")
+        sanlockdirect.init_lockspace(str(uuid), domain._md(c.IDS), 0, FILE_SECTOR_SIZE, align, io_timeout=io_timeout)
         progress(f"initializing SPM lease {c.SPM_LEASE} at offset {align} on {c.LEASES}")
         sanlockdirect.init_resource(str(uuid), c.SPM_LEASE, domain._md(c.LEASES), align, FILE_SECTOR_SIZE, align)
         for name in (c.INBOX, c.OUTBOX):
@@ -99,7 +106,14 @@ def create_file_domain(
         shutil.rmtree(path, ignore_errors=True)
         raise
     progress(f"domain {uuid} created")
-    log.info("file domain created uuid=%s path=%s master=%s max_hosts=%d", uuid, path, master, max_hosts)
+    log.info(
+        "file domain created uuid=%s path=%s master=%s max_hosts=%d io_timeout=%d",
+        uuid,
+        path,
+        master,
+        max_hosts,
+        io_timeout,
+    )
     return domain
 
 
@@ -146,7 +160,15 @@ class FileDomain:
             volumes=tuple(v.uuid for v in self.list_volumes()),
             path=self.path,
             special={name: self._md(name) for name in c.SPECIAL_NAMES},
+            io_timeout=self._io_timeout(),
         )
+
+    def _io_timeout(self) -> int | None:
+        try:
+            return sanlockdirect.lockspace_io_timeout(str(self.uuid), self._md(c.IDS))
+        except LeaseAreaError as e:
+            log.warning("cannot read lockspace io_timeout domain=%s: %s", self.uuid, e)
+            return None
 
     def lockspace(self) -> LockspaceLocation:
         return LockspaceLocation(str(self.uuid), self._md(c.IDS), 0)

@@ -101,6 +101,8 @@ class DomainInfo:
     path: str | None = None
     # Special volume name -> device or file path, when usable on this host now.
     special: dict[str, str | None] = dataclasses.field(default_factory=dict)
+    # sanlock io_timeout stored in the lockspace (None: could not be read).
+    io_timeout: int | None = None
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -1,7 +1,7 @@
 """``xtnd domain`` and ``xtnd volume``: create and inspect storage domains.
 
-    xtnd domain create --uuid UUID --pv DEV [--pv DEV ...] [--master] [--max-hosts 250]
-    xtnd domain create --uuid UUID --path DIR [--master] [--max-hosts 250]
+    xtnd domain create --uuid UUID --pv DEV [--pv DEV ...] [--master] [--max-hosts 250] [--io-timeout 10]
+    xtnd domain create --uuid UUID --path DIR [--master] [--max-hosts 250] [--io-timeout 10]
     xtnd domain info   --uuid UUID [--pv DEV ... | --path DIR] [--json]
     xtnd volume create --domain UUID --uuid UUID --capacity SIZE [--format qcow2|raw] [--initial-size SIZE]
     xtnd volume remove|info --domain UUID --uuid UUID
@@ -35,6 +35,7 @@ from xtnd.common.cmd import CommandError
 from xtnd.spm import control
 from xtnd.spm.control import ControlClient, volume_from_dict
 from xtnd.storage import constants as c
+from xtnd.storage import sanlockdirect
 
 _UNITS = {"": 1, "b": 1, "k": c.KiB, "m": c.MiB, "g": c.GiB, "t": 1024 * c.GiB}
 
@@ -45,6 +46,15 @@ def parse_size(text: str) -> int:
     if not m:
         raise argparse.ArgumentTypeError(f"not a size: {text!r} (examples: 1073741824, 512M, 10G)")
     return int(m.group(1)) * _UNITS[m.group(2)]
+
+
+def _io_timeout(text: str) -> int:
+    try:
+        return sanlockdirect.check_io_timeout(int(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"io timeout must be a whole number of seconds in 1..{c.MAX_IO_TIMEOUT}, not {text!r}"
+        ) from None
 
 
 def _uuid(text: str) -> uuidlib.UUID:
@@ -80,7 +90,9 @@ class LocalBackend:
     def create_domain(self, args: argparse.Namespace) -> storage.DomainInfo:
         domain: storage.Domain
         if args.path:
-            domain = storage.create_file_domain(args.uuid, args.path, args.master, args.max_hosts, self._progress)
+            domain = storage.create_file_domain(
+                args.uuid, args.path, args.master, args.max_hosts, self._progress, io_timeout=args.io_timeout
+            )
             self.config.add_file(args.uuid, args.path)
         else:
             domain = storage.create_block_domain(
@@ -91,6 +103,7 @@ class LocalBackend:
                 extent_size=args.extent_size,
                 progress=self._progress,
                 activation=self.config.activation,
+                io_timeout=args.io_timeout,
             )
             self.config.add_block(args.uuid, args.pv)
         if args.register:
@@ -256,6 +269,14 @@ def register(subparsers: Any) -> None:
     create.add_argument("--max-hosts", type=int, default=c.DEFAULT_MAX_HOSTS, help="host ids 1..N (default 250)")
     create.add_argument(
         "--extent-size", type=parse_size, default=c.DEFAULT_EXTENT_SIZE, help="LVM extent size (default 128M)"
+    )
+    create.add_argument(
+        "--io-timeout",
+        type=_io_timeout,
+        default=c.DEFAULT_IO_TIMEOUT,
+        metavar="SECONDS",
+        help=f"sanlock io timeout written into the lockspace, 1..{c.MAX_IO_TIMEOUT} (default "
+        f"{c.DEFAULT_IO_TIMEOUT}); the SPM config's [lease] io_timeout must be the same",
     )
     create.add_argument(
         "--no-register", dest="register", action="store_false", help="do not record the domain in the config"

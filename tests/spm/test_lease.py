@@ -22,6 +22,7 @@ from testlib.lease_agent import AgentError, LeaseAgent
 from testlib.wait import wait_for
 from xtnd.spm import lease as spm_lease
 from xtnd.spm import sanlockutil
+from xtnd.storage import sanlockdirect
 
 log = logging.getLogger("xtnd.tests.lease")
 
@@ -40,8 +41,8 @@ class Domain:
         for path, size in ((self.ids, 8 << 20), (self.leases, 2 << 20)):
             with open(path, "wb") as f:
                 f.truncate(size)
-        sanlockutil.init_lockspace(self.lockspace, self.ids, io_timeout=IO_TIMEOUT)
-        sanlockutil.init_resource(self.lockspace, spm_lease.SDM_RESOURCE, self.leases, spm_lease.SDM_OFFSET)
+        sanlockdirect.init_lockspace(self.lockspace, self.ids, io_timeout=IO_TIMEOUT)
+        sanlockdirect.init_resource(self.lockspace, spm_lease.SDM_RESOURCE, self.leases, spm_lease.SDM_OFFSET)
 
     def lease(self, host_id: int = 1, **kw: object) -> spm_lease.SpmLease:
         return spm_lease.SpmLease(self.lockspace, host_id, self.ids, self.leases, io_timeout=IO_TIMEOUT, **kw)  # type: ignore[arg-type]

@@ -6,8 +6,8 @@ import uuid
 import pytest
 from xtnd import lvm, storage
 from xtnd.mailbox.directio import DirectFile
+from xtnd.storage import blockdomain, qemuimg, sanlockdirect
 from xtnd.storage import constants as c
-from xtnd.storage import qemuimg, sanlockdirect
 
 MiB = 1024**2
 EXTENT = 4 * MiB
@@ -68,6 +68,53 @@ def test_sanlock_areas(domain: storage.BlockDomain) -> None:
         assert rows[1].split()[:3] == [f"{MiB:08d}", str(domain.uuid), "SDM"]
     finally:
         domain.deactivate_special()
+
+
+def test_io_timeout(pvs: list[str]) -> None:
+    lines: list[str] = []
+    domain = storage.create_block_domain(
+        uuid.uuid4(), pvs[:1], master=True, extent_size=EXTENT, io_timeout=3, progress=lines.append
+    )
+    assert any("io_timeout 3 s" in line for line in lines)
+    info = domain.info()
+    assert info.io_timeout == 3
+    assert all(path is None for path in info.special.values()), "read through the PV, nothing activated"
+    try:
+        ls = domain.lockspace()
+        assert sanlockdirect.read_lockspace_leader(ls.name, ls.path, ls.offset)["io_timeout"] == "3"
+    finally:
+        domain.deactivate_special()
+
+
+def test_default_io_timeout(domain: storage.BlockDomain) -> None:
+    assert domain.info().io_timeout == c.DEFAULT_IO_TIMEOUT
+
+
+def test_bad_io_timeout_touches_nothing(pvs: list[str]) -> None:
+    sd = uuid.uuid4()
+    with pytest.raises(storage.InvalidArgument, match="io_timeout"):
+        storage.create_block_domain(sd, pvs[:1], extent_size=EXTENT, io_timeout=0)
+    assert str(sd) not in lvm.vgs(lvm.Runner(pvs[:1]))
+
+
+def _lv(*segments: lvm.Segment) -> lvm.LVInfo:
+    size = sum(s.extents for s in segments) * EXTENT
+    return lvm.LVInfo("vg", "leases", size, (), EXTENT, segments)
+
+
+VG = lvm.VGInfo("vg", "x", EXTENT, 100, 0, (), (lvm.PVInfo("/dev/a", MiB), lvm.PVInfo("/dev/b", 2 * MiB)))
+
+
+def test_pv_location() -> None:
+    lv = _lv(lvm.Segment("/dev/a", 10, 1, 0), lvm.Segment("/dev/b", 3, 2, 1))
+    assert blockdomain.pv_location(lv, VG, MiB, MiB) == ("/dev/a", MiB + 10 * EXTENT + MiB)
+    # The second segment starts at logical extent 1, physical extent 3 of /dev/b.
+    assert blockdomain.pv_location(lv, VG, EXTENT + MiB, MiB) == ("/dev/b", 2 * MiB + 3 * EXTENT + MiB)
+    with pytest.raises(storage.StorageError, match="one linear segment"):
+        blockdomain.pv_location(lv, VG, EXTENT - MiB, 2 * MiB)  # straddles the two
+    striped = _lv(lvm.Segment("/dev/a:0 /dev/b:0", -1, 2, 0))
+    with pytest.raises(storage.StorageError, match="one linear segment"):
+        blockdomain.pv_location(striped, VG, 0, 512)
 
 
 def test_mailbox_zeroed(domain: storage.BlockDomain) -> None:

@@ -6,6 +6,8 @@ import os
 import uuid
 
 import pytest
+from xtnd import storage
+from xtnd.storage import sanlockdirect
 from xtnd.tools import domain_cli
 
 MiB = 1024**2
@@ -81,3 +83,31 @@ def test_unknown_domain(config: str, capsys: pytest.CaptureFixture[str]) -> None
 def test_create_needs_pv_or_path(config: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert xtnd("domain", "create", "--uuid", str(uuid.uuid4()), "--storage-config", config) == 1
     assert "--pv" in capsys.readouterr().err
+
+
+def test_io_timeout(pvs: list[str], config: str, capsys: pytest.CaptureFixture[str]) -> None:
+    sd = str(uuid.uuid4())
+    cfg = ["--storage-config", config]
+    argv = ["domain", "create", "--uuid", sd, "--pv", pvs[0], "--master", "--extent-size", "4M", "--io-timeout", "3"]
+    assert xtnd(*argv, *cfg) == 0
+    assert f"initializing sanlock lockspace {sd} on ids (io_timeout 3 s)" in capsys.readouterr().out
+    assert xtnd("domain", "info", "--uuid", sd, *cfg) == 0
+    assert "io_timeout: 3" in capsys.readouterr().out.splitlines()
+    domain = storage.HostConfig.load(config).open(sd)
+    try:
+        ls = domain.lockspace()
+        assert sanlockdirect.read_lockspace_leader(ls.name, ls.path, ls.offset)["io_timeout"] == "3"
+    finally:
+        domain.deactivate_special()
+
+
+@pytest.mark.parametrize("value", ["0", "61", "ten"])
+def test_io_timeout_refused(workdir: str, config: str, capsys: pytest.CaptureFixture[str], value: str) -> None:
+    sd = str(uuid.uuid4())
+    with pytest.raises(SystemExit) as e:
+        xtnd("domain", "create", "--uuid", sd, "--path", workdir, "--io-timeout", value, "--storage-config", config)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--io-timeout" in err and "1..60" in err
+    assert not os.path.exists(os.path.join(workdir, sd))
+    assert not os.path.exists(config)

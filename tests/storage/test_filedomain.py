@@ -47,6 +47,23 @@ def test_sanlock_and_mailbox(domain: storage.FileDomain) -> None:
         assert f.read(0, 11 * 4096) == bytes(11 * 4096)
 
 
+def test_io_timeout(workdir: str) -> None:
+    lines: list[str] = []
+    domain = storage.create_file_domain(uuid.uuid4(), workdir, io_timeout=3, progress=lines.append)
+    assert any("io_timeout 3 s" in line for line in lines)
+    assert domain.info().io_timeout == 3
+    ls = domain.lockspace()
+    assert sanlockdirect.read_lockspace_leader(ls.name, ls.path, ls.offset)["io_timeout"] == "3"
+    with pytest.raises(storage.InvalidArgument, match="io_timeout"):
+        storage.create_file_domain(uuid.uuid4(), workdir, io_timeout=61)
+
+
+def test_io_timeout_unreadable(domain: storage.FileDomain) -> None:
+    with open(domain.lockspace().path, "r+b") as f:
+        f.write(bytes(512))
+    assert domain.info().io_timeout is None
+
+
 def test_volumes(domain: storage.FileDomain) -> None:
     q = domain.create_volume(uuid.uuid4(), 100 * MiB, "qcow2")
     r = domain.create_volume(uuid.uuid4(), 10 * MiB, "raw")

@@ -32,7 +32,6 @@ from xtnd.hsm import links
 from xtnd.mailbox import codec
 from xtnd.mailbox.directio import DirectFile
 from xtnd.mailbox.spm import Request, SPMConfig, SPMMailbox
-from xtnd.spm import sanlockutil
 
 from testlib import lvmpv, spmd, storage
 from testlib.sanlockd import SanlockDaemon
@@ -120,12 +119,16 @@ def pool(workdir: str, pv_size: int = 512 * MiB) -> Iterator[Pool]:
     """A master block domain on one loop PV; everything removed after."""
     with lvmpv.loop_pvs(workdir, count=1, size=pv_size) as pvs:
         sd = uuid.uuid4()
-        domain = xstorage.create_block_domain(
-            sd, pvs, master=True, max_hosts=MAX_HOSTS, extent_size=EXTENT, activation="loop"
-        )
         # Short sanlock io timeout: joining takes ~3 s instead of ~20 s.
-        ls = domain.lockspace()
-        sanlockutil.init_lockspace(ls.name, ls.path, ls.offset, io_timeout=spmd.IO_TIMEOUT)
+        domain = xstorage.create_block_domain(
+            sd,
+            pvs,
+            master=True,
+            max_hosts=MAX_HOSTS,
+            extent_size=EXTENT,
+            activation="loop",
+            io_timeout=spmd.IO_TIMEOUT,
+        )
         host = xstorage.HostConfig(os.path.join(workdir, "storage.json"), activation="loop")
         host.add_block(sd, pvs)
         host.save()

@@ -1,9 +1,8 @@
 """A pool (master block domain on loop PVs) and real ``xtnd spm`` daemons for tests.
 
-Pool: a master domain on a loop PV with 4 MiB extents whose lockspace is
-formatted with io_timeout=1 (create_block_domain formats it with sanlock's
-default of 10 s, which would make every join wait ~20 s), a host storage
-config file, and a helper writing SPM configs.
+Pool: a master domain on a loop PV with 4 MiB extents whose lockspace has
+io_timeout=1 (sanlock's default of 10 s would make every join wait ~20 s),
+a host storage config file, and a helper writing SPM configs.
 
 SpmProcess runs ``xtnd spm --config FILE`` inside a simulated host's mount
 namespace (SanlockDaemon.popen), logging to a file the test reads:
@@ -29,7 +28,6 @@ from typing import Any
 from xtnd import lvm, storage
 from xtnd.mailbox.directio import DirectFile
 from xtnd.mailbox.hsm import HSMConfig, HSMMailbox
-from xtnd.spm import sanlockutil
 from xtnd.storage import constants as c
 
 from .sanlockd import SanlockDaemon
@@ -50,11 +48,9 @@ class Pool:
         self.workdir = workdir
         self.pvs = pvs
         self.domain = storage.create_block_domain(
-            uuidlib.uuid4(), pvs, master=True, max_hosts=max_hosts, extent_size=EXTENT
+            uuidlib.uuid4(), pvs, master=True, max_hosts=max_hosts, extent_size=EXTENT, io_timeout=IO_TIMEOUT
         )
         self.uuid = self.domain.uuid
-        ls = self.domain.lockspace()
-        sanlockutil.init_lockspace(ls.name, ls.path, ls.offset, io_timeout=IO_TIMEOUT)
         self.storage_config = os.path.join(workdir, "storage.json")
         hostcfg = storage.HostConfig(self.storage_config, activation="loop")
         hostcfg.add_block(self.uuid, pvs)
