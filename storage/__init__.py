@@ -5,6 +5,8 @@
     Domain.create_volume / remove_volume / volume_info / list_volumes
     Domain.extend_volume (SPM), prepare/refresh/teardown_volume (HSM)
     Domain.lockspace / spm_lease / mailbox     where sanlock and the mailbox live
+    BlockDomain.spm_lease_leader               who holds the SPM lease (read from storage)
+    check_no_other_spm                         refuse LVM changes while another host is the SPM
     sanlockdirect                              format and read sanlock areas (no daemon)
 
 Everything here is plain functions and objects so that the SPM daemon can
@@ -18,6 +20,7 @@ from .errors import (
     DomainNotFound,
     InvalidArgument,
     LeaseAreaError,
+    SpmLeaseHeld,
     StorageError,
     VolumeExists,
     VolumeNotFound,
@@ -33,6 +36,7 @@ from .model import (
     VolumeInfo,
     max_size,
 )
+from .spmowner import check_no_other_spm
 
 __all__ = [
     "BlockDomain",
@@ -48,10 +52,12 @@ __all__ = [
     "LeaseLocation",
     "LockspaceLocation",
     "MailboxLocation",
+    "SpmLeaseHeld",
     "StorageError",
     "VolumeExists",
     "VolumeInfo",
     "VolumeNotFound",
+    "check_no_other_spm",
     "create_block_domain",
     "create_file_domain",
     "max_size",

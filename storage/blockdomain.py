@@ -227,6 +227,26 @@ class BlockDomain:
         path = self.activator.activate(self.vg, c.LEASES)
         return LeaseLocation(self.vg, c.SPM_LEASE, path, sanlockdirect.alignment(sector, max_hosts))
 
+    def spm_lease_leader(self) -> sanlockdirect.ResourceLeader | None:
+        """The SPM lease as stored now; None if this is not a master domain
+        (or one without a leases volume).
+
+        Read through the PV (see pv_location), so that any host can see
+        whether another one is the SPM without activating anything.
+        """
+        info = self._vg_info()
+        if c.TAG_MASTER not in info.tags:
+            return None
+        sector = int(_tag_value(info.tags, c.TAG_SECTOR) or 512)
+        max_hosts = int(_tag_value(info.tags, c.TAG_MAX_HOSTS) or c.DEFAULT_MAX_HOSTS)
+        align = sanlockdirect.alignment(sector, max_hosts)
+        try:
+            leases = lvm.lv_info(self.runner, self.vg, c.LEASES)
+        except lvm.LVNotFound:
+            log.warning("master domain without a %s volume vg=%s", c.LEASES, self.vg)
+            return None
+        return sanlockdirect.read_resource_leader(self.vg, c.SPM_LEASE, *pv_location(leases, info, align, align))
+
     def mailbox(self) -> MailboxLocation:
         """The inbox and outbox devices, activating them if needed."""
         info = self._vg_info()

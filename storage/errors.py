@@ -55,3 +55,17 @@ class LeaseAreaError(StorageError):
         self.reason = reason
         self.raw = raw
         super().__init__(f"cannot read sanlock {what} at {path} offset {offset}: {reason}")
+
+
+class SpmLeaseHeld(StorageError):
+    """Another host holds the pool's SPM lease: only it may change LVM
+    metadata, so this host must not run lvcreate/lvremove itself."""
+
+    def __init__(self, master: object, host_id: int, generation: int):
+        self.master = master
+        self.host_id = host_id
+        self.generation = generation
+        super().__init__(
+            f"host {host_id} holds the SPM lease of master domain {master} (generation {generation}): "
+            f"only the SPM may change LVM metadata; run the command on host {host_id}"
+        )

@@ -3,8 +3,9 @@
     xtnd domain create --uuid UUID --pv DEV [--pv DEV ...] [--master] [--max-hosts 250] [--io-timeout 10]
     xtnd domain create --uuid UUID --path DIR [--master] [--max-hosts 250] [--io-timeout 10]
     xtnd domain info   --uuid UUID [--pv DEV ... | --path DIR] [--json]
-    xtnd volume create --domain UUID --uuid UUID --capacity SIZE [--format qcow2|raw] [--initial-size SIZE]
-    xtnd volume remove|info --domain UUID --uuid UUID
+    xtnd volume create --domain UUID --uuid UUID --capacity SIZE [--format qcow2|raw] [--initial-size SIZE] [--local]
+    xtnd volume remove --domain UUID --uuid UUID [--local]
+    xtnd volume info   --domain UUID --uuid UUID
     xtnd volume list   --domain UUID [--json]
 
 Finding a domain: LVM only looks at the PVs it is given, so the CLI needs
@@ -18,12 +19,21 @@ this process, which is right as long as no SPM runs here (creating a
 domain comes before any SPM exists). When the SPM daemon's control socket
 exists ($XTND_SPM_SOCKET, default /run/xtnd/spm.sock), SpmBackend sends
 volume commands to it instead: only the SPM may change LVM metadata.
+
+Without a local SPM, ``volume create`` and ``remove`` on a block domain
+first read the pool's SPM lease from storage (xtnd.storage.spmowner) and
+refuse with exit code 2 while another host holds it: LVM run here would
+change the VG behind the SPM's back. A free or released lease (no SPM
+anywhere) lets them run here, as do file domains. ``--local`` skips the
+check, for bootstrap and recovery (a dead SPM host whose lease no standby
+took over); it is dangerous: use it only when no SPM runs anywhere.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import sys
@@ -37,7 +47,12 @@ from xtnd.spm.control import ControlClient, volume_from_dict
 from xtnd.storage import constants as c
 from xtnd.storage import sanlockdirect
 
+log = logging.getLogger("xtnd.tools.domain")
+
 _UNITS = {"": 1, "b": 1, "k": c.KiB, "m": c.MiB, "g": c.GiB, "t": 1024 * c.GiB}
+
+# Exit code when another host is the SPM (SpmLeaseHeld).
+EXIT_NOT_SPM = 2
 
 
 def parse_size(text: str) -> int:
@@ -79,10 +94,15 @@ class Backend(Protocol):
 
 
 class LocalBackend:
-    """Runs the storage functions in this process."""
+    """Runs the storage functions in this process.
 
-    def __init__(self, config: storage.HostConfig):
+    check_spm: before creating or removing a block volume, refuse if
+    another host holds the pool's SPM lease (see the module doc).
+    """
+
+    def __init__(self, config: storage.HostConfig, check_spm: bool = True):
         self.config = config
+        self.check_spm = check_spm
 
     def _progress(self, msg: str) -> None:
         print(msg, flush=True)
@@ -118,18 +138,32 @@ class LocalBackend:
         return self._open(args, args.uuid).info()
 
     def create_volume(self, args: argparse.Namespace) -> storage.VolumeInfo:
-        return self._open(args, args.domain).create_volume(
+        domain = self._open(args, args.domain)
+        self._refuse_if_spm_elsewhere(domain, "create", args.uuid)
+        return domain.create_volume(
             args.uuid, args.capacity, args.format, initial_size=args.initial_size, image=args.image
         )
 
     def remove_volume(self, args: argparse.Namespace) -> None:
-        self._open(args, args.domain).remove_volume(args.uuid)
+        domain = self._open(args, args.domain)
+        self._refuse_if_spm_elsewhere(domain, "remove", args.uuid)
+        domain.remove_volume(args.uuid)
 
     def volume_info(self, args: argparse.Namespace) -> storage.VolumeInfo:
         return self._open(args, args.domain).volume_info(args.uuid)
 
     def list_volumes(self, args: argparse.Namespace) -> list[storage.VolumeInfo]:
         return self._open(args, args.domain).list_volumes()
+
+    def _refuse_if_spm_elsewhere(self, domain: storage.Domain, op: str, volume: uuidlib.UUID) -> None:
+        if not self.check_spm:
+            log.warning("SPM lease not checked (--local) op=%s domain=%s volume=%s", op, domain.uuid, volume)
+            return
+        try:
+            storage.check_no_other_spm(domain, self.config)
+        except storage.SpmLeaseHeld as e:
+            log.warning("refused op=%s domain=%s volume=%s owner_host_id=%d", op, domain.uuid, volume, e.host_id)
+            raise
 
 
 class SpmBackend(LocalBackend):
@@ -169,6 +203,7 @@ class SpmBackend(LocalBackend):
 
 
 def _backend(args: argparse.Namespace) -> Backend:
+    """SpmBackend if an SPM daemon answers here, else LocalBackend."""
     config = storage.HostConfig.load(args.storage_config)
     path = control.default_path()
     if os.path.exists(path):
@@ -183,7 +218,7 @@ def _backend(args: argparse.Namespace) -> Backend:
             raise control.ControlError("Unreachable", f"cannot reach the SPM at {path}: {e}") from None
         else:
             return SpmBackend(config, client)
-    return LocalBackend(config)
+    return LocalBackend(config, check_spm=not getattr(args, "local", False))
 
 
 def _print(data: dict[str, Any] | list[dict[str, Any]], as_json: bool) -> None:
@@ -208,6 +243,9 @@ def _print(data: dict[str, Any] | list[dict[str, Any]], as_json: bool) -> None:
 def _run(func: Any, args: argparse.Namespace) -> int:
     try:
         func(_backend(args), args)
+    except storage.SpmLeaseHeld as e:
+        print(f"xtnd: error: {e} (--local skips this check: only when no SPM runs anywhere)", file=sys.stderr)
+        return EXIT_NOT_SPM
     except (storage.StorageError, lvm.LVMError, lvm.ActivationError, CommandError) as e:
         print(f"xtnd: error: {e}", file=sys.stderr)
         return 1
@@ -259,6 +297,15 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="machine-readable output")
 
 
+def _local(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--local",
+        action="store_true",
+        help="DANGEROUS: with no SPM daemon on this host, run LVM here even if another host holds "
+        "the SPM lease (bootstrap or recovery only, when no SPM runs anywhere)",
+    )
+
+
 def register(subparsers: Any) -> None:
     domain = subparsers.add_parser("domain", help="create and inspect storage domains")
     dsub = domain.add_subparsers(dest="domain_command", required=True, metavar="SUBCOMMAND")
@@ -304,6 +351,7 @@ def register(subparsers: Any) -> None:
         help="first allocation of a qcow2 volume (default one chunk, 2560M)",
     )
     vcreate.add_argument("--image", type=_uuid, help="image (disk) UUID the volume belongs to")
+    _local(vcreate)
     _common(vcreate)
     vcreate.set_defaults(func=lambda a: _run(_volume_create, a))
 
@@ -314,6 +362,8 @@ def register(subparsers: Any) -> None:
         p = vsub.add_parser(name, help=text)
         p.add_argument("--domain", type=_uuid, required=True)
         p.add_argument("--uuid", type=_uuid, required=True)
+        if name == "remove":
+            _local(p)
         _common(p)
         p.set_defaults(func=lambda a, h=handler: _run(h, a))
 

@@ -97,6 +97,15 @@ def test_bad_io_timeout_touches_nothing(pvs: list[str]) -> None:
     assert str(sd) not in lvm.vgs(lvm.Runner(pvs[:1]))
 
 
+def test_spm_lease_leader(domain: storage.BlockDomain, pvs: list[str]) -> None:
+    leader = domain.spm_lease_leader()
+    assert leader is not None
+    assert (leader.lockspace, leader.resource, leader.owner_id, leader.held) == (str(domain.uuid), "SDM", 0, False)
+    assert domain.info().special[c.LEASES] is None, "read through the PV, nothing activated"
+    other = storage.create_block_domain(uuid.uuid4(), pvs[1:], master=False, extent_size=EXTENT)
+    assert other.spm_lease_leader() is None, "not a master domain"
+
+
 def _lv(*segments: lvm.Segment) -> lvm.LVInfo:
     size = sum(s.extents for s in segments) * EXTENT
     return lvm.LVInfo("vg", "leases", size, (), EXTENT, segments)
