@@ -11,7 +11,11 @@ volume link (xtnd.hsm.links) of every running VM, and reacts to:
 - the periodic bulk stats pass, one getAllDomainStats call for all VMs:
   arms thresholds that are missing, extends what was missed
   (trigger=stats), retries failed extends when their backoff expires
-  (trigger=retry) and finds VMs no event told about;
+  (trigger=retry) and finds VMs no event told about. It also compares each
+  VM's disks (top image path and index per disk) with the last pass and
+  with what is tracked: a snapshot, a block commit or copy pivot, a
+  hotplug or an unplug makes it read the VM's XML again, so the new top
+  image is watched and its threshold armed on its own index;
 - connected(): everything is re-read after (re)connecting, since libvirt
   does not replay events.
 
@@ -116,6 +120,9 @@ class VM:
     uuid: str
     name: str
     drives: dict[str, Tracked]
+    # name -> (top image path, index) of every disk in the last stats pass;
+    # None until the first pass after a (re)load.
+    layout: dict[str, tuple[str, int | None]] | None = None
 
 
 class Monitor:
@@ -287,10 +294,33 @@ class Monitor:
                 if any(links.parse(b.path, self.config.run_dir) for b in st.blocks.values()):
                     self._submit(self._load_job, vm_id)
                 continue
+            if self._layout_changed(vm, st):
+                self._submit(self._load_job, vm_id)
+                continue
             for name, trigger in self._due(vm, st, now):
                 self._submit(self._check_job, vm_id, name, trigger, now)
             if st.state == libvirt.VIR_DOMAIN_PAUSED and st.reason == libvirt.VIR_DOMAIN_PAUSED_IOERROR:
                 self._submit(self._paused_job, vm_id, now)
+
+    def _layout_changed(self, vm: VM, st: stats.VMStats) -> bool:
+        """Did vm's disks change since it was loaded (snapshot, block commit
+        or copy pivot, hotplug, unplug)? Then its XML must be read again:
+        the threshold of a new top image is armed on its own index."""
+        layout = {name: (b.path, b.index) for name, b in st.blocks.items()}
+        with self._lock:
+            previous, vm.layout = vm.layout, layout
+            moved = [
+                name
+                for name, t in vm.drives.items()
+                if (b := st.blocks.get(name)) is None
+                or b.path != t.drive.path
+                or (b.index is not None and b.index != t.drive.index)
+            ]
+        if not moved and (previous is None or previous == layout):
+            return False
+        self.counters["reloads"] += 1
+        log.info("vm disks changed vm=%s drives=%s; reading its disks again", vm.name, ",".join(moved) or "-")
+        return True
 
     def _due(self, vm: VM, st: stats.VMStats, now: float) -> list[tuple[str, str]]:
         """Drives of vm that need a job after this stats pass, and why."""
@@ -429,6 +459,20 @@ class Monitor:
         st = stats.parse(self._connection.get().domainListGetStats([dom], _STATS_FLAGS, _STATS_ALL)[0][1])
         block = st.blocks.get(d.name)
         if block is None:
+            return
+        if block.path != d.path or (block.index is not None and block.index != d.index):
+            # The disk's top image changed (snapshot, block commit or copy
+            # pivot): these numbers are not this volume's. Read the VM again;
+            # its new drive gets a check of its own.
+            log.info(
+                "drive top image changed vm=%s drive=%s path=%s index=%s; reading the vm again",
+                vm.name,
+                d.name,
+                block.path,
+                block.index,
+            )
+            self.counters["reloads"] += 1
+            self._submit(self._load_job, vm.uuid)
             return
         with self._lock:
             if d.state is State.DISABLED:

@@ -7,12 +7,13 @@ thing, with libvirtd, QEMU and LVM, is tested in test_hsm_guest.py.
 
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 
 import libvirt
 import pytest
 from testlib.hsmfakes import RUN, FakeConn, FakeConnection, FakeDisk, FakeDomain, FakeSPM, GiB, MiB, disk_xml
-from xtnd.hsm import sizing
+from xtnd.hsm import links, sizing
 from xtnd.hsm.drive import DisabledReason, State
 from xtnd.hsm.metrics import parse_line
 from xtnd.hsm.monitor import Monitor, MonitorConfig
@@ -215,3 +216,83 @@ def test_vm_started_and_stopped(make: object) -> None:
     assert rig.drive(dom) is State.ARMED
     rig.monitor.lifecycle(dom, libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN)
     assert rig.monitor.snapshot() == {}
+
+
+def test_snapshot_moves_watch_to_new_top(make: object) -> None:
+    """A new top image (snapshot, or a pivot) gets its own drive, armed on its index."""
+    disk = FakeDisk("vda")
+    dom = FakeDomain("vm", disk)
+    rig = make(dom)  # type: ignore[operator]
+    rig.monitor.tick()
+    assert rig.monitor.counters["reloads"] == 0
+    old_volume = disk.volume
+    disk.volume = uuid.uuid4()
+    disk.path = links.link_path(disk.domain, disk.volume, RUN)
+    disk.index = 3
+    disk.threshold = None
+    rig.monitor.tick()
+    assert rig.monitor.counters["reloads"] == 1
+    drive = rig.monitor.snapshot()[dom.UUIDString()]["vda"]
+    assert (drive.index, drive.volume_id) == (3, str(disk.volume))
+    assert drive.volume_id != str(old_volume)
+    assert dom.thresholds[-1][0] == "vda[3]"
+    assert drive.state is State.ARMED
+    # Settled: further passes read nothing again.
+    rig.monitor.tick()
+    rig.monitor.tick()
+    assert rig.monitor.counters["reloads"] == 1
+
+
+def test_hotplug_and_unplug(make: object) -> None:
+    dom = FakeDomain("vm", FakeDisk("vda"))
+    rig = make(dom)  # type: ignore[operator]
+    rig.monitor.tick()
+    vdb = FakeDisk("vdb")
+    dom.disks["vdb"] = vdb
+    rig.monitor.tick()
+    assert set(rig.monitor.snapshot()[dom.UUIDString()]) == {"vda", "vdb"}
+    assert dom.thresholds[-1][0] == "vdb[1]"
+    del dom.disks["vdb"]
+    rig.monitor.tick()
+    assert set(rig.monitor.snapshot()[dom.UUIDString()]) == {"vda"}
+    assert rig.monitor.counters["reloads"] == 2
+
+
+def test_unwatched_disk_does_not_reload_every_pass(make: object) -> None:
+    """A linked raw disk is not watched; its presence alone triggers nothing."""
+    raw = FakeDisk("vdc")
+    dom = FakeDomain("vm", FakeDisk("vda"), extra_xml=disk_xml("vdc", 1, raw.path, fmt="raw"))
+    plain_stats = dom.stats
+
+    def stats_with_raw() -> dict[str, object]:
+        s = plain_stats()
+        p = f"block.{s['block.count']}."
+        s["block.count"] += 1
+        s.update({p + "name": "vdc", p + "path": raw.path, p + "backingIndex": 1, p + "capacity": 1 * GiB})
+        return s
+
+    dom.stats = stats_with_raw  # type: ignore[method-assign]
+    rig = make(dom)  # type: ignore[operator]
+    for _ in range(3):
+        rig.monitor.tick()
+    assert "vdc" in {b for _, raw_stats in rig.conn.getAllDomainStats(0, 0) for b in [raw_stats["block.1.name"]]}
+    assert rig.monitor.counters["reloads"] == 0
+    assert set(rig.monitor.snapshot()[dom.UUIDString()]) == {"vda"}
+
+
+def test_pause_on_new_top_extends_the_new_volume(make: object) -> None:
+    """ENOSPC on a top image the HSM has not seen yet: the old volume is
+    left alone, the VM is read again and the new volume extended."""
+    disk = FakeDisk("vda")
+    dom = FakeDomain("vm", disk)
+    rig = make(dom)  # type: ignore[operator]
+    old_volume = disk.volume
+    disk.volume = uuid.uuid4()
+    disk.path = links.link_path(disk.domain, disk.volume, RUN)
+    disk.index, disk.threshold = 2, None
+    disk.allocation = disk.physical
+    dom.pause_enospc("vda")
+    rig.monitor.io_error(dom, disk.path, "virtio-disk0", 1, "enospc")
+    assert [vol for vol, _ in rig.spm.requests] == [disk.volume]
+    assert old_volume not in [vol for vol, _ in rig.spm.requests]
+    assert dom.resumes == 1
