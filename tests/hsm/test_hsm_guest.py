@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -143,6 +144,65 @@ def test_steady_writer_never_pauses(
     sizes = [rec.new_size for rec in records]
     assert sizes == sorted(sizes)
     assert pool.volume_size(disk) == records[-1].new_size >= 48 * MiB
+
+
+def test_snapshot_new_top_is_extended(
+    spm_host: SanlockDaemon,
+    pool: hsmrig.Pool,
+    conn: libvirt.virConnect,
+    rig: guest.Rig,
+    libvirt_events: EventLoop,
+    workdir: str,
+) -> None:
+    """An external disk-only snapshot mid-write moves the guest's writes to
+    a new thin volume (a qcow2 overlay on the old one). The HSM sees the new
+    top image in its stats pass, arms it on its own index and extends the
+    new volume, never the old one again; the guest reads everything back
+    through the chain."""
+    base = pool.thin_volume(initial=16 * MiB)
+    # Free extents right after the base LV: a loop device can map only a
+    # one-segment LV (no device-mapper here), so each LV needs room to grow
+    # in place. The top LV is the last one and grows into the rest.
+    gap = uuid.uuid4()
+    pool.domain.create_volume(gap, 1 * GiB, initial_size=64 * MiB)
+    top = pool.thin_volume(initial=16 * MiB)
+    pool.domain.remove_volume(gap)
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", base, top, str(1 * GiB)],
+        check=True,
+        capture_output=True,
+    )
+    base_volume = str(hsmrig.volume_of(pool, base))
+    top_volume = str(hsmrig.volume_of(pool, top))
+    pauses = Pauses(conn)
+    with hsmrig.spm_daemon(pool, spm_host), running(pool.config(chunk_mb=16), libvirt_events) as r:
+        with started(conn, rig, base, guest.Workload(write_mb=40, rate=4), workdir) as g:
+            g.wait_console("XTND-PROGRESS mb=4", timeout=120)
+            snapshot = (
+                "<domainsnapshot><disks><disk name='vda' snapshot='external' type='block'>"
+                f"<driver type='qcow2'/><source dev='{top}'/></disk></disks></domainsnapshot>"
+            )
+            flags = (
+                libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_DISK_ONLY
+                | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_REUSE_EXT
+                | libvirt.VIR_DOMAIN_SNAPSHOT_CREATE_NO_METADATA
+            )
+            g.dom.snapshotCreateXML(snapshot, flags)
+            snapped = len(r.records)
+            log.info("snapshot taken after %d extends; top index %d", snapped, g.disk_index("vda"))
+            text = g.wait_console("XTND-VERIFY-OK", timeout=180)
+            assert "XTND-WRITE-DONE mb=40" in text
+            name = g.name
+    pauses.close()
+    records = r.records
+    for rec in records:
+        log.info("%s", rec.line())
+    assert pauses.ioerror(name) == 0
+    after = records[snapped:]
+    assert after, "the new top volume was never extended"
+    assert {rec.volume for rec in after} == {top_volume}
+    assert all(rec.volume == base_volume for rec in records[:snapped])
+    assert pool.volume_size(top) == after[-1].new_size >= 32 * MiB
 
 
 def test_tiny_chunk_pauses_and_resumes(

@@ -314,3 +314,10 @@ class NamespacedLibvirtd:
         self.kill()
         self.holder.kill()
         self.holder.wait(10)
+
+
+def volume_of(pool: Pool, link: str) -> uuid.UUID:
+    """The volume UUID behind a volume link of pool."""
+    parsed = links.parse(link, pool.run_dir)
+    assert parsed is not None, link
+    return parsed[1]
