@@ -42,6 +42,11 @@ from .directio import Storage, StorageError
 log = logging.getLogger("xtnd.mailbox.spm")
 
 
+class NoReply(Exception):
+    """Raised by a handler to leave a request unanswered: no reply is
+    written and the next SPM serves the request (e.g. while stopping)."""
+
+
 @dataclasses.dataclass
 class SPMConfig:
     # How often the event block is read while mail is flowing (seconds).
@@ -108,6 +113,15 @@ class SPMMailbox:
         self._lock = threading.Lock()
         self._waker = Waker()
         self._replies: list[tuple[Request, bytes]] = []
+        # Replies handed in so far, taken by the I/O thread, and on storage:
+        # flush() waits for "written" to reach "handed".
+        self._handed = 0
+        self._taken = 0
+        self._written = 0
+        self._flushed = threading.Condition(self._lock)
+        # Requests dispatched and not yet handed back (or withheld).
+        self._active = 0
+        self._intake = True
         self._work: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
         self._stopping = False
         self._threads: list[threading.Thread] = []
@@ -119,6 +133,7 @@ class SPMMailbox:
             "replies": 0,
             "failures": 0,
             "dropped": 0,
+            "withheld": 0,
             "bad_blocks": 0,
             "errors": 0,
         }
@@ -153,8 +168,46 @@ class SPMMailbox:
         log.info("SPM mailbox started max_hosts=%d inbox=%s outbox=%s", self.max_hosts, self._inbox.path,
                  self._outbox.path)
 
+    def flush(self, timeout: float) -> bool:
+        """Wait until every reply handed in so far is written to the outbox.
+
+        For a clean stop: once the handlers have finished (the SPM daemon
+        drains them first), flush() and then stop() lose no reply. False if
+        the I/O thread did not write them within timeout (storage trouble)
+        or the mailbox is stopping.
+        """
+        self._waker.wake()
+        with self._flushed:
+
+            def done() -> bool:
+                return self._active == 0 and self._written >= self._handed
+
+            return self._flushed.wait_for(lambda: done() or self._stopping, timeout) and done()
+
+    def quiesce(self) -> int:
+        """Take no new requests; keep writing replies of those dispatched.
+
+        Requests still queued for a worker are dropped unanswered (the next
+        SPM serves them). Returns how many were dropped. Then flush() waits
+        for the running ones.
+        """
+        dropped = 0
+        with self._flushed:
+            self._intake = False
+            while True:
+                try:
+                    req = self._work.get_nowait()
+                except queue.Empty:
+                    break
+                if req is not None:
+                    dropped += 1
+                    self._active -= 1
+            self._flushed.notify_all()
+        log.info("SPM mailbox takes no new requests dropped_queued=%d running=%d", dropped, self._active)
+        return dropped
+
     def stop(self, timeout: float = 10.0) -> None:
-        """Stop scanning at once; replies of running handlers are dropped."""
+        """Stop scanning at once; replies not yet written are dropped (see flush)."""
         with self._lock:
             self._stopping = True
         self._waker.wake()
@@ -196,7 +249,7 @@ class SPMMailbox:
         self._take_replies()
         self._write_dirty()
         now = self._clock()
-        if now >= self._next_scan or self._event_changed():
+        if self._intake and (now >= self._next_scan or self._event_changed()):
             self.scan()
         self._take_replies()
         self._write_dirty()
@@ -278,8 +331,10 @@ class SPMMailbox:
             return
         self.stats["requests"] += 1
         req = Request(host, i, msg, raw, now)
+        with self._lock:
+            self._active += 1
         if self.config.workers == 0:
-            self._replies.append((req, self._handle(req)))
+            self._hand_in(req, self._handle(req))
         else:
             self._work.put(req)
 
@@ -290,6 +345,7 @@ class SPMMailbox:
     def _take_replies(self) -> None:
         with self._lock:
             replies, self._replies = self._replies, []
+            self._taken = self._handed
         for req, raw in replies:
             start = req.slot * codec.MESSAGE_SIZE
             if self._view[req.host_id][start : start + codec.MESSAGE_SIZE] != req.raw:
@@ -303,6 +359,10 @@ class SPMMailbox:
             host = min(self._dirty)
             self._outbox.write(host * codec.BLOCK_SIZE, self._out[host])
             self._dirty.discard(host)
+        with self._flushed:
+            if self._written != self._taken:
+                self._written = self._taken
+                self._flushed.notify_all()
 
     # Workers
 
@@ -312,16 +372,30 @@ class SPMMailbox:
             if req is None:
                 return
             reply = self._handle(req)
-            with self._lock:
-                if self._stopping:
-                    return
-                self._replies.append((req, reply))
+            if not self._hand_in(req, reply):
+                return
             self._waker.wake()
 
-    def _handle(self, req: Request) -> bytes:
+    def _hand_in(self, req: Request, reply: bytes | None) -> bool:
+        """Queue a handler's reply for the I/O thread; False once stopping."""
+        with self._flushed:
+            self._active -= 1
+            if self._stopping:
+                return False
+            if reply is not None:
+                self._replies.append((req, reply))
+                self._handed += 1
+            self._flushed.notify_all()
+            return True
+
+    def _handle(self, req: Request) -> bytes | None:
         handler = self._handlers[codec.EXTEND_OPCODE]
         try:
             granted = handler(req)
+        except NoReply as e:
+            self.stats["withheld"] += 1
+            log.info("request left for the next SPM host_id=%d slot=%d: %s", req.host_id, req.slot, e)
+            return None
         except Exception as e:  # noqa: BLE001 - any handler failure becomes a failure reply
             self.stats["failures"] += 1
             log.warning("request failed host_id=%d slot=%d domain=%s volume=%s size_mb=%d: %s", req.host_id, req.slot,

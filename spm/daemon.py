@@ -65,11 +65,11 @@ EXIT_ERROR = 1
 EXIT_LEASE_LOST = 3
 EXIT_ABANDONED = 4
 
-# After the running extends are done, time for the mailbox thread to write
-# their replies before it is stopped: it is woken by each reply and writes
-# within one event interval. A reply lost here is not lost for the HSM: the
-# next SPM serves every pending request again.
-REPLY_FLUSH = 0.2
+# After the running extends are done, the most to wait for the mailbox
+# thread to write their replies (it is woken by each reply; normally a few
+# ms). A reply lost here is not lost for the HSM: the next SPM serves every
+# pending request again.
+REPLY_FLUSH_TIMEOUT = 5.0
 
 
 def sd_notify(state: str) -> bool:
@@ -252,9 +252,10 @@ class SpmDaemon:
         sd_notify("STOPPING=1\nSTATUS=stopping")
         for name in VOLUME_OPS:
             self.ops[name] = _not_spm
+        mailbox.quiesce()
         drained = service.drain(cfg.spm.shutdown_grace)
-        if drained:
-            threading.Event().wait(REPLY_FLUSH)
+        if drained and not mailbox.flush(REPLY_FLUSH_TIMEOUT):
+            log.warning("replies not written within %.1fs; the next SPM serves them", REPLY_FLUSH_TIMEOUT)
         mailbox.stop(timeout=1.0)
         log.info("serving stopped host_id=%d reason=%s %s", cfg.spm.host_id, self._stop_reason, _stamp())
         log.info("stats %s mailbox=%s", self.metrics.summary(), mailbox.stats)

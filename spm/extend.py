@@ -17,8 +17,9 @@ value is the size granted in MiB, raising means a failure reply):
 4. one completion line per request (key=value, timing breakdown) and the
    metrics.
 
-While the daemon shuts down (drain()), new requests are parked without
-touching LVM and never answered: the next SPM serves them.
+While the daemon shuts down (drain()), new requests are parked: they touch
+no LVM and the handler raises NoReply, so this SPM never answers them and
+the next SPM serves them.
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import uuid as uuidlib
 from collections.abc import Callable, Iterator
 
 from xtnd import lvm
-from xtnd.mailbox.spm import Request
+from xtnd.mailbox.spm import NoReply, Request
 from xtnd.storage import constants as c
 
 from . import domains as doms
@@ -169,9 +170,8 @@ class ExtendService:
         with self._cond:
             if self._draining:
                 self._parked += 1
-                # Never answer: the worker blocks here until the process
-                # exits (daemon thread), so the mailbox writes no reply.
-                self._cond.wait_for(lambda: False)
+                # Never answered by this SPM: the next one serves it.
+                raise NoReply("the SPM is stopping")
             self._running += 1
         try:
             return self._handle(req)

@@ -162,6 +162,54 @@ def test_spm_restart_serves_pending(cluster: Cluster) -> None:
     assert cluster.handler.count() == 2
 
 
+def test_flush_then_stop_loses_no_reply(file_cluster: Cluster) -> None:
+    """A clean stop: quiesce(), flush(), stop(): the replies of the running
+    handlers are on storage, so the HSM gets them with no SPM running."""
+    cluster = file_cluster
+    cluster.handler.release.clear()
+    spm = cluster.spm()
+    assert spm.flush(5)  # nothing pending: at once
+    hsm = cluster.hsm()
+    futures = [hsm.submit(DOMAIN, uuid.uuid4(), GiB) for _ in range(3)]
+    wait_for(lambda: cluster.handler.count() == 3, what="requests seen by the SPM")
+    spm.quiesce()
+    later = hsm.submit(DOMAIN, uuid.uuid4(), 2 * GiB)  # not taken any more
+    assert not spm.flush(0.05)  # three handlers still held
+    cluster.handler.release.set()
+    assert spm.flush(5)
+    spm.stop()
+    assert [f.result(30) for f in futures] == [GiB] * 3
+    assert cluster.handler.count() == 3
+    # The request that came after quiesce() is served by the next SPM.
+    cluster.spm()
+    assert later.result(30) == 2 * GiB
+
+
+def test_flush_in_step_mode(areas: Areas) -> None:
+    inbox, outbox = areas.open()
+    spm = SPMMailbox(inbox, outbox, MAX_HOSTS, SPMConfig(workers=0))
+    spm.register(codec.EXTEND_OPCODE, lambda req: req.message.size_mb)
+    spm.reset()
+    assert spm.flush(0)
+    hsm_in, hsm_out = areas.open()
+    hsm = HSMMailbox(hsm_in, hsm_out, 1, HSMConfig())
+    hsm.start()
+    try:
+        fut = hsm.submit(DOMAIN, uuid.uuid4(), GiB)
+
+        def scanned() -> bool:
+            spm.scan()
+            return spm.stats["requests"] == 1
+
+        wait_for(scanned, what="the request in the inbox")
+        assert not spm.flush(0)  # handled, not yet written
+        spm.step()
+        assert spm.flush(0)
+        assert fut.result(30) == GiB
+    finally:
+        hsm.stop()
+
+
 def test_hsm_restart_ignores_stale_replies(cluster: Cluster) -> None:
     volume = uuid.uuid4()
     # A previous run left replies in the outbox and a request in the inbox.

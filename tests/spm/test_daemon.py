@@ -182,8 +182,11 @@ def test_sigterm_with_requests_in_flight(
         assert "extends drained done=True" in log
         assert "released lease" in log
         served = log.count("extend done result=extended")
-        # Exactly the two extends waiting in lvextend finished.
+        # Exactly the two extends waiting in lvextend finished, and their
+        # replies were written before the SPM exited: the HSM gets them
+        # with no SPM running.
         assert served == 2
+        wait_for(lambda: sum(f.done() for f in futures) == 2, what="the two replies of the stopped SPM")
         # The next SPM (same host, lockspace still joined) serves the rest.
         again = SpmProcess(host, config, os.path.join(workdir, "spm1-again.log"))
         again.wait_serving()
