@@ -148,9 +148,8 @@ class LoopActivator:
         result = {}
         for info in lvs(self._runner, vg):
             pv, offset = self._location(info, check_segments=False)
-            real = os.path.realpath(pv)
             for dev in attached:
-                if dev.backing_file == real and dev.offset == offset:
+                if dev.offset == offset and loop.over(dev, pv):
                     result[info.name] = dev.path
                     break
         return result

@@ -8,6 +8,12 @@ cannot change the size limit).
 
 Existing devices are found through /sys/block/loopN/loop/{backing_file,
 offset,sizelimit}, so a process that restarts finds the mappings it made.
+A device is matched to its backing file by identity, not by name: the
+kernel's LOOP_GET_STATUS64 reports the backing file's device number and
+inode (or, for a block device, its device number), which stay the same
+whatever path or mount namespace the mapping was made from. The name in
+sysfs does not: a mapping made in another mount namespace shows
+"/loop0" for /dev/loop0.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import fcntl
 import glob
 import logging
 import os
+import stat
 
 from xtnd.common.cmd import run
 
@@ -61,6 +68,43 @@ class LoopDevice:
     backing_file: str
     offset: int
     sizelimit: int
+    # Identity of the backing file: ("blk", major, minor) for a block
+    # device, ("file", major, minor, inode) otherwise; None if unknown.
+    backing_id: tuple[str, int, int] | tuple[str, int, int, int] | None = None
+
+
+def _decode_dev(dev: int) -> tuple[int, int]:
+    # The kernel's new_decode_dev (huge_encode_dev in loop_get_status).
+    return (dev & 0xFFF00) >> 8, (dev & 0xFF) | ((dev >> 12) & 0xFFF00)
+
+
+def _status(device: str) -> LoopInfo64 | None:
+    info = LoopInfo64()
+    try:
+        fd = os.open(device, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.ioctl(fd, LOOP_GET_STATUS64, info)
+    except OSError:
+        return None  # detached meanwhile
+    finally:
+        os.close(fd)
+    return info
+
+
+def identity(path: str) -> tuple[str, int, int] | tuple[str, int, int, int]:
+    """The identity a loop device over path reports (see LoopDevice.backing_id)."""
+    st = os.stat(path)
+    if stat.S_ISBLK(st.st_mode):
+        return ("blk", os.major(st.st_rdev), os.minor(st.st_rdev))
+    return ("file", os.major(st.st_dev), os.minor(st.st_dev), st.st_ino)
+
+
+def _backing_id(info: LoopInfo64) -> tuple[str, int, int] | tuple[str, int, int, int]:
+    if info.lo_rdevice:
+        return ("blk", *_decode_dev(info.lo_rdevice))
+    return ("file", *_decode_dev(info.lo_device), info.lo_inode)
 
 
 def _read(path: str) -> str:
@@ -73,24 +117,41 @@ def devices() -> list[LoopDevice]:
     found = []
     for sysdir in glob.glob("/sys/block/loop*/loop"):
         name = sysdir.split("/")[3]
+        path = f"/dev/{name}"
         try:
-            found.append(
-                LoopDevice(
-                    path=f"/dev/{name}",
-                    backing_file=_read(f"{sysdir}/backing_file"),
-                    offset=int(_read(f"{sysdir}/offset")),
-                    sizelimit=int(_read(f"{sysdir}/sizelimit")),
-                )
-            )
+            backing_file = _read(f"{sysdir}/backing_file")
+            offset = int(_read(f"{sysdir}/offset"))
+            sizelimit = int(_read(f"{sysdir}/sizelimit"))
         except (OSError, ValueError):
             continue  # detached while we looked
+        info = _status(path)
+        backing_id = _backing_id(info) if info is not None else None
+        found.append(LoopDevice(path, backing_file, offset, sizelimit, backing_id))
     return found
+
+
+def over(dev: LoopDevice, backing_file: str) -> bool:
+    """Is dev a loop device over backing_file (any offset)?"""
+    if dev.backing_id is not None:
+        try:
+            return dev.backing_id == identity(backing_file)
+        except OSError:
+            return False
+    return dev.backing_file == os.path.realpath(backing_file)
 
 
 def find(backing_file: str, offset: int) -> list[LoopDevice]:
     """Loop devices over backing_file at offset (normally zero or one)."""
+    try:
+        wanted = identity(backing_file)
+    except OSError:
+        return []
     real = os.path.realpath(backing_file)
-    return [d for d in devices() if d.backing_file == real and d.offset == offset]
+    return [
+        d
+        for d in devices()
+        if d.offset == offset and (d.backing_id == wanted if d.backing_id is not None else d.backing_file == real)
+    ]
 
 
 def logical_block_size(device: str) -> int:

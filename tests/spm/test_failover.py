@@ -141,7 +141,7 @@ def failable_two_spms(
         host2.stop()
         sanlockd.restore_storage(device)
         for dev in loop.devices():
-            if dev.backing_file == device:
+            if loop.over(dev, device):
                 storage.detach(dev.path)
         storage.detach(device)
 
