@@ -103,6 +103,13 @@ class RefreshTooSmall(Exception):
         super().__init__(f"device is {actual} bytes after refresh, expected at least {expected}")
 
 
+def _same_image(block: stats.BlockStats | None, drive: Drive) -> bool:
+    """Are these stats of the image drive tracks (same top path and index)?"""
+    if block is None:
+        return False
+    return block.path == drive.path and (block.index is None or block.index == drive.index)
+
+
 @dataclasses.dataclass
 class Tracked:
     """A Drive plus what the monitor needs to schedule work for it."""
@@ -309,13 +316,7 @@ class Monitor:
         layout = {name: (b.path, b.index) for name, b in st.blocks.items()}
         with self._lock:
             previous, vm.layout = vm.layout, layout
-            moved = [
-                name
-                for name, t in vm.drives.items()
-                if (b := st.blocks.get(name)) is None
-                or b.path != t.drive.path
-                or (b.index is not None and b.index != t.drive.index)
-            ]
+            moved = [name for name, t in vm.drives.items() if not _same_image(st.blocks.get(name), t.drive)]
         if not moved and (previous is None or previous == layout):
             return False
         self.counters["reloads"] += 1
@@ -460,7 +461,7 @@ class Monitor:
         block = st.blocks.get(d.name)
         if block is None:
             return
-        if block.path != d.path or (block.index is not None and block.index != d.index):
+        if not _same_image(block, d):
             # The disk's top image changed (snapshot, block commit or copy
             # pivot): these numbers are not this volume's. Read the VM again;
             # its new drive gets a check of its own.

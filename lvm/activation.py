@@ -145,11 +145,15 @@ class LoopActivator:
 
     def active_devices(self, vg: str) -> dict[str, str]:
         attached = loop.devices()
+        backings: dict[str, loop.Backing] = {}
         result = {}
         for info in lvs(self._runner, vg):
             pv, offset = self._location(info, check_segments=False)
+            if pv not in backings:
+                backings[pv] = loop.Backing(pv)
+            backing = backings[pv]
             for dev in attached:
-                if dev.offset == offset and loop.over(dev, pv):
+                if dev.offset == offset and backing.under(dev):
                     result[info.name] = dev.path
                     break
         return result

@@ -130,28 +130,34 @@ def devices() -> list[LoopDevice]:
     return found
 
 
+class Backing:
+    """A backing file's identity, read once, to test many devices against."""
+
+    def __init__(self, path: str):
+        self.real = os.path.realpath(path)
+        try:
+            self.id: tuple[str, int, int] | tuple[str, int, int, int] | None = identity(path)
+        except OSError:
+            self.id = None
+
+    def under(self, dev: LoopDevice) -> bool:
+        """Is dev a loop device over this file (any offset)?"""
+        if dev.backing_id is not None:
+            return dev.backing_id == self.id
+        return dev.backing_file == self.real
+
+
 def over(dev: LoopDevice, backing_file: str) -> bool:
     """Is dev a loop device over backing_file (any offset)?"""
-    if dev.backing_id is not None:
-        try:
-            return dev.backing_id == identity(backing_file)
-        except OSError:
-            return False
-    return dev.backing_file == os.path.realpath(backing_file)
+    return Backing(backing_file).under(dev)
 
 
 def find(backing_file: str, offset: int) -> list[LoopDevice]:
     """Loop devices over backing_file at offset (normally zero or one)."""
-    try:
-        wanted = identity(backing_file)
-    except OSError:
+    backing = Backing(backing_file)
+    if backing.id is None:
         return []
-    real = os.path.realpath(backing_file)
-    return [
-        d
-        for d in devices()
-        if d.offset == offset and (d.backing_id == wanted if d.backing_id is not None else d.backing_file == real)
-    ]
+    return [d for d in devices() if d.offset == offset and backing.under(d)]
 
 
 def logical_block_size(device: str) -> int:

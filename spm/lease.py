@@ -271,25 +271,25 @@ class SpmLease:
         trouble, or it could not be confirmed within max_renewal_age.
         """
         with self._lock:
-            if self._lost is not None:
-                raise LeaseLost(self._lost)
-            if not self._held or self._fd is None:
-                raise LeaseLost("not acquired")
+            self._require_held()
             return self._confirm()
 
     def fence(self) -> float:
         """check(), reusing a fresh enough renewal status; see the module doc."""
         with self._lock:
-            if self._lost is not None:
-                raise LeaseLost(self._lost)
-            if not self._held or self._fd is None:
-                raise LeaseLost("not acquired")
+            self._require_held()
             asked = self._clock()
             fresh = asked - self._status_at <= self.status_max_age
             if not fresh or self._valid_until - asked < self.fence_margin:
                 return self._confirm()
             self._inquire()
             return self._valid_until - asked
+
+    def _require_held(self) -> None:
+        if self._lost is not None:
+            raise LeaseLost(self._lost)
+        if not self._held or self._fd is None:
+            raise LeaseLost("not acquired")
 
     @property
     def valid_until(self) -> float:

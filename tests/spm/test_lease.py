@@ -163,19 +163,24 @@ class FakeClock:
         return self.now
 
 
-def failing_sanlock(workdir: str) -> tuple[str, str]:
-    """A sanlock command that fails while a flag file exists."""
+def failing_sanlock(workdir: str) -> tuple[str, str, str]:
+    """A sanlock command that fails while a flag file exists; it appends a
+    line to a file per run. Returns (command, flag, runs file)."""
     flag = os.path.join(workdir, "status-fails")
+    runs = os.path.join(workdir, "status-runs")
     script = os.path.join(workdir, "sanlock")
     with open(script, "w") as f:
-        f.write(f'#!/bin/sh\n[ -e "{flag}" ] && {{ echo "injected failure" >&2; exit 1; }}\nexec sanlock "$@"\n')
+        f.write(
+            f'#!/bin/sh\necho run >>"{runs}"\n'
+            f'[ -e "{flag}" ] && {{ echo "injected failure" >&2; exit 1; }}\nexec sanlock "$@"\n'
+        )
     os.chmod(script, stat.S_IRWXU)
-    return script, flag
+    return script, flag, runs
 
 
 def test_status_errors_tolerated_within_bound(joined: spm_lease.SpmLease, workdir: str) -> None:
     clock = FakeClock()
-    script, flag = failing_sanlock(workdir)
+    script, flag, _ = failing_sanlock(workdir)
     lease = spm_lease.SpmLease(
         joined.lockspace,
         joined.host_id,
@@ -204,20 +209,6 @@ def test_status_errors_tolerated_within_bound(joined: spm_lease.SpmLease, workdi
         lease.close()
 
 
-def counting_sanlock(workdir: str) -> tuple[str, str, str]:
-    """Like failing_sanlock, and it appends a line to a file per run."""
-    flag = os.path.join(workdir, "status-fails")
-    runs = os.path.join(workdir, "status-runs")
-    script = os.path.join(workdir, "sanlock-counting")
-    with open(script, "w") as f:
-        f.write(
-            f'#!/bin/sh\necho run >>"{runs}"\n'
-            f'[ -e "{flag}" ] && {{ echo "injected failure" >&2; exit 1; }}\nexec sanlock "$@"\n'
-        )
-    os.chmod(script, stat.S_IRWXU)
-    return script, flag, runs
-
-
 def _runs(path: str) -> int:
     try:
         with open(path) as f:
@@ -230,7 +221,7 @@ def test_fence_reuses_fresh_status(joined: spm_lease.SpmLease, workdir: str) -> 
     """fence() asks the daemon about the lease every time, but reads the
     renewal status (a subprocess) only when the last one is stale."""
     clock = FakeClock()
-    script, flag, runs = counting_sanlock(workdir)
+    script, flag, runs = failing_sanlock(workdir)
     lease = spm_lease.SpmLease(
         joined.lockspace,
         joined.host_id,
