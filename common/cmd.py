@@ -29,6 +29,17 @@ if _SETPRIV is None:
     log.warning("setpriv not found: child processes will not die with their parent")
 
 
+def pdeathsig_missing() -> str | None:
+    """Why children cannot be tied to our life, or None when they are.
+
+    The SPM refuses to start then: a child outliving it could write LVM
+    metadata after its lease was freed.
+    """
+    if _SETPRIV is None:
+        return "setpriv (util-linux) not found in PATH: LVM children cannot be tied to the daemon's life"
+    return None
+
+
 def _argv(cmd: Sequence[str]) -> list[str]:
     if _SETPRIV is None:
         return list(cmd)

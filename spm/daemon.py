@@ -46,6 +46,7 @@ import uuid as uuidlib
 from typing import Any
 
 from xtnd import storage
+from xtnd.common import cmd
 from xtnd.mailbox import codec
 from xtnd.mailbox.directio import DirectFile
 from xtnd.mailbox.spm import SPMConfig, SPMMailbox
@@ -177,6 +178,10 @@ class SpmDaemon:
     # Life cycle
 
     def run(self) -> int:
+        missing = cmd.pdeathsig_missing()
+        if missing:
+            log.error("refusing to start: %s", missing)
+            return EXIT_ERROR
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
         cfg = self.config

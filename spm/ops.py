@@ -1,7 +1,9 @@
 """What the control socket can ask of the SPM: volume commands and stats.
 
-Commands that change LVM metadata (create, remove) fence the lease first
-and hold the volume's lock, so they never interleave with an extend of the
+Commands that change LVM metadata (create, remove) fence the lease before
+every command that writes (lvcreate, activation, the qcow2 header,
+deactivation, lvremove: the domain calls our fence between its steps) and
+hold the volume's lock, so they never interleave with an extend of the
 same volume; they invalidate the domain's cached volume list. They count
 as running work for the daemon's shutdown (the lease is released only
 after they end) and are refused once it started.
@@ -50,7 +52,6 @@ class VolumeOps:
         domain, volume = _uuid(args, "domain"), _uuid(args, "uuid")
         managed = self.registry.get(domain)
         with self.service.operation(), self.service.volume_locks.hold((domain, volume)):
-            self.service.fence()
             try:
                 info = managed.domain.create_volume(
                     volume,
@@ -58,6 +59,7 @@ class VolumeOps:
                     args.get("format", "qcow2"),
                     initial_size=int(args.get("initial_size") or c.DEFAULT_CHUNK),
                     image=args.get("image"),
+                    fence=self.service.fence,
                 )
             finally:
                 if managed.is_block:
@@ -69,9 +71,8 @@ class VolumeOps:
         domain, volume = _uuid(args, "domain"), _uuid(args, "uuid")
         managed = self.registry.get(domain)
         with self.service.operation(), self.service.volume_locks.hold((domain, volume)):
-            self.service.fence()
             try:
-                managed.domain.remove_volume(volume)
+                managed.domain.remove_volume(volume, fence=self.service.fence)
             finally:
                 if managed.is_block:
                     managed.invalidate()

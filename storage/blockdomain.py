@@ -25,12 +25,14 @@ from . import qemuimg, sanlockdirect
 from .errors import DomainExists, DomainNotFound, InvalidArgument, StorageError, VolumeExists, VolumeNotFound
 from .model import (
     DomainInfo,
+    Fence,
     Format,
     LeaseLocation,
     LockspaceLocation,
     MailboxLocation,
     VolumeInfo,
     max_size,
+    no_fence,
     parse_uuid,
 )
 
@@ -271,11 +273,14 @@ class BlockDomain:
         fmt: Format | str = Format.QCOW2,
         initial_size: int = c.DEFAULT_CHUNK,
         image: uuidlib.UUID | str | None = None,
+        fence: Fence = no_fence,
     ) -> VolumeInfo:
         """A new LV: qcow2 thin (initial_size, at most max_size) or raw (capacity).
 
         The qcow2 header is written through a temporary activation; the
         volume is left inactive like any volume this host does not run.
+        fence() runs before every command that writes: lvcreate, activation,
+        the header write, deactivation, and lvremove when a step failed.
         """
         uuid = parse_uuid(uuid)
         fmt = Format(fmt)
@@ -295,24 +300,32 @@ class BlockDomain:
         tags = [c.TAG_VOLUME, f"{c.TAG_CAPACITY}{capacity}", f"{c.TAG_FORMAT}{fmt}"]
         if image_uuid:
             tags.append(f"{c.TAG_IMAGE}{image_uuid}")
+        fence()
         lvm.lvcreate(self.runner, self.vg, name, size, tuple(tags))
         if fmt is Format.QCOW2:
             try:
+                fence()
                 path = self.activator.activate(self.vg, name)
                 try:
+                    fence()
                     qemuimg.create(path, str(fmt), capacity)
                 finally:
+                    fence()
                     self.activator.deactivate(self.vg, name)
             except BaseException:
                 log.exception("writing qcow2 header failed, removing vg=%s lv=%s", self.vg, name)
+                fence()
                 lvm.lvremove(self.runner, self.vg, name)
                 raise
         log.info("volume created domain=%s volume=%s format=%s capacity=%d", self.vg, name, fmt, capacity)
         return self.volume_info(uuid)
 
-    def remove_volume(self, uuid: uuidlib.UUID | str) -> None:
+    def remove_volume(self, uuid: uuidlib.UUID | str, fence: Fence = no_fence) -> None:
+        """Deactivate and remove the LV; fence() before each of the two commands."""
         lv = self._volume_lv(uuid)
+        fence()
         self.activator.deactivate(self.vg, lv.name)
+        fence()
         lvm.lvremove(self.runner, self.vg, lv.name)
         log.info("volume removed domain=%s volume=%s", self.vg, lv.name)
 

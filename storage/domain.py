@@ -15,7 +15,7 @@ from . import constants as c
 from .blockdomain import BlockDomain
 from .errors import InvalidArgument
 from .filedomain import FileDomain
-from .model import DomainInfo, Format, LeaseLocation, LockspaceLocation, MailboxLocation, VolumeInfo
+from .model import DomainInfo, Fence, Format, LeaseLocation, LockspaceLocation, MailboxLocation, VolumeInfo, no_fence
 
 
 class Domain(Protocol):
@@ -39,9 +39,10 @@ class Domain(Protocol):
         fmt: Format | str = Format.QCOW2,
         initial_size: int = c.DEFAULT_CHUNK,
         image: uuidlib.UUID | str | None = None,
+        fence: Fence = no_fence,
     ) -> VolumeInfo: ...
 
-    def remove_volume(self, uuid: uuidlib.UUID | str) -> None: ...
+    def remove_volume(self, uuid: uuidlib.UUID | str, fence: Fence = no_fence) -> None: ...
 
     def volume_info(self, uuid: uuidlib.UUID | str) -> VolumeInfo: ...
 

@@ -28,7 +28,17 @@ from xtnd.mailbox.directio import DirectFile
 from . import constants as c
 from . import qemuimg, sanlockdirect
 from .errors import DomainExists, DomainNotFound, InvalidArgument, LeaseAreaError, VolumeExists, VolumeNotFound
-from .model import DomainInfo, Format, LeaseLocation, LockspaceLocation, MailboxLocation, VolumeInfo, parse_uuid
+from .model import (
+    DomainInfo,
+    Fence,
+    Format,
+    LeaseLocation,
+    LockspaceLocation,
+    MailboxLocation,
+    VolumeInfo,
+    no_fence,
+    parse_uuid,
+)
 
 log = logging.getLogger("xtnd.storage")
 
@@ -196,6 +206,7 @@ class FileDomain:
         fmt: Format | str = Format.QCOW2,
         initial_size: int = c.DEFAULT_CHUNK,
         image: uuidlib.UUID | str | None = None,
+        fence: Fence = no_fence,
     ) -> VolumeInfo:
         """A sparse file; initial_size is ignored (file volumes grow by themselves)."""
         uuid = parse_uuid(uuid)
@@ -207,6 +218,7 @@ class FileDomain:
         if os.path.exists(path + c.VOLUME_META_SUFFIX):
             raise VolumeExists(self.uuid, uuid)
         try:
+            fence()
             qemuimg.create(path, str(fmt), capacity)
             meta = {"capacity": capacity, "format": str(fmt), "image": str(image_uuid) if image_uuid else None}
             # The .meta file last: its presence marks a complete volume.
@@ -219,9 +231,10 @@ class FileDomain:
         log.info("volume created domain=%s volume=%s format=%s capacity=%d", self.uuid, uuid, fmt, capacity)
         return self.volume_info(uuid)
 
-    def remove_volume(self, uuid: uuidlib.UUID | str) -> None:
+    def remove_volume(self, uuid: uuidlib.UUID | str, fence: Fence = no_fence) -> None:
         uuid = parse_uuid(uuid)
         path = self._volume_path(uuid)
+        fence()
         try:
             os.unlink(path + c.VOLUME_META_SUFFIX)
         except FileNotFoundError:

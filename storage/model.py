@@ -5,10 +5,20 @@ from __future__ import annotations
 import dataclasses
 import enum
 import uuid as uuidlib
+from collections.abc import Callable
 from typing import Any
 
 from .constants import QCOW2_OVERHEAD_PERCENT, MiB
 from .errors import InvalidArgument
+
+# Called right before each command that writes shared storage (LVM metadata,
+# a new volume's bytes): the SPM passes its lease's fence(), which raises once
+# the lease is lost, so no write follows a detectable loss.
+Fence = Callable[[], object]
+
+
+def no_fence() -> None:
+    """For writers that hold no lease: domain creation, --local, tests."""
 
 
 class Format(enum.StrEnum):

@@ -212,3 +212,77 @@ def test_failed_create_removes_vg(pvs: list[str]) -> None:
         storage.create_block_domain(sd, pvs[:1], extent_size=256 * MiB)
     assert str(sd) not in lvm.vgs(lvm.Runner(pvs[:1]))
     assert not os.path.exists(f"/dev/{sd}")
+
+
+class Lost(Exception):
+    pass
+
+
+class StepFence:
+    """A fence that lets `passes` calls through and then fails on every call,
+    as a lost lease does; records how many LVM commands had run at each call."""
+
+    def __init__(self, runner: lvm.Runner, passes: int = 1000):
+        # A history long enough to hold every command of the test.
+        runner.history = lvm.CommandHistory(size=1000)
+        self.runner = runner
+        self.passes = passes
+        self.marks: list[int] = []
+
+    def __call__(self) -> None:
+        self.marks.append(len(self.runner.history.records()))
+        if len(self.marks) > self.passes:
+            raise Lost()
+
+    def commands(self) -> list[str]:
+        return [r.argv[1] for r in self.runner.history.records()]
+
+
+def test_fence_before_every_write(domain: storage.BlockDomain) -> None:
+    fence = StepFence(domain.runner)
+    vol = uuid.uuid4()
+    domain.create_volume(vol, 100 * MiB, "qcow2", initial_size=CHUNK, fence=fence)
+    # lvcreate, activation, qcow2 header, deactivation (loop activation runs
+    # no LVM write, so only lvcreate shows in the LVM history).
+    assert len(fence.marks) == 4
+    writes = [cmd for cmd in fence.commands() if cmd not in ("lvs", "vgs")]
+    assert writes == ["lvcreate"]
+    created = len(fence.commands())
+    domain.remove_volume(vol, fence=fence)
+    # deactivation, lvremove
+    assert len(fence.marks) == 6
+    assert fence.marks[5] < len(fence.commands()) and fence.commands()[-1] == "lvremove"
+    assert fence.marks[4] >= created
+
+
+@pytest.mark.parametrize("passes", [0, 1, 2, 3])
+def test_create_stops_at_lost_fence(domain: storage.BlockDomain, passes: int) -> None:
+    """Whichever step finds the lease lost, nothing is written after it,
+    not even the lvremove that would clean up a half-made volume."""
+    fence = StepFence(domain.runner, passes)
+    vol = uuid.uuid4()
+    with pytest.raises(Lost):
+        domain.create_volume(vol, 100 * MiB, "qcow2", initial_size=CHUNK, fence=fence)
+    lost_at = fence.marks[passes]
+    assert len(fence.commands()) == lost_at, f"LVM ran after the loss: {fence.commands()[lost_at:]}"
+    names = {lv.name for lv in lvm.lvs(domain.runner, domain.vg)}
+    assert (str(vol) in names) == (passes >= 1)
+    if passes == 2:
+        # Activated, but the header was not written.
+        device = domain.activator.device(domain.vg, str(vol))
+        assert device is not None
+        with open(device, "rb") as f:
+            assert f.read(4) != b"QFI\xfb"
+    if passes >= 1:
+        domain.activator.deactivate(domain.vg, str(vol))
+
+
+def test_remove_stops_at_lost_fence(domain: storage.BlockDomain) -> None:
+    vol = uuid.uuid4()
+    domain.create_volume(vol, 100 * MiB, "qcow2", initial_size=CHUNK)
+    fence = StepFence(domain.runner, passes=1)
+    with pytest.raises(Lost):
+        domain.remove_volume(vol, fence=fence)
+    assert len(fence.commands()) == fence.marks[1]
+    assert "lvremove" not in fence.commands()
+    assert domain.volume_info(vol).uuid == vol
