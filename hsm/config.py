@@ -19,6 +19,7 @@ import io
 import os
 from typing import Any
 
+from xtnd.common import promhttp
 from xtnd.hsm import links
 from xtnd.hsm.sizing import SizingConfig
 from xtnd.mailbox.hsm import HSMConfig
@@ -39,6 +40,9 @@ class HostSection:
     storage_config: str = _opt("/etc/xtnd/storage.json", "Where this host finds its storage domains (PVs, roots).")
     run_dir: str = _opt(links.RUN_DIR, "Folder of prepared volume links: drives under it are monitored.")
     workers: int = _opt(4, "Threads running extends (each waits on the SPM, then refreshes and resumes).")
+    control_socket: str = _opt(
+        "/run/xtnd/hsm.sock", "Unix socket for `xtnd status` and log levels (root only); empty disables."
+    )
 
 
 @dataclasses.dataclass
@@ -79,6 +83,14 @@ class LibvirtSection:
 
 
 @dataclasses.dataclass
+class MetricsSection:
+    listen: str = _opt(
+        "127.0.0.1:9711",
+        "HOST:PORT serving Prometheus metrics at /metrics (plain HTTP: keep it local); empty disables.",
+    )
+
+
+@dataclasses.dataclass
 class Config:
     host: HostSection = dataclasses.field(default_factory=HostSection)
     thin: ThinSection = dataclasses.field(default_factory=ThinSection)
@@ -86,6 +98,7 @@ class Config:
     retry: RetrySection = dataclasses.field(default_factory=RetrySection)
     mailbox: MailboxSection = dataclasses.field(default_factory=MailboxSection)
     libvirt: LibvirtSection = dataclasses.field(default_factory=LibvirtSection)
+    metrics: MetricsSection = dataclasses.field(default_factory=MetricsSection)
 
     def sizing(self) -> SizingConfig:
         return SizingConfig(chunk_mb=self.thin.chunk_mb, utilization_percent=self.thin.utilization_percent)
@@ -109,6 +122,10 @@ class Config:
             raise ConfigError("[retry] need 0 < backoff_initial <= backoff_max")
         if self.monitor.stats_interval <= 0:
             raise ConfigError("[monitor] stats_interval must be positive")
+        try:
+            promhttp.parse_listen(self.metrics.listen)
+        except promhttp.ListenError as e:
+            raise ConfigError(f"[metrics] listen: {e}") from None
 
 
 def _convert(section: str, name: str, kind: Any, text: str) -> Any:

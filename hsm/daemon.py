@@ -25,10 +25,11 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
-from xtnd.hsm import notify
+from xtnd.common.promhttp import MetricsServer
+from xtnd.hsm import control, notify
 from xtnd.hsm.config import Config
 from xtnd.hsm.libvirtconn import Connection, EventLoop
-from xtnd.hsm.metrics import ExtendRecord
+from xtnd.hsm.metrics import ExtendRecord, HsmMetrics, Sources
 from xtnd.hsm.monitor import Monitor, MonitorConfig
 from xtnd.hsm.volumes import StorageVolumes
 from xtnd.mailbox.directio import DirectFile
@@ -46,6 +47,8 @@ class HSM:
     ):
         config.validate()
         self.config = config
+        self.metrics = HsmMetrics(config.host.host_id)
+        self._on_extend = on_extend
         self._own_loop = event_loop is None
         self.event_loop = event_loop or EventLoop()
         self.volumes = StorageVolumes(config.host.storage_config, config.host.run_dir)
@@ -75,8 +78,24 @@ class HSM:
                 backoff_initial=config.retry.backoff_initial,
                 backoff_max=config.retry.backoff_max,
             ),
-            on_extend=on_extend,
+            on_extend=self._extended,
         )
+        monitor = self.monitor
+        self.metrics.sources = Sources(
+            counters=lambda: dict(monitor.counters),
+            drive_states=lambda: [d.state.value for vm in monitor.snapshot().values() for d in vm.values()],
+            in_flight=lambda: self.mailbox.in_flight,
+            io={
+                "mailbox": lambda: dict(self.mailbox.stats),
+                "inbox": self._inbox.counters.snapshot,
+                "outbox": self._outbox.counters.snapshot,
+            },
+        )
+
+    def _extended(self, record: ExtendRecord) -> None:
+        self.metrics.record(record)
+        if self._on_extend is not None:
+            self._on_extend(record)
 
     # Listener: the connection calls these; the monitor does the work.
 
@@ -135,7 +154,13 @@ def run(config: Config, ready_timeout: float = 10.0) -> int:
     for signo in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signo, on_signal)
     hsm = HSM(config)
+    metrics = MetricsServer(config.metrics.listen, hsm.metrics.registry, "xtnd-hsm-metrics")
+    sock = config.host.control_socket
+    server = control.ControlServer(sock, control.ops(hsm), name="xtnd-hsm-control") if sock else None
     hsm.start()
+    metrics.start()
+    if server is not None:
+        server.start()
     try:
         if not hsm.connection.wait_connected(ready_timeout):
             log.warning("not connected to libvirt after %.0f s; still trying", ready_timeout)
@@ -146,5 +171,8 @@ def run(config: Config, ready_timeout: float = 10.0) -> int:
             pass
     finally:
         notify.notify("STOPPING=1")
+        if server is not None:
+            server.stop()
+        metrics.stop()
         hsm.stop()
     return 0

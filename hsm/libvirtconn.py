@@ -185,6 +185,10 @@ class Connection:
                 raise NotConnected(self.uri)
             return self._conn
 
+    def is_connected(self) -> bool:
+        with self._cond:
+            return self._conn is not None and not self._lost
+
     @property
     def generation(self) -> int:
         """Counts successful connects; changes after every reconnect."""

@@ -1,4 +1,4 @@
-"""One record per completed extend, its completion log line, and percentiles.
+"""One record per completed extend, its completion log line, and the metrics.
 
 The completion line is a stable key=value form for scripts (SPEC §5):
 
@@ -14,13 +14,22 @@ Phases, all from one monotonic clock:
   threshold re-armed;
 - resume: checking the pause reason and resuming the VM (0 when running);
 - total: trigger to done.
+
+HsmMetrics is the daemon's own Prometheus registry (``xtnd_hsm_*``): the
+phase histograms are fed with each record; everything else (counters,
+drives by state, mailbox I/O) is read from its owner at scrape time.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
+from prometheus_client import CollectorRegistry, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
 from xtnd.common import stats
+from xtnd.common.promhttp import LATENCY_BUCKETS
 
 MiB = 1024**2
 
@@ -82,3 +91,83 @@ def parse_line(line: str) -> dict[str, str]:
 
 
 percentile = stats.percentile
+
+
+PHASES = ("wait", "extend", "refresh", "resume", "total")
+DRIVE_STATES = ("unset", "armed", "exceeded", "extending", "disabled")
+# Monitor counter -> extend result.
+RESULTS = {"extends": "extended", "failures": "failed", "refused": "refused"}
+# Monitor counter -> error kind.
+ERRORS = {
+    "failures": "extend_failed",
+    "libvirt_errors": "libvirt",
+    "job_errors": "job",
+    "stats_pass_errors": "stats_pass",
+}
+
+
+@dataclass
+class Sources:
+    """Where a scrape reads the HSM's figures (set by the daemon)."""
+
+    counters: Callable[[], Mapping[str, int]]
+    drive_states: Callable[[], Iterable[str]]
+    in_flight: Callable[[], int]
+    io: Mapping[str, Callable[[], Mapping[str, int]]]  # name -> counters ("mailbox", "inbox", "outbox")
+
+
+class HsmMetrics:
+    def __init__(self, host_id: int):
+        self.host_id = host_id
+        self.registry = CollectorRegistry()
+        self._phase = Histogram(
+            "xtnd_hsm_extend_phase_seconds",
+            "Duration of each phase of a completed extend on this host",
+            ["phase"],
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        for phase in PHASES:
+            self._phase.labels(phase)
+        self.sources: Sources | None = None
+        self.registry.register(_Collector(self))
+
+    def record(self, r: ExtendRecord) -> None:
+        for phase in PHASES:
+            self._phase.labels(phase).observe(max(0.0, getattr(r, phase)))
+
+
+class _Collector(Collector):
+    def __init__(self, metrics: HsmMetrics):
+        self._metrics = metrics
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        m = self._metrics
+        yield GaugeMetricFamily("xtnd_hsm_host_id", "This host's mailbox host id", m.host_id)
+        src = m.sources
+        if src is None:
+            return
+        counters = dict(src.counters())
+        requests = CounterMetricFamily("xtnd_hsm_extend_requests", "Extends by result", labels=["result"])
+        for key, result in RESULTS.items():
+            requests.add_metric([result], counters.get(key, 0))
+        yield requests
+        yield GaugeMetricFamily("xtnd_hsm_extends_in_flight", "Extend requests waiting for the SPM", src.in_flight())
+        states = list(src.drive_states())
+        drives = GaugeMetricFamily("xtnd_hsm_drives", "Watched drives by state", labels=["state"])
+        for state in DRIVE_STATES:
+            drives.add_metric([state], states.count(state))
+        yield drives
+        yield CounterMetricFamily("xtnd_hsm_vm_pauses", "VMs paused on an I/O error", counters.get("paused", 0))
+        yield CounterMetricFamily("xtnd_hsm_vm_resumes", "VMs resumed after an extend", counters.get("resumed", 0))
+        yield CounterMetricFamily("xtnd_hsm_stats_passes", "Bulk stats passes", counters.get("stats_passes", 0))
+        errors = CounterMetricFamily("xtnd_hsm_errors", "Errors by kind", labels=["kind"])
+        for key, kind in ERRORS.items():
+            errors.add_metric([kind], counters.get(key, 0))
+        for name, figures in src.io.items():
+            for key, value in sorted(figures().items()):
+                if key == "errors":
+                    errors.add_metric([f"{name}_storage"], value)
+                    continue
+                yield CounterMetricFamily(f"xtnd_hsm_{name}_{key}", f"{name} {key.replace('_', ' ')}", value)
+        yield errors

@@ -187,6 +187,15 @@ class Monitor:
         self.stop_scheduling(timeout)
         self.join()
 
+    def clock(self) -> float:
+        """Now on the monitor's clock (the one of ExtendRecord times)."""
+        return self._clock()
+
+    def vm_names(self) -> dict[str, str]:
+        """VM uuid -> name of every monitored VM."""
+        with self._lock:
+            return {vm.uuid: vm.name for vm in self._vms.values()}
+
     def snapshot(self) -> dict[str, dict[str, Drive]]:
         """VM uuid -> drive name -> a copy of its Drive (for tests and tools)."""
         with self._lock:
@@ -223,6 +232,7 @@ class Monitor:
             if vm is not None:
                 log.info("vm stopped vm=%s", vm.name)
         elif event == libvirt.VIR_DOMAIN_EVENT_SUSPENDED and detail == libvirt.VIR_DOMAIN_EVENT_SUSPENDED_IOERROR:
+            self.counters["paused"] += 1
             self._submit(self._paused_job, vm_id, self._clock())
 
     def block_threshold(self, dom: Any, dev: str, path: str, threshold: int, excess: int) -> None:
@@ -271,6 +281,7 @@ class Monitor:
             try:
                 self.tick()
             except Exception:
+                self.counters["stats_pass_errors"] += 1
                 log.exception("stats pass failed")
             if self._clock() >= next_pass:
                 next_pass = self._clock() + self.config.stats_interval
@@ -363,12 +374,14 @@ class Monitor:
         except libvirt.libvirtError as e:
             self._libvirt_error(fn.__name__, e)
         except Exception:
+            self.counters["job_errors"] += 1
             log.exception("job %s%r failed", fn.__name__, args)
 
     def _libvirt_error(self, what: str, e: libvirt.libvirtError) -> None:
         if e.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
             log.debug("%s: domain is gone: %s", what, e)
             return
+        self.counters["libvirt_errors"] += 1
         self._rlog.log(logging.WARNING, what, "libvirt call failed in %s: %s", what, e)
         self._connection.report_error(e)
 

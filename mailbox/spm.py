@@ -137,6 +137,8 @@ class SPMMailbox:
             "bad_blocks": 0,
             "errors": 0,
         }
+        # Called with the duration of each full inbox scan (metrics).
+        self.on_scan: Callable[[float], None] | None = None
 
     def register(self, opcode: bytes, handler: Handler) -> None:
         """Serve messages with ``opcode`` (4 ASCII bytes) with ``handler``."""
@@ -269,6 +271,7 @@ class SPMMailbox:
 
     def scan(self) -> None:
         """Read the whole inbox once and dispatch everything new in it."""
+        began = time.monotonic()
         data = self._inbox.read(0, self._length)
         now = self._clock()
         self._next_scan = now + self.config.scan_interval
@@ -282,6 +285,8 @@ class SPMMailbox:
             block = data[start : start + codec.BLOCK_SIZE]
             if block != view[host]:
                 self._scan_block(host, block, now)
+        if self.on_scan is not None:
+            self.on_scan(time.monotonic() - began)
 
     def _scan_block(self, host: int, block: bytes, now: float) -> None:
         if block == codec.EMPTY_BLOCK:

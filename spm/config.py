@@ -35,6 +35,8 @@ import os
 import uuid as uuidlib
 from typing import Any
 
+from xtnd.common import promhttp
+
 DEFAULT_PATH = "/etc/xtnd/spm.conf"
 DOMAIN_PREFIX = "domain "
 
@@ -110,6 +112,14 @@ class LvmSection:
 
 
 @dataclasses.dataclass
+class MetricsSection:
+    # HOST:PORT serving Prometheus metrics at /metrics (plain HTTP, no
+    # authentication: keep it on localhost or a management network); empty
+    # disables. The HSM's default port is 9711, so both run on one host.
+    listen: str = "127.0.0.1:9710"
+
+
+@dataclasses.dataclass
 class DomainSection:
     """[domain UUID]: where to find one domain (pvs or path, not both)."""
 
@@ -130,6 +140,7 @@ class Config:
     lease: LeaseSection = dataclasses.field(default_factory=LeaseSection)
     mailbox: MailboxSection = dataclasses.field(default_factory=MailboxSection)
     lvm: LvmSection = dataclasses.field(default_factory=LvmSection)
+    metrics: MetricsSection = dataclasses.field(default_factory=MetricsSection)
     domain: dict[str, DomainSection] = dataclasses.field(default_factory=dict)
     # Files read, in order (not an option).
     sources: list[str] = dataclasses.field(default_factory=list)
@@ -161,12 +172,16 @@ class Config:
         if not 0 < self.lvm.command_timeout < self.spm.shutdown_grace:
             # A shutdown must never leave an LVM command running past the lease.
             raise ConfigError("[lvm] command_timeout must be > 0 and below [spm] shutdown_grace")
+        try:
+            promhttp.parse_listen(self.metrics.listen)
+        except promhttp.ListenError as e:
+            raise ConfigError(f"[metrics] listen: {e}") from None
         for section in self.domain.values():
             if bool(section.pvs) == bool(section.path):
                 raise ConfigError(f"[domain {section.uuid}] needs exactly one of pvs, path")
 
 
-_SECTIONS = ("spm", "lease", "mailbox", "lvm")
+_SECTIONS = ("spm", "lease", "mailbox", "lvm", "metrics")
 
 
 def _convert(section: str, name: str, value: str, kind: Any) -> Any:

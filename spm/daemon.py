@@ -47,6 +47,8 @@ from typing import Any
 
 from xtnd import storage
 from xtnd.common import cmd
+from xtnd.common.control import set_log_level
+from xtnd.common.promhttp import MetricsServer
 from xtnd.mailbox import codec
 from xtnd.mailbox.directio import DirectFile
 from xtnd.mailbox.spm import SPMConfig, SPMMailbox
@@ -151,12 +153,20 @@ class SpmDaemon:
         self.hostcfg = storage.HostConfig.load(config.spm.storage_config or None)
         self.opener = Opener(config, self.hostcfg)
         self.metrics = Metrics()
+        self.metrics.lease.host_id = config.spm.host_id
+        self.metrics.lease.set(False)
         self._stop = threading.Event()
         self._stop_reason = ""
         self.lease: spm_lease.SpmLease | None = None
         self.mailbox: SPMMailbox | None = None
         # Control socket ops: volume commands only while serving.
-        self.ops: dict[str, Op] = {"ping": lambda args: "pong", "stats": lambda args: self.stats()}
+        self.role = "starting"
+        self.ops: dict[str, Op] = {
+            "ping": lambda args: "pong",
+            "stats": lambda args: self.stats(),
+            "status": lambda args: self.status(),
+            "log_level": set_log_level,
+        }
         self.ops.update(dict.fromkeys(VOLUME_OPS, _not_spm))
 
     # Signals and loss
@@ -206,6 +216,8 @@ class SpmDaemon:
         control = ControlServer(cfg.spm.control_socket, self.ops) if cfg.spm.control_socket else None
         if control:
             control.start()
+        metrics = MetricsServer(cfg.metrics.listen, self.metrics.registry, "spm-metrics")
+        metrics.start()
         try:
             log.info("joining lockspace lockspace=%s host_id=%d", lockspace.name, cfg.spm.host_id)
             sd_notify("STATUS=joining lockspace")
@@ -215,19 +227,23 @@ class SpmDaemon:
                 return EXIT_OK
             return self._serve(lease, mbx)
         finally:
+            metrics.stop()
             if control:
                 control.stop()
             lease.close()
 
     def _acquire(self, lease: spm_lease.SpmLease) -> bool:
+        self.role = "standby"
         sd_notify("STATUS=waiting for the SPM lease")
         attempts = 0
         while not self._stop.is_set():
             attempts += 1
             try:
                 lease.acquire()
+                self.metrics.lease.set(True)
                 return True
             except spm_lease.LeaseBusy as e:
+                self.metrics.lease.seen_holder(e.owners[0].host_id if e.owners else 0)
                 owners = ",".join(f"{o.host_id}/{o.generation}" for o in e.owners) or "unknown"
                 level = logging.INFO if attempts == 1 else logging.DEBUG
                 log.log(level, "SPM lease busy, waiting owners=%s attempts=%d", owners, attempts)
@@ -246,13 +262,19 @@ class SpmDaemon:
         inbox = DirectFile(mbx.inbox)
         outbox = DirectFile(mbx.outbox)
         self.mailbox = mailbox = SPMMailbox(inbox, outbox, mbx.max_hosts, mailbox_config(cfg))
+        mailbox.on_scan = self.metrics.scanned
+        self.metrics.watch("mailbox", lambda: mailbox.stats)
+        self.metrics.watch("inbox", inbox.counters.snapshot)
+        self.metrics.watch("outbox", outbox.counters.snapshot)
         mailbox.register(codec.EXTEND_OPCODE, service.handle)
         lease.fence()
         log.info("serving started host_id=%d lockspace=%s %s", cfg.spm.host_id, lease.lockspace, _stamp())
         mailbox.start()
+        self.role = "serving"
         self.ops.update(VolumeOps(registry, service, self.stats).table())
         sd_notify(f"READY=1\nSTATUS=serving as SPM host_id={cfg.spm.host_id}\nMAINPID={os.getpid()}")
         self._wait_for_stop()
+        self.role = "stopping"
         log.info("stopping reason=%s", self._stop_reason)
         sd_notify("STOPPING=1\nSTATUS=stopping")
         for name in VOLUME_OPS:
@@ -275,12 +297,28 @@ class SpmDaemon:
             _flush_logs()
             os._exit(EXIT_ABANDONED)
         lease.release()
+        self.metrics.lease.set(False)
         return EXIT_OK
 
     def _wait_for_stop(self) -> None:
         interval = self.config.spm.stats_interval or None
         while not self._stop.wait(interval):
             log.info("stats %s", self.metrics.summary())
+
+    def status(self) -> dict[str, Any]:
+        """For `xtnd status`: role, lease holder, requests in flight."""
+        lease = self.metrics.lease
+        return {
+            "role": self.role,
+            "host_id": self.config.spm.host_id,
+            "master_domain": self.config.spm.master_domain,
+            "lease_held": lease.held,
+            "lease_holder": lease.holder or None,
+            "lease_holder_since": round(lease.holder_since, 3) if lease.holder else None,
+            "lease_acquisitions": lease.acquisitions,
+            "in_flight": self.metrics.snapshot()["in_flight"],
+            "results": self.metrics.snapshot()["results"],
+        }
 
     def stats(self) -> dict[str, Any]:
         lease = self.lease

@@ -46,18 +46,22 @@ MiB = c.MiB
 
 
 class Refused(Exception):
-    """A request that fails validation: failure reply, no LVM command."""
+    """A request that fails validation: failure reply, no LVM command.
 
-    def __init__(self, reason: str):
+    kind: a short fixed name of the reason (a metrics label)."""
+
+    def __init__(self, reason: str, kind: str):
         self.reason = reason
+        self.kind = kind
         super().__init__(reason)
 
 
 class ExtendFailed(Exception):
     """LVM could not extend (no free extents, command failed)."""
 
-    def __init__(self, reason: str):
+    def __init__(self, reason: str, kind: str):
         self.reason = reason
+        self.kind = kind
         super().__init__(reason)
 
 
@@ -72,6 +76,7 @@ class _Timing:
     locked: float = 0.0
     validated: float = 0.0
     fence: float = 0.0
+    fenced: bool = False
     lvextend: float | None = None
     done: float = 0.0
 
@@ -184,23 +189,20 @@ class ExtendService:
         msg = req.message
         t = _Timing(received=req.received, started=self._clock())
         self.metrics.started()
-        result, granted, reason = "failed", 0, ""
+        result, granted, reason, kind = "failed", 0, "", ""
         try:
             with self.volume_locks.hold((msg.domain, msg.volume)):
                 t.locked = self._clock()
                 result, granted = self._extend(msg.domain, msg.volume, msg.size_mb, t)
             return granted
-        except Refused as e:
-            result, reason = "refused", e.reason
-            raise
-        except ExtendFailed as e:
-            result, reason = "failed", e.reason
+        except (Refused, ExtendFailed) as e:
+            result, reason, kind = "refused" if isinstance(e, Refused) else "failed", e.reason, e.kind
             raise
         except LeaseLost as e:
-            result, reason = "fenced", e.reason
+            result, reason, kind = "fenced", e.reason, "lease_lost"
             raise
         except Exception as e:
-            result, reason = "failed", f"{type(e).__name__}: {e}"
+            result, reason, kind = "failed", f"{type(e).__name__}: {e}", "error"
             raise
         finally:
             t.done = self._clock()
@@ -208,9 +210,9 @@ class ExtendService:
                 t.locked = t.done
             if not t.validated:
                 t.validated = t.done
-            self._log_done(req, result, granted, reason, t)
+            self._log_done(req, result, granted, reason, kind, t)
 
-    def _log_done(self, req: Request, result: str, granted: int, reason: str, t: _Timing) -> None:
+    def _log_done(self, req: Request, result: str, granted: int, reason: str, kind: str, t: _Timing) -> None:
         msg = req.message
 
         def ms(seconds: float) -> float:
@@ -218,7 +220,16 @@ class ExtendService:
 
         lvx = ms(t.lvextend) if t.lvextend is not None else None
         total = ms(t.done - t.received)
-        self.metrics.finished(result, total, lvx)
+        phases = {
+            "queue": ms(t.started - t.received),
+            "lock": ms(t.locked - t.started),
+            "validate": ms(t.validated - t.locked),
+        }
+        if t.fenced:
+            phases["fence"] = ms(t.fence)
+        if lvx is not None:
+            phases["lvextend"] = lvx
+        self.metrics.finished(result, total, lvx, phases, kind)
         level = logging.INFO if result in ("extended", "noop") else logging.WARNING
         log.log(
             level,
@@ -244,47 +255,53 @@ class ExtendService:
         try:
             managed = self.registry.get(domain)
         except doms.DomainNotManaged as e:
-            raise Refused(str(e)) from None
+            raise Refused(str(e), "unmanaged_domain") from None
         size = size_mb * MiB
         if not managed.is_block:
             # File volumes grow by themselves; only check the volume exists.
             try:
                 info = managed.domain.volume_info(volume)
             except Exception as e:  # noqa: BLE001 - any lookup failure refuses the request
-                raise Refused(f"unknown volume: {e}") from None
+                raise Refused(f"unknown volume: {e}", "unknown_volume") from None
             t.validated = self._clock()
             if size > info.max_size:
-                raise Refused(f"size {size} above max size {info.max_size} of volume {volume}")
+                raise Refused(f"size {size} above max size {info.max_size} of volume {volume}", "above_max_size")
             return "noop", size_mb
         try:
             lv = managed.lookup(volume)
         except lvm.LVMError as e:
-            raise ExtendFailed(f"cannot list volumes of domain {domain}: {e}") from None
+            raise ExtendFailed(f"cannot list volumes of domain {domain}: {e}", "lvm_list") from None
         if lv is None:
-            raise Refused(f"unknown volume {volume} in domain {domain}")
+            raise Refused(f"unknown volume {volume} in domain {domain}", "unknown_volume")
         if lv.kind != doms.VOLUME:
-            raise Refused(f"{lv.kind} LV {lv.name} in domain {domain} is not an extendable volume")
+            raise Refused(f"{lv.kind} LV {lv.name} in domain {domain} is not an extendable volume", "not_a_volume")
         if size > lv.max_size:
-            raise Refused(f"size {size} above max size {lv.max_size} of volume {volume} (capacity {lv.capacity})")
+            raise Refused(
+                f"size {size} above max size {lv.max_size} of volume {volume} (capacity {lv.capacity})",
+                "above_max_size",
+            )
         t.validated = self._clock()
         if size <= lv.size:
             return "noop", lv.size // MiB
         block = managed.block
         target = lvm.round_up(size, lv.extent_size)
         start = self._clock()
+        t.fenced = True
         self.fence()
         t.fence = self._clock() - start
         start = self._clock()
         try:
             new_size = lvm.lvextend(block.runner, block.vg, lv.name, target, self._alloc)
         except lvm.NotEnoughFreeExtents as e:
-            raise ExtendFailed(f"no free space in domain {domain}: needed={e.needed} free={e.free} extents") from None
+            raise ExtendFailed(
+                f"no free space in domain {domain}: needed={e.needed} free={e.free} extents", "no_space"
+            ) from None
         except lvm.LVNotFound:
             managed.invalidate()
-            raise Refused(f"volume {volume} disappeared from domain {domain}") from None
+            raise Refused(f"volume {volume} disappeared from domain {domain}", "unknown_volume") from None
         except lvm.LVMError as e:
             managed.invalidate()
-            raise ExtendFailed(f"lvextend failed: {e}") from None
+            raise ExtendFailed(f"lvextend failed: {e}", "lvextend") from None
         finally:
             t.lvextend = self._clock() - start
         managed.update_size(volume, new_size)

@@ -76,6 +76,9 @@ class Pool:
         c.host.master_domain = str(self.uuid)
         c.host.storage_config = self.storage_config
         c.host.run_dir = self.run_dir
+        # Tests run several daemons at once: no fixed ports or sockets.
+        c.host.control_socket = os.path.join(self.workdir, "hsm.sock")
+        c.metrics.listen = ""
         c.thin.chunk_mb = chunk_mb
         c.thin.utilization_percent = utilization_percent
         c.monitor.stats_interval = monitor.get("stats_interval", 1.0)

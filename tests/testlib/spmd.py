@@ -90,6 +90,8 @@ class Pool:
             },
             "lease": {"io_timeout": str(IO_TIMEOUT), "acquire_interval": "0.2", "check_interval": "0.2"},
             "lvm": {"command_timeout": "8"},
+            # Tests run several daemons at once: no fixed metrics port.
+            "metrics": {"listen": ""},
         }
         if pvs:
             sections[f"domain {self.uuid}"] = {"pvs": " ".join(pvs)}

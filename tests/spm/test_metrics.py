@@ -1,0 +1,104 @@
+"""Prometheus metrics, status and log levels of a real ``xtnd spm`` process.
+
+The daemon listens on port 0 (the kernel picks a free one; the daemon logs
+it), so parallel test runs never collide. An extend is held in flight by
+holding LVM's VG lock while the test scrapes.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+from testlib import sanlockd
+from testlib.prom import LISTENING, scrape, value
+from testlib.spmd import MiB, Pool, SpmProcess, vg_locked
+from testlib.wait import wait_for
+from xtnd.mailbox.hsm import ExtendFailed
+from xtnd.spm.control import ControlClient
+
+
+@pytest.fixture
+def spm(pool: Pool, sanlock_hosts: Callable[[int], list[sanlockd.SanlockDaemon]], workdir: str) -> Iterator[SpmProcess]:
+    [host] = sanlock_hosts(1)
+    config = pool.spm_config(1, **{"metrics.listen": "127.0.0.1:0"})
+    proc = SpmProcess(host, config, os.path.join(workdir, "spm1.log"))
+    proc.wait_serving()
+    yield proc
+    if proc.proc.poll() is None:
+        proc.kill()
+
+
+def test_scrape_during_extend(pool: Pool, spm: SpmProcess) -> None:
+    port = int(spm.wait_log(LISTENING).group(1))
+    before = scrape(port)
+    assert value(before, "xtnd_spm_lease_held") == 1
+    assert value(before, "xtnd_spm_host_id") == 1
+    assert value(before, "xtnd_spm_lease_acquisitions_total") == 1
+    assert value(before, "xtnd_spm_extends_in_flight") == 0
+    assert value(before, "xtnd_spm_extend_requests_total", result="extended", reason="") == 0
+    assert value(before, "xtnd_spm_extend_phase_seconds_count", phase="lvextend") == 0
+
+    vol = pool.create_volume(capacity=100 * MiB, size=8 * MiB)
+    hsm = pool.hsm(host_id=2)
+    hsm.start()
+    try:
+        with vg_locked(pool.domain.vg):
+            pending = hsm.submit(pool.uuid, vol, 20 * MiB)
+            during = wait_for(
+                lambda: (s := scrape(port)) and value(s, "xtnd_spm_extends_in_flight") == 1 and s,
+                timeout=60,
+                what="an extend in flight",
+            )
+            assert not pending.done()
+        assert pending.result(timeout=60) == 20 * MiB
+        with pytest.raises(ExtendFailed):
+            hsm.submit(pool.uuid, uuid.uuid4(), 20 * MiB).result(timeout=60)
+    finally:
+        hsm.stop()
+    assert value(during, "xtnd_spm_extend_requests_total", result="extended", reason="") == 0
+    after = scrape(port)
+    assert value(after, "xtnd_spm_extends_in_flight") == 0
+    assert value(after, "xtnd_spm_extend_requests_total", result="extended", reason="") == 1
+    assert value(after, "xtnd_spm_extend_requests_total", result="refused", reason="unknown_volume") == 1
+    for phase in ("queue", "lock", "validate", "total"):
+        assert value(after, "xtnd_spm_extend_phase_seconds_count", phase=phase) == 2, phase
+    for phase in ("fence", "lvextend"):
+        assert value(after, "xtnd_spm_extend_phase_seconds_count", phase=phase) == 1, phase
+    # The extend waited for the VG lock inside lvextend: its time is there.
+    assert value(after, "xtnd_spm_extend_phase_seconds_sum", phase="lvextend") > 0
+    assert value(after, "xtnd_spm_mailbox_scans_total") > value(before, "xtnd_spm_mailbox_scans_total")
+    assert value(after, "xtnd_spm_mailbox_scan_seconds_count") > value(before, "xtnd_spm_mailbox_scan_seconds_count")
+    assert value(after, "xtnd_spm_inbox_reads_total") > value(before, "xtnd_spm_inbox_reads_total")
+    assert value(after, "xtnd_spm_outbox_writes_total") > value(before, "xtnd_spm_outbox_writes_total")
+
+    status = ControlClient(os.path.join(pool.workdir, "spm1.sock")).call("status")
+    assert status["role"] == "serving"
+    assert status["lease_holder"] == 1
+    assert status["results"]["extended"] == 1
+
+
+def test_log_level_at_runtime(pool: Pool, spm: SpmProcess) -> None:
+    sock = os.path.join(pool.workdir, "spm1.sock")
+    vol = pool.create_volume(capacity=100 * MiB, size=8 * MiB)
+    hsm = pool.hsm(host_id=2)
+    hsm.start()
+    try:
+        # The daemon logs at INFO: a mailbox scan is a DEBUG line of xtnd.mailbox... until asked.
+        cmd = [sys.executable, "-m", "xtnd.tools.cli", "spm", "log-level", "xtnd.spm.extend", "warning"]
+        out = subprocess.run([*cmd, "--socket", sock], capture_output=True, text=True, check=True).stdout
+        assert out == "xtnd.spm.extend: INFO -> WARNING\n"
+        hsm.submit(pool.uuid, vol, 20 * MiB).result(timeout=60)
+        cmd[-1] = "info"
+        subprocess.run([*cmd, "--socket", sock], capture_output=True, text=True, check=True)
+        hsm.submit(pool.uuid, vol, 24 * MiB).result(timeout=60)
+    finally:
+        hsm.stop()
+    spm.wait_log(r"extend done result=extended .*size_mb=24")
+    assert spm.log().count("extend done result=extended") == 1
+    bad = subprocess.run([*cmd[:-1], "loud", "--socket", sock], capture_output=True, text=True)
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr and "Traceback" not in bad.stderr
