@@ -2,6 +2,7 @@
 
     xtnd hsm --config /etc/xtnd/hsm.conf            run the daemon (SIGTERM stops it)
     xtnd hsm --config /etc/xtnd/hsm.conf --show-config
+    xtnd hsm log-level LOGGER LEVEL                 change a logger of the running HSM
     xtnd hsm bench [--json] ...                     see xtnd.tools.hsm_bench
 
 Also adds ``xtnd volume prepare|teardown`` (xtnd.tools.volume_host_cli):
@@ -49,6 +50,9 @@ def register(top: Any) -> None:
     p.add_argument("--show-config", action="store_true", help="print the effective configuration and exit")
     p.set_defaults(func=_daemon)
     sub = p.add_subparsers(dest="hsm_command", metavar="SUBCOMMAND")
+    from xtnd.tools import status_cli
+
+    status_cli.add_log_level(sub, "hsm")
     from xtnd.tools import hsm_bench
 
     hsm_bench.register(sub)

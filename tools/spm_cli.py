@@ -3,6 +3,7 @@
     xtnd spm --config /etc/xtnd/spm.conf            run the daemon (systemd: xtnd-spm.service)
     xtnd spm --config FILE --show-config            print the effective config and exit
     xtnd spm stats [--socket PATH]                   a running SPM's counters and latencies
+    xtnd spm log-level LOGGER LEVEL                  change a logger of the running SPM
     xtnd spm bench [--volumes N] [--requests N] [--json]
 
 The daemon logs at INFO unless -v/-vv asks for more.
@@ -71,6 +72,10 @@ def register(subparsers: Any) -> None:
     stats = sub.add_parser("stats", help="counters and latencies of the running SPM (control socket)")
     stats.add_argument("--socket", help="control socket (default $XTND_SPM_SOCKET or /run/xtnd/spm.sock)")
     stats.set_defaults(func=_stats)
+
+    from xtnd.tools import status_cli
+
+    status_cli.add_log_level(sub, "spm")
 
     from xtnd.tools import spm_bench
 

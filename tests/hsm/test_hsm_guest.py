@@ -11,6 +11,7 @@ TCG guests write about 3.5 MiB/s, so sizes are MiB-scale.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import signal
@@ -24,7 +25,7 @@ from typing import Any
 
 import libvirt
 import pytest
-from testlib import guest, hsmrig
+from testlib import guest, hsmrig, prom
 from testlib.sanlockd import SanlockDaemon
 from testlib.wait import wait_for
 from xtnd.hsm import config as hsm_config
@@ -311,9 +312,20 @@ def test_hsm_restarted_while_vm_paused(
     """`xtnd hsm` as a process: no SPM yet, so the guest pauses on ENOSPC
     with a request pending; SIGTERM stops the daemon at once and clears its
     mailbox block; the SPM comes up, the daemon starts again and resumes
-    the VM it finds paused."""
+    the VM it finds paused. Its metrics and `xtnd status` show the pending
+    extend, then the completed one."""
     disk = pool.thin_volume(initial=16 * MiB)
-    conf = pool.write_config(pool.config(chunk_mb=16), os.path.join(workdir, "hsm.conf"))
+    config = pool.config(chunk_mb=16)
+    config.metrics.listen = "127.0.0.1:0"  # a free port, logged by the daemon
+    conf = pool.write_config(config, os.path.join(workdir, "hsm.conf"))
+    spm_conf = os.path.join(pool.workdir, f"spm{hsmrig.HOST_ID}.conf")  # written by spm_daemon()
+
+    def status() -> tuple[int, dict[str, Any]]:
+        cmd = [sys.executable, "-m", "xtnd.tools.cli", "status", "--json", "--hsm-config", conf, "--spm-config"]
+        done = subprocess.run([*cmd, spm_conf], capture_output=True, text=True)
+        log.info("xtnd status rc=%d\n%s", done.returncode, done.stdout)
+        return done.returncode, json.loads(done.stdout)
+
     cmd = [sys.executable, "-m", "xtnd.tools.cli", "hsm", "--config", conf]
 
     def start(n: int) -> tuple[subprocess.Popen[bytes], str]:
@@ -331,6 +343,19 @@ def test_hsm_restarted_while_vm_paused(
             g.wait_state(libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_IOERROR, timeout=120)
             wait_for(lambda: "extend requested" in read(first), timeout=30)
             assert _read_host_block(pool) != bytes(codec.BLOCK_SIZE), "the request is in the inbox"
+            port = prom.port_in(read(first))
+            assert port, read(first)
+            pending = prom.scrape(port)
+            assert prom.value(pending, "xtnd_hsm_extends_in_flight") == 1
+            assert prom.value(pending, "xtnd_hsm_drives", state="extending") == 1
+            assert prom.value(pending, "xtnd_hsm_vm_pauses_total") >= 1
+            assert prom.value(pending, "xtnd_hsm_extend_requests_total", result="extended") == 0
+            assert prom.value(pending, "xtnd_hsm_inbox_writes_total") >= 1
+            rc, report = status()  # no SPM config yet: only the HSM is expected here
+            assert rc == 0 and report["spm"] is None
+            [drive] = report["hsm"]["drives"]
+            assert drive["state"] == "extending" and drive["last_extend"] is None
+            assert report["hsm"]["in_flight"] == 1
             stopping = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(20) == 0, read(first)
@@ -346,6 +371,16 @@ def test_hsm_restarted_while_vm_paused(
                 first_done = parse_line(lines[0])
                 assert first_done["resumed"] == "yes"
                 assert first_done["trigger"] in ("enospc", "load")
+                port = wait_for(lambda: prom.port_in(read(second)), timeout=30)
+                done = prom.scrape(port)
+                assert prom.value(done, "xtnd_hsm_extend_requests_total", result="extended") >= 1
+                assert prom.value(done, "xtnd_hsm_extend_phase_seconds_count", phase="total") >= 1
+                assert prom.value(done, "xtnd_hsm_extend_phase_seconds_sum", phase="extend") > 0
+                assert prom.value(done, "xtnd_hsm_vm_resumes_total") >= 1
+                rc, report = wait_for(lambda: (r := status()) and r[0] == 0 and r, timeout=30, what="healthy")
+                assert report["spm"]["role"] == "serving" and report["spm"]["lease_holder"] == hsmrig.HOST_ID
+                [drive] = report["hsm"]["drives"]
+                assert drive["last_extend"] is not None and drive["last_extend_ms"] > 0
                 proc.send_signal(signal.SIGTERM)
                 assert proc.wait(20) == 0
     finally:
