@@ -26,6 +26,7 @@ TOP_COMMANDS = [
     "xtnd.tools.demo",
     "xtnd.tools.hsm_cli",
     "xtnd.tools.spm_cli",
+    "xtnd.tools.stats_cli",
     "xtnd.tools.status_cli",
 ]
 
