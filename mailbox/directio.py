@@ -117,19 +117,23 @@ class DirectFile:
         return os.fstat(self._fd).st_size
 
     def _buffer(self, length: int) -> mmap.mmap:
-        bufs: dict[int, mmap.mmap] | None = getattr(self._local, "bufs", None)
-        if bufs is None:
-            bufs = self._local.bufs = {}
-        buf = bufs.get(length)
-        if buf is None:
-            buf = bufs[length] = mmap.mmap(-1, length)
+        """This thread's aligned buffer, grown to hold ``length`` bytes.
+
+        One buffer per thread, as large as the largest transfer so far: the
+        SPM writes runs of any length, and a buffer per length would pile up.
+        """
+        buf: mmap.mmap | None = getattr(self._local, "buf", None)
+        if buf is None or len(buf) < length:
+            if buf is not None:
+                buf.close()
+            buf = self._local.buf = mmap.mmap(-1, length)
         return buf
 
     def read(self, offset: int, length: int) -> bytes:
         _check_aligned(offset, length)
         buf = self._buffer(length)
         try:
-            n = os.preadv(self._fd, [buf], offset)
+            n = os.preadv(self._fd, [memoryview(buf)[:length]], offset)
         except OSError as e:
             raise StorageError(e.errno, f"read {self.path} offset={offset} length={length}: {e.strerror}") from e
         if n != length:
@@ -145,7 +149,7 @@ class DirectFile:
         buf = self._buffer(length)
         buf[:length] = data
         try:
-            n = os.pwritev(self._fd, [buf], offset)
+            n = os.pwritev(self._fd, [memoryview(buf)[:length]], offset)
         except OSError as e:
             raise StorageError(e.errno, f"write {self.path} offset={offset} length={length}: {e.strerror}") from e
         if n != length:

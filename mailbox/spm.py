@@ -13,8 +13,12 @@ One I/O thread ("mailbox-spm") owns all mailbox storage I/O:
   it is reconsidered once valid); a slot is new when its bytes changed;
 - new requests go to a bounded pool of worker threads running the handler
   registered for the opcode, so a slow extend never blocks the scan;
-- workers hand replies back; the I/O thread writes each touched host
-  block of the outbox with one 4 KiB write, and echoes clean messages.
+- workers hand replies back; the I/O thread echoes clean messages and
+  writes the touched host blocks of the outbox, adjacent ones in one write
+  (outbox.OutboxImage), so a wave's cost follows its I/Os, not its hosts;
+- ``waves`` keeps the service time of recent waves: from the read that saw
+  new mail while nothing was in flight to the write that left nothing in
+  flight (the SPM's own share of a roundtrip, for the benchmark).
 
 A reply is written only if the request is still in its slot: a request the
 HSM withdrew or moved meanwhile gets no stale reply.
@@ -26,6 +30,7 @@ failover (safe: extends name absolute sizes).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import queue
@@ -38,6 +43,7 @@ from xtnd.common.waker import Waker
 
 from . import codec
 from .directio import Storage, StorageError
+from .outbox import OutboxImage
 
 log = logging.getLogger("xtnd.mailbox.spm")
 
@@ -105,8 +111,7 @@ class SPMMailbox:
         self._clock = clock
         self._handlers: dict[bytes, Handler] = {}
         self._view = [codec.EMPTY_BLOCK] * (max_hosts + 1)
-        self._out = [bytearray(codec.BLOCK_SIZE) for _ in range(max_hosts + 1)]
-        self._dirty: set[int] = set()
+        self._image = OutboxImage(max_hosts)
         self._last_event = b""
         self._next_scan = 0.0
         self._last_mail = -1e9
@@ -136,7 +141,13 @@ class SPMMailbox:
             "withheld": 0,
             "bad_blocks": 0,
             "errors": 0,
+            "writes": 0,
         }
+        # Recent waves: (service seconds, requests, messages answered).
+        self.waves: collections.deque[tuple[float, int, int]] = collections.deque(maxlen=4096)
+        self._wave_start: float | None = None
+        self._wave_requests = 0
+        self._wave_messages = 0
         # Called with the duration of each full inbox scan (metrics).
         self.on_scan: Callable[[float], None] | None = None
 
@@ -152,8 +163,8 @@ class SPMMailbox:
         """Zero the outbox and forget the inbox: every pending request is new."""
         self._outbox.write(0, bytes(self._length))
         self._view = [codec.EMPTY_BLOCK] * (self.max_hosts + 1)
-        self._out = [bytearray(codec.BLOCK_SIZE) for _ in range(self.max_hosts + 1)]
-        self._dirty.clear()
+        self._image.clear()
+        self._wave_start = None
         self._last_event = b""
         self._next_scan = self._clock()  # serve pending requests at once
 
@@ -251,8 +262,9 @@ class SPMMailbox:
         self._take_replies()
         self._write_dirty()
         now = self._clock()
+        began = time.monotonic()
         if self._intake and (now >= self._next_scan or self._event_changed()):
-            self.scan()
+            self.scan(began)
         self._take_replies()
         self._write_dirty()
 
@@ -269,9 +281,14 @@ class SPMMailbox:
         """True while polling fast because mail came recently."""
         return self._clock() - self._last_mail < self.config.active_window
 
-    def scan(self) -> None:
-        """Read the whole inbox once and dispatch everything new in it."""
-        began = time.monotonic()
+    def scan(self, began: float | None = None) -> None:
+        """Read the whole inbox once and dispatch everything new in it.
+
+        ``began``: when the read that led here started (wave timing).
+        """
+        began = time.monotonic() if began is None else began
+        if self._wave_start is None:
+            self._wave_start = began
         data = self._inbox.read(0, self._length)
         now = self._clock()
         self._next_scan = now + self.config.scan_interval
@@ -285,6 +302,8 @@ class SPMMailbox:
             block = data[start : start + codec.BLOCK_SIZE]
             if block != view[host]:
                 self._scan_block(host, block, now)
+        if self._wave_start == began and not (self._wave_requests or self._wave_messages) and self._idle():
+            self._wave_start = None  # nothing new: no wave began
         if self.on_scan is not None:
             self.on_scan(time.monotonic() - began)
 
@@ -335,6 +354,7 @@ class SPMMailbox:
             self._rlog.log(logging.WARNING, "no-handler", "no handler for extend requests, host_id=%d slot=%d", host, i)
             return
         self.stats["requests"] += 1
+        self._wave_requests += 1
         req = Request(host, i, msg, raw, now)
         with self._lock:
             self._active += 1
@@ -344,8 +364,8 @@ class SPMMailbox:
             self._work.put(req)
 
     def _put_reply(self, host: int, i: int, raw: bytes) -> None:
-        codec.put_slot(self._out[host], i, raw)
-        self._dirty.add(host)
+        self._image.put(host, i, raw)
+        self._wave_messages += 1
 
     def _take_replies(self) -> None:
         with self._lock:
@@ -360,14 +380,21 @@ class SPMMailbox:
             self._put_reply(req.host_id, req.slot, raw)
 
     def _write_dirty(self) -> None:
-        while self._dirty:
-            host = min(self._dirty)
-            self._outbox.write(host * codec.BLOCK_SIZE, self._out[host])
-            self._dirty.discard(host)
+        if self._image.dirty:
+            self.stats["writes"] += self._image.flush(self._outbox)
         with self._flushed:
             if self._written != self._taken:
                 self._written = self._taken
                 self._flushed.notify_all()
+        if self._wave_start is not None and self._idle():
+            self.waves.append((time.monotonic() - self._wave_start, self._wave_requests, self._wave_messages))
+            self._wave_start = None
+            self._wave_requests = self._wave_messages = 0
+
+    def _idle(self) -> bool:
+        """Nothing dispatched, handed back, or waiting to be written."""
+        with self._lock:
+            return self._active == 0 and not self._replies and not self._image.dirty
 
     # Workers
 
@@ -376,10 +403,8 @@ class SPMMailbox:
             req = self._work.get()
             if req is None:
                 return
-            reply = self._handle(req)
-            if not self._hand_in(req, reply):
+            if not self._hand_in(req, self._handle(req)):
                 return
-            self._waker.wake()
 
     def _hand_in(self, req: Request, reply: bytes | None) -> bool:
         """Queue a handler's reply for the I/O thread; False once stopping."""
@@ -391,7 +416,12 @@ class SPMMailbox:
                 self._replies.append((req, reply))
                 self._handed += 1
             self._flushed.notify_all()
-            return True
+            # Only the first reply since the I/O thread last took them
+            # needs to wake it: one pipe write per batch, not per reply.
+            wake = reply is None or len(self._replies) == 1
+        if wake and self.config.workers:
+            self._waker.wake()
+        return True
 
     def _handle(self, req: Request) -> bytes | None:
         handler = self._handlers[codec.EXTEND_OPCODE]

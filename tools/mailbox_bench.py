@@ -35,6 +35,7 @@ from xtnd.common import cmd, stats
 from xtnd.mailbox import codec, directio
 from xtnd.mailbox.hsm import HSMConfig, HSMMailbox
 from xtnd.mailbox.spm import SPMConfig, SPMMailbox
+from xtnd.tools.mailbox_lean import lean_main
 
 _mp = multiprocessing.get_context("fork")
 
@@ -93,6 +94,9 @@ def _spm_main(box: Mailbox, config: SPMConfig, conn: Connection) -> None:
             conn.send({"reads": inbox.counters.reads + outbox.counters.reads,
                        "writes": inbox.counters.writes + outbox.counters.writes, "active": spm.active,
                        **spm.stats})
+        elif cmd == "waves":
+            # (seconds, requests, messages) of the waves since last asked.
+            conn.send([spm.waves.popleft() for _ in range(len(spm.waves))])
         elif cmd == "stop":
             spm.stop()
             conn.send("stopped")
@@ -183,69 +187,6 @@ def _flow(hsms: list[HSMMailbox], domain: uuid.UUID, duration: float, rate: floa
     return latencies, failures
 
 
-def _lean_main(box: Mailbox, host_ids: list[int], conn: Connection) -> None:
-    """Emulate many hosts from one process, speaking the protocol directly.
-
-    On a real cluster every HSM has its own CPU. 250 HSM interpreters on
-    one small machine measure the machine, so this client writes each
-    host's block and polls the whole outbox with one read, doing the same
-    handshake (request, reply, clean, echo, free) at a fraction of the
-    CPU. Latency is from a host's block write to its reply being read.
-    """
-    inbox = directio.DirectFile(box.inbox)
-    outbox = directio.DirectFile(box.outbox)
-    length = (max(host_ids) + 1) * codec.BLOCK_SIZE
-    domain = uuid.uuid4()
-    conn.send("ready")
-    while True:
-        cmd = conn.recv()
-        if cmd[0] == "stats":
-            conn.send({"reads": inbox.counters.reads + outbox.counters.reads,
-                       "writes": inbox.counters.writes + outbox.counters.writes})
-            continue
-        if cmd[0] == "stop":
-            conn.send("stopped")
-            return
-        messages = cmd[1]
-        requests = {h: [codec.encode(codec.Extend(domain, uuid.uuid4(), 1024)) for _ in range(messages)]
-                    for h in host_ids}
-        sent: dict[int, float] = {}
-        for h in host_ids:
-            inbox.write(h * codec.BLOCK_SIZE, codec.build_block(requests[h]))
-            sent[h] = time.monotonic()
-            inbox.write(0, codec.encode_event())
-        latencies: list[float] = []
-        failures = 0
-        waiting = {h: set(range(messages)) for h in host_ids}
-        deadline = time.monotonic() + 120
-        while any(waiting.values()) and time.monotonic() < deadline:
-            data = outbox.read(0, length)
-            now = time.monotonic()
-            for h in host_ids:
-                for i in list(waiting[h]):
-                    raw = codec.slot(data[h * codec.BLOCK_SIZE : (h + 1) * codec.BLOCK_SIZE], i)
-                    if raw[:codec.MESSAGE_HEAD_SIZE] == requests[h][i][:codec.MESSAGE_HEAD_SIZE]:
-                        failures += codec.decode(raw) != codec.decode(requests[h][i])
-                        latencies.append(now - sent[h])
-                        waiting[h].discard(i)
-            time.sleep(0.001)
-        # Finish the handshake so the next round starts clean.
-        for h in host_ids:
-            inbox.write(h * codec.BLOCK_SIZE, codec.build_block([codec.CLEAN_MESSAGE] * messages))
-        inbox.write(0, codec.encode_event())
-        while True:
-            data = outbox.read(0, length)
-            if all(codec.slot(data[h * codec.BLOCK_SIZE : (h + 1) * codec.BLOCK_SIZE], i) == codec.CLEAN_MESSAGE
-                   for h in host_ids for i in range(messages)) or time.monotonic() > deadline:
-                break
-            time.sleep(0.001)
-        for h in host_ids:
-            inbox.write(h * codec.BLOCK_SIZE, codec.EMPTY_BLOCK)
-        inbox.write(0, codec.encode_event())
-        failures += sum(len(w) for w in waiting.values())
-        conn.send((latencies, failures))
-
-
 def percentile(values: list[float], pct: float) -> float:
     """Nearest-rank percentile; NaN when there is nothing to rank."""
     return stats.percentile(values, pct) if values else math.nan
@@ -278,7 +219,8 @@ class Cluster:
             host_ids = list(range(1 + n, hosts + 1, procs))
             parent, child = _mp.Pipe()
             if lean:
-                p = _mp.Process(target=_lean_main, args=(box, host_ids, child), name="lean-hosts", daemon=True)
+                p = _mp.Process(target=lean_main, args=(box.inbox, box.outbox, host_ids, child), name="lean-hosts",
+                                daemon=True)
             else:
                 p = _mp.Process(target=_hsm_main, args=(box, host_ids, hsm_config, child), name=f"hsm-{n}",
                                 daemon=True)
@@ -313,6 +255,12 @@ class Cluster:
             reads += s["reads"]
             writes += s["writes"]
         return reads, writes
+
+    def waves(self) -> list[tuple[float, int, int]]:
+        """The SPM's waves since last asked: (seconds, requests, messages)."""
+        self.spm_conn.send("waves")
+        waves: list[tuple[float, int, int]] = self.spm_conn.recv()
+        return waves
 
     def round(self, messages: int) -> tuple[list[float], int]:
         for conn in self.hsm_conns:
@@ -370,6 +318,7 @@ def run_bench(
             load_before = os.getloadavg()
             c2, t2 = _cpu_seconds(cluster.spm_pid), time.monotonic()
             r2, w2 = cluster.io_counts()
+            cluster.waves()  # forget the start-up's
             for _ in range(rounds):
                 lat, failed = cluster.round(messages)
                 latencies.extend(lat)
@@ -377,10 +326,14 @@ def run_bench(
             c3, t3 = _cpu_seconds(cluster.spm_pid), time.monotonic()
             r3, w3 = cluster.io_counts()
             busy_wall = t3 - t2
+            waves = cluster.waves()
         finally:
             cluster.stop()
     latencies.sort()
     ms = [x * 1000 for x in latencies]
+    # The SPM's service time of the waves that carried requests (the clean
+    # and free steps of the handshake make waves of their own).
+    wave_ms = sorted(w[0] * 1000 for w in waves if w[1])
     return {
         "hosts": hosts,
         "messages": messages,
@@ -394,6 +347,10 @@ def run_bench(
         "p50_ms": round(percentile(ms, 50), 2),
         "p99_ms": round(percentile(ms, 99), 2),
         "max_ms": round(ms[-1], 2) if ms else math.nan,
+        "spm_waves": len(wave_ms),
+        "spm_wave_p50_ms": round(percentile(wave_ms, 50), 2),
+        "spm_wave_p99_ms": round(percentile(wave_ms, 99), 2),
+        "spm_wave_max_ms": round(wave_ms[-1], 2) if wave_ms else math.nan,
         "spm_cpu_idle_pct": round(100 * (c1 - c0) / idle_wall, 2),
         "spm_cpu_busy_pct": round(100 * (c3 - c2) / busy_wall, 2),
         "reads_per_s_idle": round((r1 - r0) / idle_wall, 1),
@@ -415,6 +372,9 @@ def format_result(r: dict[str, Any]) -> str:
         f"failures={r['failures']} storage={r['storage']} clients={r['clients']} "
         f"processes={r['hsm_processes']}\n"
         f"  roundtrip  p50={r['p50_ms']:.2f} ms  p99={r['p99_ms']:.2f} ms  max={r['max_ms']:.2f} ms\n"
+        f"  SPM wave   p50={r['spm_wave_p50_ms']:.2f} ms  p99={r['spm_wave_p99_ms']:.2f} ms  "
+        f"max={r['spm_wave_max_ms']:.2f} ms  ({r['spm_waves']} waves with requests: first read to last reply "
+        f"written)\n"
         f"  SPM CPU    idle={r['spm_cpu_idle_pct']:.2f}%  busy={r['spm_cpu_busy_pct']:.2f}% of a core\n"
         f"  storage    idle reads/s={r['reads_per_s_idle']} writes/s={r['writes_per_s_idle']}  "
         f"busy reads/s={r['reads_per_s_busy']} writes/s={r['writes_per_s_busy']}\n"
