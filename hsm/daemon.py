@@ -26,6 +26,7 @@ from types import FrameType
 from typing import Any
 
 from xtnd.common.promhttp import MetricsServer
+from xtnd.common.watchdog import Watchdog
 from xtnd.hsm import control, notify
 from xtnd.hsm.config import Config
 from xtnd.hsm.libvirtconn import Connection, EventLoop
@@ -128,6 +129,14 @@ class HSM:
             self.config.thin.chunk_mb, self.config.thin.utilization_percent,
         )  # fmt: skip
 
+    def health(self) -> tuple[bool, str]:
+        """For the systemd watchdog: do the threads doing the work still run?"""
+        if not self.monitor.alive:
+            return False, "the monitor's stats thread is gone"
+        if not self.mailbox.alive:
+            return False, "the mailbox thread is gone"
+        return True, ""
+
     def stop(self) -> None:
         log.info("hsm stopping")
         # Jobs end before the connection they use closes: no new ones, then
@@ -154,6 +163,7 @@ def run(config: Config, ready_timeout: float = 10.0) -> int:
     for signo in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signo, on_signal)
     hsm = HSM(config)
+    watchdog = Watchdog(notify.notify)
     metrics = MetricsServer(config.metrics.listen, hsm.metrics.registry, "xtnd-hsm-metrics")
     sock = config.host.control_socket
     server = control.ControlServer(sock, control.ops(hsm), name="xtnd-hsm-control") if sock else None
@@ -162,17 +172,20 @@ def run(config: Config, ready_timeout: float = 10.0) -> int:
     if server is not None:
         server.start()
     try:
-        if not hsm.connection.wait_connected(ready_timeout):
+        with watchdog.covering("start"):
+            connected = hsm.connection.wait_connected(ready_timeout)
+        if not connected:
             log.warning("not connected to libvirt after %.0f s; still trying", ready_timeout)
         notify.notify("READY=1")
         # Event.wait with no timeout would block signal handlers until it
         # returns; a timeout lets the main thread run them.
-        while not stop.wait(1.0):
-            pass
+        while not stop.wait(watchdog.wait_time(1.0)):
+            watchdog.ping(*hsm.health())
     finally:
         notify.notify("STOPPING=1")
-        if server is not None:
-            server.stop()
-        metrics.stop()
-        hsm.stop()
+        with watchdog.covering("stop"):  # bounded: jobs end once the mailbox stops
+            if server is not None:
+                server.stop()
+            metrics.stop()
+            hsm.stop()
     return 0

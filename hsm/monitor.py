@@ -187,6 +187,11 @@ class Monitor:
         self.stop_scheduling(timeout)
         self.join()
 
+    @property
+    def alive(self) -> bool:
+        """The stats thread runs (the daemon's systemd watchdog checks it)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def clock(self) -> float:
         """Now on the monitor's clock (the one of ExtendRecord times)."""
         return self._clock()

@@ -147,6 +147,11 @@ class HSMMailbox:
         self._thread.start()
         log.info("HSM mailbox started host_id=%d inbox=%s outbox=%s", self.host_id, self._inbox.path, self._outbox.path)
 
+    @property
+    def alive(self) -> bool:
+        """The mailbox thread runs (the daemon's systemd watchdog checks it)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def stop(self, timeout: float = 10.0) -> None:
         """Stop at once; pending requests fail with MailboxStopped."""
         with self._cond:

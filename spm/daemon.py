@@ -49,6 +49,7 @@ from xtnd import storage
 from xtnd.common import cmd
 from xtnd.common.control import set_log_level
 from xtnd.common.promhttp import MetricsServer
+from xtnd.common.watchdog import Watchdog
 from xtnd.mailbox import codec
 from xtnd.mailbox.directio import DirectFile
 from xtnd.mailbox.spm import SPMConfig, SPMMailbox
@@ -147,6 +148,28 @@ def _not_spm(args: dict[str, Any]) -> Any:
     raise NotSpm("this host is not the SPM now (waiting for the lease, or stopping)")
 
 
+class ServingHealth:
+    """For the systemd watchdog while serving: healthy while lease checks
+    succeed and the mailbox thread makes progress (reads, scans or errors)."""
+
+    def __init__(self, watchdog: spm_lease.LeaseWatchdog, mailbox_stats: dict[str, int]):
+        self.watchdog = watchdog
+        self.stats = mailbox_stats
+        self._progress = -1
+
+    def __call__(self) -> tuple[bool, str]:
+        if self.watchdog.lost is not None:
+            return False, f"lease lost: {self.watchdog.lost}"
+        age = time.monotonic() - self.watchdog.last_ok
+        if age > self.watchdog.stall_timeout:
+            return False, f"no successful lease check for {age:.1f}s"
+        progress = self.stats["event_reads"] + self.stats["scans"] + self.stats["errors"]
+        if progress == self._progress:
+            return False, "the mailbox thread made no progress since the last ping"
+        self._progress = progress
+        return True, ""
+
+
 class SpmDaemon:
     def __init__(self, config: Config):
         self.config = config
@@ -161,6 +184,7 @@ class SpmDaemon:
         self.mailbox: SPMMailbox | None = None
         # Control socket ops: volume commands only while serving.
         self.role = "starting"
+        self.watchdog = Watchdog(sd_notify)
         self.ops: dict[str, Op] = {
             "ping": lambda args: "pong",
             "stats": lambda args: self.stats(),
@@ -221,7 +245,8 @@ class SpmDaemon:
         try:
             log.info("joining lockspace lockspace=%s host_id=%d", lockspace.name, cfg.spm.host_id)
             sd_notify("STATUS=joining lockspace")
-            lease.join()
+            with self.watchdog.covering("join"):
+                lease.join()
             if not self._acquire(lease):
                 log.info("stopped before acquiring the lease reason=%s", self._stop_reason)
                 return EXIT_OK
@@ -247,7 +272,8 @@ class SpmDaemon:
                 owners = ",".join(f"{o.host_id}/{o.generation}" for o in e.owners) or "unknown"
                 level = logging.INFO if attempts == 1 else logging.DEBUG
                 log.log(level, "SPM lease busy, waiting owners=%s attempts=%d", owners, attempts)
-            self._stop.wait(self.config.lease.acquire_interval)
+            self.watchdog.ping()
+            self._stop.wait(self.watchdog.wait_time(self.config.lease.acquire_interval))
         return False
 
     def _serve(self, lease: spm_lease.SpmLease, mbx: storage.MailboxLocation) -> int:
@@ -273,16 +299,18 @@ class SpmDaemon:
         self.role = "serving"
         self.ops.update(VolumeOps(registry, service, self.stats).table())
         sd_notify(f"READY=1\nSTATUS=serving as SPM host_id={cfg.spm.host_id}\nMAINPID={os.getpid()}")
-        self._wait_for_stop()
+        self._wait_for_stop(ServingHealth(watchdog, mailbox.stats))
         self.role = "stopping"
         log.info("stopping reason=%s", self._stop_reason)
         sd_notify("STOPPING=1\nSTATUS=stopping")
         for name in VOLUME_OPS:
             self.ops[name] = _not_spm
         mailbox.quiesce()
-        drained = service.drain(cfg.spm.shutdown_grace)
-        if drained and not mailbox.flush(REPLY_FLUSH_TIMEOUT):
-            log.warning("replies not written within %.1fs; the next SPM serves them", REPLY_FLUSH_TIMEOUT)
+        # Bounded by shutdown_grace and REPLY_FLUSH_TIMEOUT.
+        with self.watchdog.covering("stop"):
+            drained = service.drain(cfg.spm.shutdown_grace)
+            if drained and not mailbox.flush(REPLY_FLUSH_TIMEOUT):
+                log.warning("replies not written within %.1fs; the next SPM serves them", REPLY_FLUSH_TIMEOUT)
         mailbox.stop(timeout=1.0)
         log.info("serving stopped host_id=%d reason=%s %s", cfg.spm.host_id, self._stop_reason, _stamp())
         log.info("stats %s mailbox=%s", self.metrics.summary(), mailbox.stats)
@@ -300,10 +328,19 @@ class SpmDaemon:
         self.metrics.lease.set(False)
         return EXIT_OK
 
-    def _wait_for_stop(self) -> None:
+    def _wait_for_stop(self, health: ServingHealth) -> None:
+        """The main loop while serving: stats lines and systemd watchdog pings."""
         interval = self.config.spm.stats_interval or None
-        while not self._stop.wait(interval):
-            log.info("stats %s", self.metrics.summary())
+        next_stats = time.monotonic() + interval if interval else None
+        while True:
+            left = None if next_stats is None else max(0.0, next_stats - time.monotonic())
+            if self._stop.wait(self.watchdog.wait_time(left)):
+                return
+            self.watchdog.ping(*health())
+            if next_stats is not None and time.monotonic() >= next_stats:
+                log.info("stats %s", self.metrics.summary())
+                next_stats = time.monotonic() + (interval or 0)
+
 
     def status(self) -> dict[str, Any]:
         """For `xtnd status`: role, lease holder, requests in flight."""

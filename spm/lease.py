@@ -388,6 +388,9 @@ class LeaseWatchdog:
         self._stopping = False
         # Monotonic start of the check in progress, None between checks.
         self._check_started: float | None = None
+        # Monotonic end of the last successful check (the daemon's systemd
+        # watchdog pings only while checks succeed).
+        self.last_ok = time.monotonic()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._guard = threading.Thread(target=self._guard_run, name=f"{name}-stall", daemon=True)
 
@@ -418,6 +421,7 @@ class LeaseWatchdog:
             with self._cond:
                 self._check_started = None
                 self._cond.notify_all()
+        self.last_ok = time.monotonic()
         return self.lost is None
 
     def _report(self, reason: str) -> None:

@@ -20,7 +20,7 @@ APT_PACKAGES=(
     libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
     qemu-system-x86 qemu-utils busybox-static cpio
     python3-venv python3-dev gcc util-linux kmod
-    python3-prometheus-client python3-matplotlib
+    python3-prometheus-client python3-matplotlib systemd
 )
 
 say() { printf '== %s\n' "$*" >&2; }
