@@ -5,14 +5,14 @@ import shutil
 from collections.abc import Iterator
 
 import pytest
-from testlib import storage
 from testlib.sanlockd import sanlock_hosts, sanlockd  # noqa: F401 (fixtures)
+from xtnd.tools.rig import loops
 
 
 def pytest_sessionstart(session: pytest.Session) -> None:
     """Detach loop devices left by earlier runs whose files are gone."""
-    if storage.is_root() and os.path.isdir("/sys/block"):
-        stale = storage.detach_stale(lambda b: b.startswith(storage.BASE + "/") and not os.path.exists(b))
+    if loops.is_root() and os.path.isdir("/sys/block"):
+        stale = loops.detach_stale(lambda b: b.startswith(loops.BASE + "/") and not os.path.exists(b))
         if stale:
             print(f"detached {len(stale)} stale loop devices from earlier runs")
 
@@ -24,11 +24,11 @@ def workdir(request: pytest.FixtureRequest) -> Iterator[str]:
     Loop devices over files in it that a failed test did not detach are
     detached here (set up first, this fixture is torn down last).
     """
-    os.makedirs(storage.BASE, exist_ok=True)
-    path = storage.workdir(request.node.name[:40].replace("/", "_").replace("[", "_").replace("]", ""))
+    os.makedirs(loops.BASE, exist_ok=True)
+    path = loops.workdir(request.node.name[:40].replace("/", "_").replace("[", "_").replace("]", ""))
     yield path
-    if storage.is_root():
-        leaked = storage.detach_stale(lambda b: b.startswith(path + "/"))
+    if loops.is_root():
+        leaked = loops.detach_stale(lambda b: b.startswith(path + "/"))
         if leaked:
             print(f"detached {len(leaked)} loop devices the test left behind: {leaked}")
     shutil.rmtree(path, ignore_errors=True)
@@ -36,5 +36,5 @@ def workdir(request: pytest.FixtureRequest) -> Iterator[str]:
 
 @pytest.fixture
 def need_root() -> None:
-    if not storage.is_root():
+    if not loops.is_root():
         pytest.skip("needs root")

@@ -3,8 +3,8 @@
     xtnd hsm bench [--json] [--extends 8] [--pauses 8] [--rate-chunk-mb 1] [--rates 1,2,3,0]
                    [--spm daemon|inprocess]
 
-Needs root and the source tree: it builds the test guest rig of
-tests/testlib (a TCG guest writing a known pattern, see guest.py), a
+Needs root: it builds the guest rig (xtnd.tools.rig.guest, a TCG guest
+writing a known pattern, from Debian packages tools/run.sh installs), a
 master block domain on a loop PV (4 MiB extents), starts an SPM serving
 real lvextend (by default the real ``xtnd spm`` daemon with its own sanlock
 daemon; ``--spm inprocess`` serves from this process) and runs the HSM in
@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
 import json
 import logging
 import os
@@ -50,15 +49,6 @@ TARGET_THRESHOLD_MS = 200
 TARGET_ENOSPC_MS = 500
 
 log = logging.getLogger("xtnd.hsm.bench")
-
-
-def _testlib() -> None:
-    """Make tests/testlib importable (the guest rig lives with the tests)."""
-    tests = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
-    if not os.path.isdir(os.path.join(tests, "testlib")):
-        raise SystemExit(f"xtnd hsm bench: needs the source tree's tests/testlib (not found at {tests})")
-    if tests not in sys.path:
-        sys.path.insert(0, tests)
 
 
 def _summary(values: list[float]) -> dict[str, float]:
@@ -114,13 +104,9 @@ class Lifecycle:
 
 class Bench:
     def __init__(self, args: argparse.Namespace, workdir: str, say: Callable[[str], None]):
-        _testlib()
         import libvirt
         from xtnd.hsm.libvirtconn import EventLoop
-
-        # Test helpers, imported by name: they are not part of the package.
-        guest = importlib.import_module("testlib.guest")
-        hsmrig = importlib.import_module("testlib.hsmrig")
+        from xtnd.tools.rig import guest, hsmrig
 
         self.args = args
         self.workdir = workdir
@@ -145,7 +131,8 @@ class Bench:
             with self.hsmrig.spm(pool):
                 yield
             return
-        sanlockd = importlib.import_module("testlib.sanlockd")
+        from xtnd.tools.rig import sanlockd
+
         reason = sanlockd.missing()
         if reason:
             raise SystemExit(f"xtnd hsm bench: no sanlock for the SPM daemon ({reason}); try --spm inprocess")
@@ -347,7 +334,7 @@ def _rates(text: str) -> list[int]:
 
 
 def register(sub: Any) -> None:
-    p = sub.add_parser("bench", help="extend latency and safe write rate on a real guest (root, source tree)")
+    p = sub.add_parser("bench", help="extend latency and safe write rate on a real guest (root)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--extends", type=int, default=8, help="thresholds the first guest crosses (default 8)")
     p.add_argument("--pauses", type=int, default=8, help="ENOSPC pauses of the second guest (default 8)")

@@ -19,6 +19,8 @@ APT_PACKAGES=(
     lvm2 sanlock python3-sanlock
     libvirt-daemon-system libvirt-clients libvirt-dev pkg-config
     qemu-system-x86 qemu-utils busybox-static cpio
+    # The guest rig's kernel (xtnd.tools.rig.guest): demo, hsm bench, tests.
+    linux-image-cloud-amd64
     python3-venv python3-dev gcc util-linux kmod
     python3-prometheus-client python3-matplotlib systemd
 )

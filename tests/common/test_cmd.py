@@ -9,8 +9,8 @@ import sys
 import textwrap
 
 import pytest
-from testlib.wait import wait_for
 from xtnd.common import cmd
+from xtnd.tools.rig.wait import wait_for
 
 
 def test_output() -> None:

@@ -7,8 +7,8 @@ from collections.abc import Iterator
 
 import libvirt
 import pytest
-from testlib import guest
 from xtnd.hsm.libvirtconn import EventLoop
+from xtnd.tools.rig import guest
 
 
 @pytest.fixture(scope="session")

@@ -16,8 +16,8 @@ from typing import Any
 
 import libvirt
 import pytest
-from testlib import guest
-from testlib.wait import wait_for
+from xtnd.tools.rig import guest
+from xtnd.tools.rig.wait import wait_for
 
 MiB = 1024**2
 GiB = 1024**3

@@ -1,6 +1,6 @@
 """The HSM daemon against real guests, real libvirtd, real LVM and an SPM.
 
-Each guest is the rig of testlib.guest writing a known pattern to its
+Each guest is the rig of xtnd.tools.rig.guest writing a known pattern to its
 qcow2 disk, a thin LV of a block domain (4 MiB extents) exposed as a
 volume link; it reads everything back at the end (XTND-VERIFY-OK). The
 SPM is the real daemon (`xtnd spm`, with its own sanlock daemon and the
@@ -25,15 +25,16 @@ from typing import Any
 
 import libvirt
 import pytest
-from testlib import guest, hsmrig, prom
-from testlib.sanlockd import SanlockDaemon
-from testlib.wait import wait_for
+from testlib import prom
 from xtnd.hsm import config as hsm_config
 from xtnd.hsm.daemon import HSM
 from xtnd.hsm.libvirtconn import EventLoop
 from xtnd.hsm.metrics import ExtendRecord, parse_line
 from xtnd.mailbox import codec
 from xtnd.mailbox.directio import DirectFile
+from xtnd.tools.rig import guest, hsmrig
+from xtnd.tools.rig.sanlockd import SanlockDaemon
+from xtnd.tools.rig.wait import wait_for
 
 MiB = 1024**2
 GiB = 1024**3
@@ -402,7 +403,7 @@ def test_libvirtd_restart_during_monitoring(
     it is down are never reported, so the HSM re-reads everything when it
     reconnects and keeps extending; the guest never pauses.
 
-    A private libvirtd (testlib.hsmrig.NamespacedLibvirtd): killing the
+    A private libvirtd (rig.hsmrig.NamespacedLibvirtd): killing the
     machine's libvirtd would cut everyone else's connections and tests."""
     nsd = hsmrig.NamespacedLibvirtd(workdir)
     try:

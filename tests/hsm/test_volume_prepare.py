@@ -9,9 +9,9 @@ import sys
 import uuid
 
 import pytest
-from testlib import hsmrig
 from xtnd.hsm import links
 from xtnd.lvm import loop
+from xtnd.tools.rig import hsmrig
 
 MiB = 1024**2
 

@@ -4,15 +4,15 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from testlib import lvmpv
 from xtnd import lvm
+from xtnd.tools.rig import loops
 
 EXTENT = 4 * 1024**2
 
 
 @pytest.fixture
 def pvs(workdir: str, need_root: None) -> Iterator[list[str]]:
-    with lvmpv.loop_pvs(workdir, count=2) as devices:
+    with loops.loop_pvs(workdir, count=2) as devices:
         yield devices
 
 

@@ -4,9 +4,9 @@ import os
 from collections.abc import Iterator
 
 import pytest
-from testlib import storage
 from testlib.mailboxes import AREA, Areas
 from xtnd.mailbox import directio
+from xtnd.tools.rig import loops
 
 
 @pytest.fixture(params=["memory", "file", "loop512", "loop4096"])
@@ -18,14 +18,14 @@ def areas(request: pytest.FixtureRequest, workdir: str) -> Iterator[Areas]:
         return
     if kind == "file":
         for name in ("inbox", "outbox"):
-            storage.make_file(os.path.join(workdir, name), AREA)
+            loops.make_file(os.path.join(workdir, name), AREA)
         yield Areas(lambda name: directio.DirectFile(os.path.join(workdir, name)))
         return
-    if not storage.is_root():
+    if not loops.is_root():
         pytest.skip("loop devices need root")
     sector = int(kind.removeprefix("loop"))
-    guarded = {name: storage.GuardedArea(os.path.join(workdir, name), AREA) for name in ("inbox", "outbox")}
-    devices = {name: storage.losetup(g.path, sector, offset=g.offset, sizelimit=AREA) for name, g in guarded.items()}
+    guarded = {name: loops.GuardedArea(os.path.join(workdir, name), AREA) for name in ("inbox", "outbox")}
+    devices = {name: loops.losetup(g.path, sector, offset=g.offset, sizelimit=AREA) for name, g in guarded.items()}
     handles: list[directio.DirectFile] = []
 
     def opener(name: str) -> directio.Storage:
@@ -44,11 +44,11 @@ def areas(request: pytest.FixtureRequest, workdir: str) -> Iterator[Areas]:
         for f in handles:
             f.close()
         for dev in devices.values():
-            storage.detach(dev)
+            loops.detach(dev)
 
 
 @pytest.fixture
 def file_areas(workdir: str) -> Areas:
     for name in ("inbox", "outbox"):
-        storage.make_file(os.path.join(workdir, name), AREA)
+        loops.make_file(os.path.join(workdir, name), AREA)
     return Areas(lambda name: directio.DirectFile(os.path.join(workdir, name)))

@@ -5,8 +5,8 @@ from __future__ import annotations
 import os
 
 import pytest
-from testlib import storage
 from xtnd.mailbox import directio
+from xtnd.tools.rig import loops
 
 SIZE = 1024 * 1024
 
@@ -24,7 +24,7 @@ def _roundtrip(f: directio.Storage) -> None:
 
 
 def test_file(workdir: str) -> None:
-    path = storage.make_file(os.path.join(workdir, "area"), SIZE)
+    path = loops.make_file(os.path.join(workdir, "area"), SIZE)
     with directio.DirectFile(path) as f:
         assert not f.is_block_device
         assert f.size == SIZE
@@ -33,8 +33,8 @@ def test_file(workdir: str) -> None:
 
 @pytest.mark.parametrize("sector_size", [512, 4096])
 def test_loop_device(workdir: str, need_root: None, sector_size: int) -> None:
-    path = storage.make_file(os.path.join(workdir, "area"), SIZE)
-    with storage.loop_device(path, sector_size) as dev, directio.DirectFile(dev) as f:
+    path = loops.make_file(os.path.join(workdir, "area"), SIZE)
+    with loops.loop_device(path, sector_size) as dev, directio.DirectFile(dev) as f:
         assert f.is_block_device
         assert f.sector_size == sector_size
         assert f.size == SIZE
@@ -47,7 +47,7 @@ def test_memory_twin() -> None:
 
 @pytest.mark.parametrize("offset,length", [(1, 4096), (0, 100), (512, 4096), (0, 0)])
 def test_unaligned_rejected(workdir: str, offset: int, length: int) -> None:
-    path = storage.make_file(os.path.join(workdir, "area"), SIZE)
+    path = loops.make_file(os.path.join(workdir, "area"), SIZE)
     with directio.DirectFile(path) as f:
         with pytest.raises(ValueError):
             f.read(offset, length)
@@ -56,13 +56,13 @@ def test_unaligned_rejected(workdir: str, offset: int, length: int) -> None:
 
 
 def test_short_read_is_error(workdir: str) -> None:
-    path = storage.make_file(os.path.join(workdir, "area"), 8192)
+    path = loops.make_file(os.path.join(workdir, "area"), 8192)
     with directio.DirectFile(path) as f, pytest.raises(directio.StorageError):
         f.read(4096, 8192)
 
 
 def test_readonly(workdir: str) -> None:
-    path = storage.make_file(os.path.join(workdir, "area"), SIZE)
+    path = loops.make_file(os.path.join(workdir, "area"), SIZE)
     with directio.DirectFile(path, readonly=True) as f:
         f.read(0, 4096)
         with pytest.raises(directio.StorageError):

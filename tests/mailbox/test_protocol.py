@@ -13,10 +13,10 @@ from collections.abc import Iterator
 
 import pytest
 from testlib.mailboxes import MAX_HOSTS, Areas
-from testlib.wait import wait_for
 from xtnd.mailbox import codec
 from xtnd.mailbox.hsm import ExtendFailed, HSMConfig, HSMMailbox, MailboxStopped
 from xtnd.mailbox.spm import Request, SPMConfig, SPMMailbox
+from xtnd.tools.rig.wait import wait_for
 
 GiB = 1024**3
 DOMAIN = uuid.UUID("8adbc85e-e554-4ae0-b318-8a5465fe5fe1")

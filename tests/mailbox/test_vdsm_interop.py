@@ -16,10 +16,10 @@ from collections.abc import Iterator
 
 import pytest
 from testlib.mailboxes import MAX_HOSTS, Areas
-from testlib.wait import wait_for
 from xtnd.mailbox import codec, directio
 from xtnd.mailbox.hsm import HSMConfig, HSMMailbox
 from xtnd.mailbox.spm import Request, SPMConfig, SPMMailbox
+from xtnd.tools.rig.wait import wait_for
 
 DOMAIN = uuid.uuid4()
 

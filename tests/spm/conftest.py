@@ -3,16 +3,16 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from testlib import lvmpv
-from testlib.spmd import Pool
 from xtnd import lvm
+from xtnd.tools.rig import loops
+from xtnd.tools.rig.spmd import Pool
 
 
 @pytest.fixture
 def pvs(workdir: str, need_root: None) -> Iterator[list[str]]:
     if lvm.device_mapper_available():
         pytest.skip("these tests map LVs with loop devices (no device-mapper)")
-    with lvmpv.loop_pvs(workdir, count=1) as devices:
+    with loops.loop_pvs(workdir, count=1) as devices:
         yield devices
 
 

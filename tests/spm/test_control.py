@@ -11,13 +11,13 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
-from testlib.spmd import MiB, Pool
 from xtnd.spm.control import ControlClient, ControlError, ControlServer
 from xtnd.spm.domains import DomainRegistry
 from xtnd.spm.extend import ExtendService
 from xtnd.spm.lease import LeaseLost
 from xtnd.spm.ops import VolumeOps
 from xtnd.tools import domain_cli
+from xtnd.tools.rig.spmd import MiB, Pool
 
 
 class Spm:

@@ -15,13 +15,13 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
-from testlib import sanlockd, spmd
-from testlib.spmd import MiB, Pool, SpmProcess
-from testlib.wait import wait_for
 from xtnd import lvm
 from xtnd.mailbox.hsm import ExtendFailed
 from xtnd.spm.control import ControlClient
 from xtnd.storage import constants as c
+from xtnd.tools.rig import sanlockd, spmd
+from xtnd.tools.rig.spmd import MiB, Pool, SpmProcess
+from xtnd.tools.rig.wait import wait_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import uuid
 
-from testlib.spmd import write_json
+from xtnd.tools.rig.spmd import write_json
 
 
 def test_refuses_without_pdeathsig(workdir: str) -> None:

@@ -11,13 +11,13 @@ import time
 import uuid
 
 import pytest
-from testlib.spmd import EXTENT, MiB, Pool
 from xtnd import lvm, storage
 from xtnd.mailbox import codec
 from xtnd.mailbox.spm import NoReply, Request
 from xtnd.spm.domains import DomainRegistry
 from xtnd.spm.extend import ExtendService, Refused
 from xtnd.spm.lease import LeaseLost
+from xtnd.tools.rig.spmd import EXTENT, MiB, Pool
 
 
 class FakeLease:

@@ -16,11 +16,11 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 
 import pytest
-from testlib import sanlockd, storage
-from testlib.spmd import EXTENT, IO_TIMEOUT, MiB, Pool, SpmProcess
 from xtnd.lvm import loop
 from xtnd.mailbox.hsm import HSMMailbox
 from xtnd.spm.control import ControlClient, ControlError
+from xtnd.tools.rig import loops, sanlockd
+from xtnd.tools.rig.spmd import EXTENT, IO_TIMEOUT, MiB, Pool, SpmProcess
 
 log = logging.getLogger("xtnd.tests.failover")
 
@@ -129,7 +129,7 @@ def failable_two_spms(
     """
     host1, host2 = sanlock_hosts(2)
     pv_file = os.path.join(workdir, "pv0")
-    device = sanlockd.attach_loop(pv_file)
+    device = loops.attach_loop(pv_file)
     try:
         spm1 = SpmProcess(host1, pool.spm_config(1, pvs=[device]), os.path.join(workdir, "spm1.log"))
         spm1.wait_serving()
@@ -139,17 +139,17 @@ def failable_two_spms(
     finally:
         host1.stop()
         host2.stop()
-        sanlockd.restore_storage(device)
+        loops.restore_storage(device)
         for dev in loop.devices():
             if loop.over(dev, device):
-                storage.detach(dev.path)
-        storage.detach(device)
+                loops.detach(dev.path)
+        loops.detach(device)
 
 
 def lose_storage(spm1: SpmProcess, spm2: SpmProcess, device: str) -> float:
     """Fail host 1's storage; return when its SPM stopped serving."""
     failed = time.monotonic()
-    sanlockd.fail_storage(device)
+    loops.fail_storage(device)
     rc = spm1.wait(timeout=8 * IO_TIMEOUT + 30)
     assert rc == 3, spm1.log()[-2000:]
     [(_, _, started), (what, _, stopped)] = spm1.serving()

@@ -17,12 +17,12 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
-from testlib import sanlockd, storage
 from testlib.lease_agent import AgentError, LeaseAgent
-from testlib.wait import wait_for
 from xtnd.spm import lease as spm_lease
 from xtnd.spm import sanlockutil
 from xtnd.storage import sanlockdirect
+from xtnd.tools.rig import loops, sanlockd
+from xtnd.tools.rig.wait import wait_for
 
 log = logging.getLogger("xtnd.tests.lease")
 
@@ -402,7 +402,7 @@ def failable_hosts(
 ) -> Iterator[tuple[LeaseAgent, LeaseAgent, list[str]]]:
     """Host 1 reaches the domain through loop devices that can fail."""
     host1, host2 = sanlock_hosts(2)
-    devices = [sanlockd.attach_loop(domain.ids), sanlockd.attach_loop(domain.leases)]
+    devices = [loops.attach_loop(domain.ids), loops.attach_loop(domain.leases)]
     try:
         agent1 = LeaseAgent(host1, domain.lockspace, 1, devices[0], devices[1], interval=0.2)
         agent2 = LeaseAgent(host2, domain.lockspace, 2, domain.ids, domain.leases)
@@ -412,8 +412,8 @@ def failable_hosts(
         host1.stop()
         host2.stop()
         for device in devices:
-            sanlockd.restore_storage(device)
-            storage.detach(device)
+            loops.restore_storage(device)
+            loops.detach(device)
 
 
 def test_storage_loss_detected_before_sanlock_kills(
@@ -433,7 +433,7 @@ def fence_on_storage_loss(agent1: LeaseAgent, agent2: LeaseAgent, devices: list[
     agent1.call("acquire")
     agent1.call("watch")
     failed = time.monotonic()
-    sanlockd.fail_storage(*devices)
+    loops.fail_storage(*devices)
     lost = agent1.event("lost", timeout=60)
     with pytest.raises(AgentError) as e:
         agent1.call("check")

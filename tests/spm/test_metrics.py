@@ -14,12 +14,12 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
-from testlib import sanlockd
 from testlib.prom import LISTENING, scrape, value
-from testlib.spmd import MiB, Pool, SpmProcess, vg_locked
-from testlib.wait import wait_for
 from xtnd.mailbox.hsm import ExtendFailed
 from xtnd.spm.control import ControlClient
+from xtnd.tools.rig import sanlockd
+from xtnd.tools.rig.spmd import MiB, Pool, SpmProcess, vg_locked
+from xtnd.tools.rig.wait import wait_for
 
 
 @pytest.fixture

@@ -3,8 +3,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from testlib import lvmpv
 from xtnd import lvm
+from xtnd.tools.rig import loops
 
 MiB = 1024**2
 # Small extents keep test VGs on 512 MiB PVs (production: 128 MiB).
@@ -19,5 +19,5 @@ def loop_only(need_root: None) -> None:
 
 @pytest.fixture
 def pvs(workdir: str, loop_only: None) -> Iterator[list[str]]:
-    with lvmpv.loop_pvs(workdir, count=2) as devices:
+    with loops.loop_pvs(workdir, count=2) as devices:
         yield devices

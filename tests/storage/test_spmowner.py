@@ -15,10 +15,10 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from testlib.lease_agent import LeaseAgent
-from testlib.sanlockd import SanlockDaemon
 from xtnd import lvm, storage
 from xtnd.spm import control
 from xtnd.tools import cli
+from xtnd.tools.rig.sanlockd import SanlockDaemon
 
 MiB = 1024**2
 EXTENT = 4 * MiB

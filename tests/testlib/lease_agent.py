@@ -25,7 +25,7 @@ import threading
 import time
 from typing import Any
 
-from .sanlockd import SanlockDaemon
+from xtnd.tools.rig.sanlockd import SanlockDaemon
 
 TESTS_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

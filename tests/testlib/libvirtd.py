@@ -15,7 +15,7 @@ import socket
 import subprocess
 import time
 
-from testlib.wait import Timeout
+from xtnd.tools.rig.wait import Timeout
 
 # Folders where libvirtd keeps state, locks, caches and persistent config.
 PRIVATE_DIRS = ("/run/libvirt", "/var/lib/libvirt", "/var/cache/libvirt", "/etc/libvirt")

@@ -10,9 +10,9 @@ import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
-from testlib import storage
 from xtnd.mailbox import codec
 from xtnd.tools import cli
+from xtnd.tools.rig import loops
 
 BLOCK = codec.BLOCK_SIZE
 DOMAIN = uuid.UUID("8adbc85e-e554-4ae0-b318-8a5465fe5fe1")
@@ -348,7 +348,7 @@ def test_dump_json_golden(xtnd: Run, areas: tuple[str, str]) -> None:
 @pytest.fixture(params=[512, 4096], ids=["sector512", "sector4096"])
 def loop_areas(request: pytest.FixtureRequest, need_root: None, areas: tuple[str, str]) -> Iterator[tuple[str, str]]:
     sector = request.param
-    with storage.loop_device(areas[0], sector) as inbox, storage.loop_device(areas[1], sector) as outbox:
+    with loops.loop_device(areas[0], sector) as inbox, loops.loop_device(areas[1], sector) as outbox:
         yield inbox, outbox
 
 

@@ -1,9 +1,9 @@
-"""Real storage, an SPM and an HSM configuration for HSM tests.
+"""Real storage, an SPM and an HSM configuration for HSM tests and benches.
 
 - Pool: a master block domain (a VG with 4 MiB extents) on its own loop
   PV, recorded in a storage.json under the test's directory, and the
   volume links of the test under that directory too (not /run/xtnd).
-- spm_daemon(): the real SPM daemon (`xtnd spm`, testlib.spmd) on a
+- spm_daemon(): the real SPM daemon (`xtnd spm`, rig.spmd) on a
   simulated host with its own sanlock daemon: lease, validation, lvextend.
 - spm(): an SPM inside this process (SPMMailbox + Domain.extend_volume,
   the same lvextend) for the benchmark and for tests that need to hold or
@@ -32,10 +32,9 @@ from xtnd.hsm import links
 from xtnd.mailbox import codec
 from xtnd.mailbox.directio import DirectFile
 from xtnd.mailbox.spm import Request, SPMConfig, SPMMailbox
-
-from testlib import lvmpv, spmd, storage
-from testlib.sanlockd import SanlockDaemon
-from testlib.wait import Timeout
+from xtnd.tools.rig import loops, spmd
+from xtnd.tools.rig.sanlockd import SanlockDaemon
+from xtnd.tools.rig.wait import Timeout
 
 MiB = 1024**2
 GiB = 1024**3
@@ -43,7 +42,7 @@ EXTENT = 4 * MiB
 MAX_HOSTS = 10
 HOST_ID = 1
 
-log = logging.getLogger("test.hsmrig")
+log = logging.getLogger("xtnd.rig.hsmrig")
 
 
 @dataclasses.dataclass
@@ -103,8 +102,8 @@ class Pool:
 
     def add_pv(self, size: int) -> str:
         """A new LUN added to the VG with vgextend."""
-        path = storage.make_file(os.path.join(self.workdir, f"pv{len(self.pvs)}"), size)
-        device = storage.losetup(path)
+        path = loops.make_file(os.path.join(self.workdir, f"pv{len(self.pvs)}"), size)
+        device = loops.losetup(path)
         self.pvs.append(device)
         runner = self.domain.runner.with_devices(self.pvs)
         lvm.pvcreate(runner, device)
@@ -120,7 +119,7 @@ class Pool:
 @contextlib.contextmanager
 def pool(workdir: str, pv_size: int = 512 * MiB) -> Iterator[Pool]:
     """A master block domain on one loop PV; everything removed after."""
-    with lvmpv.loop_pvs(workdir, count=1, size=pv_size) as pvs:
+    with loops.loop_pvs(workdir, count=1, size=pv_size) as pvs:
         sd = uuid.uuid4()
         # Short sanlock io timeout: joining takes ~3 s instead of ~20 s.
         domain = xstorage.create_block_domain(
@@ -147,27 +146,11 @@ def pool(workdir: str, pv_size: int = 512 * MiB) -> Iterator[Pool]:
             domain.deactivate_special()
             with contextlib.suppress(Exception):
                 lvm.vgremove(lvm.Runner(p.pvs), str(sd))
-            _detach_foreign_loops(p.pvs)
+            for pv in p.pvs:
+                for mapped in loops.loops_over(pv):
+                    loops.detach(mapped)
             for extra in p.pvs[1:]:
-                storage.detach(extra)
-
-
-def _detach_foreign_loops(pvs: list[str]) -> None:
-    """Detach LV mappings made by the SPM daemon in its own mount namespace.
-
-    sysfs names their backing device as that namespace saw it ("/loop7",
-    not "/dev/loop7"), so lvmpv's cleanup, matching "/dev/loop7", misses
-    them, and the PV's own loop device would then stay attached too.
-    """
-    names = {"/" + os.path.basename(pv) for pv in pvs}
-    for name in os.listdir("/sys/block"):
-        try:
-            with open(f"/sys/block/{name}/loop/backing_file") as f:
-                backing = f.read().strip()
-        except OSError:
-            continue
-        if backing in names:
-            storage.detach(f"/dev/{name}")
+                loops.detach(extra)
 
 
 @contextlib.contextmanager

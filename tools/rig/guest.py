@@ -1,9 +1,11 @@
-"""A tiny real QEMU guest that writes to its disk, for HSM tests.
+"""A tiny real QEMU guest that writes to its disk (tests, demo, benches).
 
 The guest is Debian's cloud kernel plus a busybox initramfs whose /init
-(guest_init.sh) writes a known pattern to /dev/vda with O_DIRECT, reads it
-back, prints markers on the serial console and powers off. Nothing is
-downloaded but the kernel package, through apt.
+(guest_init.sh, shipped in this package) writes a known pattern to /dev/vda
+with O_DIRECT, reads it back, prints markers on the serial console and
+powers off. Kernel, modules and busybox come from Debian packages
+tools/run.sh installs (linux-image-cloud-amd64, busybox-static): nothing is
+downloaded at run time.
 
 KVM exists on the test machines but a Linux guest hangs early under it, so
 domains are type 'qemu' (TCG); the guest boots in a few seconds.
@@ -11,6 +13,10 @@ domains are type 'qemu' (TCG); the guest boots in a few seconds.
 The kernel and initramfs are built once and cached under RIG_DIR, in a
 folder named by a hash of their inputs (kernel package, busybox binary,
 init script, module list), so a change to any of them rebuilds.
+
+API: build_rig() -> Rig; Workload (what the guest writes); Guest.define() /
+guest() (a libvirt domain, removed on exit); start_libvirt(); qcow2_create();
+LoopDisk (a growable loop device standing in for a thin LV).
 """
 
 from __future__ import annotations
@@ -31,10 +37,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import libvirt
+from xtnd.tools.rig.sanlockd import RIG_DIR
+from xtnd.tools.rig.wait import Timeout
 
-from testlib.wait import Timeout
-
-RIG_DIR = "/var/tmp/xtnd-rig"
 KERNEL_META_PACKAGE = "linux-image-cloud-amd64"
 BUSYBOX = "/bin/busybox"
 INIT_SCRIPT = os.path.join(os.path.dirname(__file__), "guest_init.sh")
@@ -42,7 +47,7 @@ INIT_SCRIPT = os.path.join(os.path.dirname(__file__), "guest_init.sh")
 MODULES = ("virtio_ring", "virtio", "virtio_pci_modern_dev", "virtio_pci_legacy_dev", "virtio_pci", "virtio_blk")
 DOMAIN_PREFIX = "xtnd-test-"
 # Bump to force a rebuild when the build itself changes.
-RIG_FORMAT = 1
+RIG_FORMAT = 2
 
 
 class RigUnavailable(Exception):
@@ -68,40 +73,24 @@ def _run(cmd: list[str], cwd: str | None = None) -> str:
 
 
 def _kernel_package() -> tuple[str, str]:
-    """The concrete kernel image package the cloud meta package depends on."""
+    """The installed kernel image package of the cloud meta package, and its version."""
     try:
-        out = _run(["apt-cache", "depends", KERNEL_META_PACKAGE])
+        depends = _run(["dpkg-query", "-W", "-f=${Depends}", KERNEL_META_PACKAGE])
     except (OSError, subprocess.CalledProcessError) as e:
-        raise RigUnavailable(f"cannot resolve {KERNEL_META_PACKAGE}: {e}") from e
-    for line in out.splitlines():
-        key, _, value = line.strip().partition(": ")
-        if key == "Depends" and value.startswith("linux-image-"):
-            package = value.strip()
+        raise RigUnavailable(f"{KERNEL_META_PACKAGE} is not installed (bash tools/run.sh setup installs it)") from e
+    for dep in depends.split(","):
+        package = dep.strip().split(" ")[0]
+        if package.startswith("linux-image-"):
             break
     else:
-        raise RigUnavailable(f"{KERNEL_META_PACKAGE} has no linux-image dependency: {out!r}")
-    show = _run(["apt-cache", "show", "--no-all-versions", package])
-    for line in show.splitlines():
-        if line.startswith("Version: "):
-            return package, line.split(": ", 1)[1].strip()
-    raise RigUnavailable(f"no version for {package}")
-
-
-def _fetch_deb(package: str, version: str, debs: str) -> str:
-    os.makedirs(debs, exist_ok=True)
-    # Debian's file names encode ':' of an epoch as '%3a'.
-    pattern = os.path.join(debs, f"{package}_{version.replace(':', '%3a')}_*.deb")
-    found = glob.glob(pattern)
-    if not found:
-        try:
-            # As root, apt's _apt sandbox user cannot write here: download as root.
-            _run(["apt-get", "download", "-o", "APT::Sandbox::User=root", f"{package}={version}"], cwd=debs)
-        except subprocess.CalledProcessError as e:
-            raise RigUnavailable(f"apt-get download {package} failed: {e.stderr}") from e
-        found = glob.glob(pattern)
-    if not found:
-        raise RigUnavailable(f"apt-get download did not produce {pattern}")
-    return found[0]
+        raise RigUnavailable(f"{KERNEL_META_PACKAGE} has no linux-image dependency: {depends!r}")
+    try:
+        status = _run(["dpkg-query", "-W", "-f=${Status} ${Version}", package])
+    except (OSError, subprocess.CalledProcessError) as e:
+        raise RigUnavailable(f"{package} is not installed (bash tools/run.sh setup installs it)") from e
+    if not status.startswith("install ok installed "):
+        raise RigUnavailable(f"{package} is not installed: {status}")
+    return package, status.rsplit(" ", 1)[1]
 
 
 def _file_hash(path: str) -> str:
@@ -123,17 +112,17 @@ def _cpio_gz(root: str, dest: str) -> None:
         f.write(data)
 
 
-def _build(package: str, deb: str, dest: str) -> None:
+def _build(package: str, dest: str) -> None:
+    """Build vmlinuz and initrd.img into dest from the installed kernel package."""
+    release = package[len("linux-image-") :]
+    kernel = f"/boot/vmlinuz-{release}"
+    modules_dir = f"/lib/modules/{release}/kernel"
+    if not os.path.exists(kernel) or not os.path.isdir(modules_dir):
+        raise RigUnavailable(f"{package} is installed but {kernel} or {modules_dir} is missing")
     work = dest + ".tmp"
     shutil.rmtree(work, ignore_errors=True)
     os.makedirs(work)
-    unpacked = os.path.join(work, "deb")
-    _run(["dpkg-deb", "-x", deb, unpacked])
-    kernels = glob.glob(os.path.join(unpacked, "boot", "vmlinuz-*"))
-    if len(kernels) != 1:
-        raise RigUnavailable(f"expected one vmlinuz in {deb}, found {kernels}")
-    release = os.path.basename(kernels[0])[len("vmlinuz-") :]
-    shutil.copy(kernels[0], os.path.join(work, "vmlinuz"))
+    shutil.copy(kernel, os.path.join(work, "vmlinuz"))
 
     root = os.path.join(work, "root")
     for d in ("bin", "lib/modules", "proc", "sys", "dev", "tmp"):
@@ -141,7 +130,6 @@ def _build(package: str, deb: str, dest: str) -> None:
     shutil.copy(BUSYBOX, os.path.join(root, "bin", "busybox"))
     shutil.copy(INIT_SCRIPT, os.path.join(root, "init"))
     os.chmod(os.path.join(root, "init"), 0o755)
-    modules_dir = os.path.join(unpacked, "lib", "modules", release, "kernel")
     for name in MODULES:
         found = glob.glob(os.path.join(modules_dir, "**", name + ".ko"), recursive=True)
         if len(found) != 1:
@@ -151,7 +139,6 @@ def _build(package: str, deb: str, dest: str) -> None:
         f.write("\n".join(MODULES) + "\n")
     _cpio_gz(root, os.path.join(work, "initrd.img"))
 
-    shutil.rmtree(unpacked)
     shutil.rmtree(root)
     for name in ("vmlinuz", "initrd.img"):
         os.chmod(os.path.join(work, name), 0o644)
@@ -178,8 +165,7 @@ def build_rig(cache_dir: str = RIG_DIR) -> Rig:
     with open(os.path.join(cache_dir, ".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not os.path.isdir(dest):
-            deb = _fetch_deb(package, version, os.path.join(cache_dir, "debs"))
-            _build(package, deb, dest)
+            _build(package, dest)
     return Rig(kernel=os.path.join(dest, "vmlinuz"), initrd=os.path.join(dest, "initrd.img"), key=key)
 
 
@@ -269,8 +255,10 @@ class Guest:
         workload: Workload,
         workdir: str,
         memory_mib: int = 96,
+        prefix: str = DOMAIN_PREFIX,
     ) -> Guest:
-        name = DOMAIN_PREFIX + uuid.uuid4().hex[:12]
+        """A new domain named prefix + a random suffix; its console log goes to workdir."""
+        name = prefix + uuid.uuid4().hex[:12]
         console = os.path.join(workdir, name + ".console")
         return cls(conn, name, domain_xml(name, rig, disk_path, workload, console, memory_mib), console)
 

@@ -1,4 +1,4 @@
-"""Waiting on conditions with generous timeouts, never bare sleeps."""
+"""Waiting on conditions with timeouts, never bare sleeps."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ class Timeout(AssertionError):
     pass
 
 
-def wait_for(predicate: Callable[[], T], timeout: float = 30.0, interval: float = 0.01, what: str = "") -> T:
+def wait_for(predicate: Callable[[], T | None], timeout: float = 30.0, interval: float = 0.01, what: str = "") -> T:
     """Poll predicate until it returns a true value; return that value."""
     deadline = time.monotonic() + timeout
     while True:

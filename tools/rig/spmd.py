@@ -1,11 +1,11 @@
-"""A pool (master block domain on loop PVs) and real ``xtnd spm`` daemons for tests.
+"""A pool (master block domain on loop PVs) and real ``xtnd spm`` daemons.
 
 Pool: a master domain on a loop PV with 4 MiB extents whose lockspace has
 io_timeout=1 (sanlock's default of 10 s would make every join wait ~20 s),
 a host storage config file, and a helper writing SPM configs.
 
 SpmProcess runs ``xtnd spm --config FILE`` inside a simulated host's mount
-namespace (SanlockDaemon.popen), logging to a file the test reads:
+namespace (SanlockDaemon.popen), logging to a file the caller reads:
 wait_log() waits for a line, serving() parses the "serving started/stopped"
 lines (CLOCK_MONOTONIC, shared by every process on the machine).
 """
@@ -29,9 +29,8 @@ from xtnd import lvm, storage
 from xtnd.mailbox.directio import DirectFile
 from xtnd.mailbox.hsm import HSMConfig, HSMMailbox
 from xtnd.storage import constants as c
-
-from .sanlockd import SanlockDaemon
-from .wait import wait_for
+from xtnd.tools.rig.sanlockd import SanlockDaemon
+from xtnd.tools.rig.wait import wait_for
 
 MiB = 1024**2
 EXTENT = 4 * MiB
