@@ -7,9 +7,9 @@ import socket
 import time
 from collections.abc import Callable
 
-from testlib import sanlockd
-from testlib.spmd import Pool, SpmProcess
 from xtnd.spm.daemon import ServingHealth
+from xtnd.tools.rig import sanlockd
+from xtnd.tools.rig.spmd import Pool, SpmProcess
 
 
 def test_pings_while_serving(
