@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.metadata
 import logging
 import sys
 
@@ -31,11 +32,20 @@ TOP_COMMANDS = [
 ]
 
 
+def version() -> str:
+    """The installed distribution's version (the Debian package ships its metadata too)."""
+    try:
+        return importlib.metadata.version("xtnd")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="xtnd", description="Keep thin VM disks on shared block storage from filling."
     )
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more logging (-vv for debug)")
+    parser.add_argument("--version", action="version", version=f"xtnd {version()}")
     top = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     mailbox = top.add_parser("mailbox", help="inspect and benchmark the storage mailbox")
     mailbox_sub = mailbox.add_subparsers(dest="mailbox_command", required=True, metavar="SUBCOMMAND")

@@ -6,6 +6,7 @@
 #   bash tools/run.sh test    the whole test suite, ruff and mypy included
 #   bash tools/run.sh setup   only install and start what is needed
 #   bash tools/run.sh xtnd …  run the xtnd CLI from the project venv
+#   bash tools/run.sh package build dist/xtnd_VERSION_all.deb (path printed last)
 #
 # XTND_VENV (default /opt/xtnd/venv) chooses where the virtualenv lives.
 set -euo pipefail
@@ -23,6 +24,10 @@ APT_PACKAGES=(
     linux-image-cloud-amd64
     python3-venv python3-dev gcc util-linux kmod
     python3-prometheus-client python3-matplotlib systemd
+    # The Debian package's dependencies (its test installs it with apt),
+    # and what builds and checks it.
+    python3-construct python3-libvirt python3-pyudev python3-rich
+    dpkg-dev lintian
 )
 
 say() { printf '== %s\n' "$*" >&2; }
@@ -61,6 +66,14 @@ install_venv() {
         "$VENV/bin/pip" install -q --disable-pip-version-check -e "$REPO[test]"
         echo "$stamp" >"$VENV/.xtnd-stamp"
     fi
+    # The venv sees the system's dist-packages: were the xtnd Debian package
+    # installed (its test does that), Python's path finder would import
+    # /usr/lib/python3/dist-packages/xtnd before the editable install's
+    # finder (appended to sys.meta_path) is asked. Put that finder first.
+    local site
+    site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
+    echo 'import sys; sys.meta_path.sort(key=lambda f: not getattr(f, "__module__", "").startswith("__editable___xtnd_"))' \
+        >"$site/zz-xtnd-editable-first.pth"
 }
 
 # mypy cannot follow the editable-install import hook that maps xtnd.<area>
@@ -117,5 +130,6 @@ case "$cmd" in
     test) setup; run_tests "$@" ;;
     demo) setup; exec "$VENV/bin/xtnd" demo "$@" ;;
     xtnd) setup; exec "$VENV/bin/xtnd" "$@" ;;
-    *) sed -n '2,12p' "$0"; exit 2 ;;
+    package) setup; exec "$VENV/bin/python" "$REPO/packaging/build_deb.py" "$@" ;;
+    *) sed -n '2,13p' "$0"; exit 2 ;;
 esac
