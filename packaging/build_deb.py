@@ -101,8 +101,9 @@ def layout(root: str, version: str, proj: dict[str, object]) -> list[str]:
             dirnames[:] = [d for d in dirnames if d != "__pycache__"]
             rel = os.path.relpath(dirpath, REPO)
             for name in filenames:
-                if name.endswith(".py"):
-                    copy(os.path.join(dirpath, name), os.path.join(site, "xtnd", rel, name))
+                if not name.endswith((".pyc", ".pyo")):  # modules and package data (tools/rig)
+                    mode = 0o755 if name.endswith(".sh") else 0o644
+                    copy(os.path.join(dirpath, name), os.path.join(site, "xtnd", rel, name), mode)
     meta = email.message.Message()
     meta["Metadata-Version"] = "2.1"
     meta["Name"] = "xtnd"
