@@ -12,7 +12,7 @@ host. Exit codes of ``xtnd status``:
     1  degraded: a daemon answers but reports a problem (HSM without
        libvirt, a drive waiting for a retry or disabled for an improbable
        allocation, an SPM starting or stopping)
-    2  bad usage or an unreadable config
+    2  bad usage, an unreadable config, or not run as root
     3  down: a configured daemon does not answer, or none is configured
 """
 
@@ -186,6 +186,9 @@ def render(report: dict[str, Any], now: float | None = None) -> str:
 
 
 def _status(args: argparse.Namespace) -> int:
+    if os.geteuid() != 0:
+        print("xtnd status: must run as root (the control sockets are root only)", file=sys.stderr)
+        return USAGE
     try:
         report = collect(args.spm_config, args.hsm_config)
     except ConfigProblem as e:
