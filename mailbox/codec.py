@@ -36,9 +36,11 @@ Decoding raises only MessageError / BlockError, both carrying the raw bytes.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 import struct
 import uuid
+import zlib
 
 import construct as c
 
@@ -133,6 +135,10 @@ def _uuid_to_wire(value: uuid.UUID) -> bytes:
 
 def _uuid_from_wire(raw: bytes) -> uuid.UUID:
     return uuid.UUID(int=int.from_bytes(raw, "little"))
+
+
+# A pool has a handful of domains: their UUIDs are built once.
+_domain_from_wire = functools.lru_cache(maxsize=256)(_uuid_from_wire)
 
 _event_format = c.Struct(
     "magic" / c.Const(EVENT_MAGIC),
@@ -239,7 +245,7 @@ def decode(raw: bytes | memoryview) -> Message:
     size = raw[_SIZE]
     if not _HEX_SIZE.fullmatch(size):
         raise MessageError(f"size field is not hex: {size!r}", raw)
-    return Extend(_uuid_from_wire(raw[_DOMAIN]), _uuid_from_wire(raw[_VOLUME]), int(size, 16))
+    return Extend(_domain_from_wire(raw[_DOMAIN]), _uuid_from_wire(raw[_VOLUME]), int(size, 16))
 
 
 def parse_extend(raw: bytes) -> Extend:
@@ -274,9 +280,27 @@ def decode_head(raw: bytes | memoryview) -> tuple[uuid.UUID, uuid.UUID] | None:
     return _uuid_from_wire(raw[_DOMAIN]), _uuid_from_wire(raw[_VOLUME])
 
 
+# The checksum is a plain byte sum, which Python's sum() computes at ~20 us
+# a block: too slow for the SPM when 2000 hosts write at once. zlib's
+# Adler-32 keeps the byte sum modulo 65521 in its low half, at C speed. The
+# high nibbles of a block sum to H, so the byte sum S lies in
+# [16 H, 16 H + 4092 * 15] (the low nibbles add at most 61380 < 65521): one
+# value in that window has S's residue. Two Adler-32s and one translate
+# give the exact sum ~4x faster than sum().
+_HIGH_NIBBLES = bytes(b >> 4 for b in range(256))
+_ADLER_MOD = 65521
+
+
+def _adler_sum(data: bytes) -> int:
+    """Sum of the bytes of ``data`` modulo 65521."""
+    return ((zlib.adler32(data) & 0xFFFF) - 1) % _ADLER_MOD
+
+
 def checksum(block: bytes | bytearray | memoryview) -> int:
     """vdsm's block checksum: sum of bytes 0..4091."""
-    return sum(memoryview(block)[:CHECKSUM_OFFSET])
+    body = bytes(memoryview(block)[:CHECKSUM_OFFSET])
+    low_bound = 16 * _adler_sum(body.translate(_HIGH_NIBBLES))
+    return low_bound + (_adler_sum(body) - low_bound) % _ADLER_MOD
 
 
 def stored_checksum(block: bytes | bytearray | memoryview) -> int:

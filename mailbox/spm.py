@@ -47,6 +47,11 @@ from .outbox import OutboxImage
 
 log = logging.getLogger("xtnd.mailbox.spm")
 
+# The first byte of every message slot of a block, and a table mapping a
+# first byte to 1 when the slot holds a message (codec.is_empty is false).
+_FIRST_BYTES = slice(0, codec.MESSAGES_PER_BLOCK * codec.MESSAGE_SIZE, codec.MESSAGE_SIZE)
+_HOLDS_MESSAGE = bytes(0 if codec.is_empty(bytes([b])) else 1 for b in range(256))
+
 
 class NoReply(Exception):
     """Raised by a handler to leave a request unanswered: no reply is
@@ -128,6 +133,7 @@ class SPMMailbox:
         self._active = 0
         self._intake = True
         self._work: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
+        self._batch: list[Request] = []  # found by the scan under way
         self._stopping = False
         self._threads: list[threading.Thread] = []
         self._rlog = RateLimitedLog(log, self.config.log_interval, clock)
@@ -302,6 +308,7 @@ class SPMMailbox:
             block = data[start : start + codec.BLOCK_SIZE]
             if block != view[host]:
                 self._scan_block(host, block, now)
+        self._dispatch_batch()
         if self._wave_start == began and not (self._wave_requests or self._wave_messages) and self._idle():
             self._wave_start = None  # nothing new: no wave began
         if self.on_scan is not None:
@@ -325,15 +332,19 @@ class SPMMailbox:
             return
         old = self._view[host]
         self._view[host] = block
-        for i in range(codec.MESSAGES_PER_BLOCK):
+        # Only slots holding a message are looked at: their first bytes,
+        # taken in one slice, mark them.
+        marks = block[_FIRST_BYTES].translate(_HOLDS_MESSAGE)
+        i = marks.find(1)
+        while i != -1:
             start = i * codec.MESSAGE_SIZE
             raw = block[start : start + codec.MESSAGE_SIZE]
-            if raw == old[start : start + codec.MESSAGE_SIZE] or codec.is_empty(raw):
-                continue
             if raw == codec.CLEAN_MESSAGE:
-                self._put_reply(host, i, raw)
-                continue
-            self._dispatch(host, i, raw, now)
+                if raw != old[start : start + codec.MESSAGE_SIZE]:
+                    self._put_reply(host, i, raw)
+            elif raw != old[start : start + codec.MESSAGE_SIZE]:
+                self._dispatch(host, i, raw, now)
+            i = marks.find(1, i + 1)
 
     def _dispatch(self, host: int, i: int, raw: bytes, now: float) -> None:
         try:
@@ -356,12 +367,21 @@ class SPMMailbox:
         self.stats["requests"] += 1
         self._wave_requests += 1
         req = Request(host, i, msg, raw, now)
-        with self._lock:
-            self._active += 1
         if self.config.workers == 0:
+            with self._lock:
+                self._active += 1
             self._hand_in(req, self._handle(req))
         else:
-            self._work.put(req)
+            self._batch.append(req)
+
+    def _dispatch_batch(self) -> None:
+        """Hand the requests a scan found to the workers, counted at once."""
+        batch, self._batch = self._batch, []
+        if batch:
+            with self._lock:
+                self._active += len(batch)
+            for req in batch:
+                self._work.put(req)
 
     def _put_reply(self, host: int, i: int, raw: bytes) -> None:
         self._image.put(host, i, raw)

@@ -8,8 +8,11 @@ speaks the protocol for all hosts at once, doing the same handshake
 - the blocks of hosts with adjacent ids go out in one write, as the SPM's
   replies do: 2000 hosts cost one write, not 2000 serial ones, so the
   client is not slower than the SPM it measures; then one event;
-- it polls the outbox with one read and looks only at the hosts still
-  waiting.
+- it polls the block of the first host still waiting, reads the span of
+  all waiting hosts in one read when that one is answered (or every 10 ms),
+  and backs off as an HSM does (HSMConfig's poll_min, poll_growth,
+  poll_max), so its polling does not starve the SPM of CPU and storage on
+  a small machine.
 
 Latency is from the write of a host's block returning to its reply being
 read; a wave is all hosts writing at the same moment.
@@ -22,10 +25,13 @@ import uuid
 from multiprocessing.connection import Connection
 
 from xtnd.mailbox import codec, directio
+from xtnd.mailbox.hsm import HSMConfig
 from xtnd.mailbox.outbox import runs
 
 BLOCK = codec.BLOCK_SIZE
 HEAD = codec.MESSAGE_HEAD_SIZE
+# Seconds between reads of every waiting host's block (see _wait).
+FULL_POLL = 0.01
 
 
 class LeanHosts:
@@ -36,8 +42,8 @@ class LeanHosts:
         self.outbox = outbox
         self.host_ids = sorted(host_ids)
         self._runs = runs(self.host_ids, max_gap=0)
-        self._length = (self.host_ids[-1] + 1) * BLOCK
         self.domain = uuid.uuid4()
+        self.poll = HSMConfig()
 
     def _write_all(self, blocks: dict[int, bytes]) -> float:
         """Write every host's block, one write per run of adjacent hosts,
@@ -49,27 +55,44 @@ class LeanHosts:
         self.inbox.write(0, codec.encode_event())
         return written
 
+    def _answered(self, data: bytes, base: int, expect: list[bytes], slots: set[int]) -> list[int]:
+        """The slots among ``slots`` of the block at ``data[base:]`` whose
+        message head matches ``expect``."""
+        return [i for i in slots
+                if data[base + i * codec.MESSAGE_SIZE : base + i * codec.MESSAGE_SIZE + HEAD] == expect[i][:HEAD]]
+
     def _wait(self, expect: dict[int, list[bytes]], deadline: float, sent: float) -> tuple[list[float], int, int]:
         """Poll until every host's slots show ``expect`` (compared on the
-        message head); returns latencies, wrong sizes, and slots never seen."""
+        message head); returns latencies, wrong sizes, and slots never seen.
+
+        A poll reads the block of the first host still waiting; the span of
+        all waiting hosts is read when that block got an answer, or every
+        FULL_POLL seconds: on a small machine, reading 8 MiB every
+        millisecond would compete with the SPM for the storage it measures.
+        """
         waiting = {h: set(range(len(msgs))) for h, msgs in expect.items()}
         latencies: list[float] = []
         wrong = 0
+        last_full = time.monotonic()
         while waiting and time.monotonic() < deadline:
-            data = self.outbox.read(0, self._length)
-            now = time.monotonic()
-            for h in list(waiting):
-                base = h * BLOCK
-                for i in list(waiting[h]):
-                    raw = data[base + i * codec.MESSAGE_SIZE : base + (i + 1) * codec.MESSAGE_SIZE]
-                    if raw[:HEAD] == expect[h][i][:HEAD]:
-                        wrong += raw != expect[h][i]
+            low = min(waiting)
+            probe = self.outbox.read(low * BLOCK, BLOCK)
+            if self._answered(probe, 0, expect[low], waiting[low]) or time.monotonic() - last_full >= FULL_POLL:
+                first = low * BLOCK
+                data = self.outbox.read(first, (max(waiting) + 1) * BLOCK - first)
+                now = last_full = time.monotonic()
+                for h in list(waiting):
+                    base = h * BLOCK - first
+                    for i in self._answered(data, base, expect[h], waiting[h]):
+                        start = base + i * codec.MESSAGE_SIZE
+                        wrong += data[start : start + codec.MESSAGE_SIZE] != expect[h][i]
                         latencies.append(now - sent)
                         waiting[h].discard(i)
-                if not waiting[h]:
-                    del waiting[h]
+                    if not waiting[h]:
+                        del waiting[h]
             if waiting:
-                time.sleep(0.001)
+                cfg = self.poll
+                time.sleep(min(max(cfg.poll_min, (time.monotonic() - sent) * cfg.poll_growth), cfg.poll_max))
         return latencies, wrong, sum(len(w) for w in waiting.values())
 
     def round(self, messages: int) -> tuple[list[float], int]:

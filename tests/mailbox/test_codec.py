@@ -35,6 +35,26 @@ def test_spec_vector_checksum() -> None:
     assert codec.checksum_valid(block)
 
 
+@given(st.binary(min_size=0, max_size=codec.BLOCK_SIZE))
+def test_fast_checksum_is_the_byte_sum(raw: bytes) -> None:
+    assert codec.checksum(raw) == sum(raw[: codec.CHECKSUM_OFFSET])
+
+
+@pytest.mark.parametrize("fill", [0x00, 0x01, 0x0F, 0xF0, 0xFF])
+def test_checksum_extremes(fill: int) -> None:
+    block = bytes([fill]) * codec.BLOCK_SIZE
+    assert codec.checksum(block) == fill * codec.CHECKSUM_OFFSET
+    assert codec.checksum(bytearray(block)) == codec.checksum(memoryview(block)) == fill * codec.CHECKSUM_OFFSET
+
+
+def test_checksum_at_adler_modulus_edges() -> None:
+    """Sums next to multiples of 65521 (Adler-32's modulus) stay exact."""
+    for target in (65520, 65521, 65522, 2 * 65521 - 1, 2 * 65521, 15 * 65521 + 7):
+        full, rest = divmod(target, 255)
+        block = b"\xff" * full + bytes([rest]) + bytes(codec.BLOCK_SIZE - full - 1)
+        assert codec.checksum(block) == target
+
+
 def test_empty_block_checksum_is_zero() -> None:
     assert codec.checksum(codec.EMPTY_BLOCK) == 0
     assert codec.checksum_valid(codec.EMPTY_BLOCK)
