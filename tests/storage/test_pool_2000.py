@@ -11,13 +11,12 @@ import uuid
 from collections.abc import Iterator
 
 import pytest
-from testlib import lvmpv
-from testlib import storage as teststorage
 from xtnd import storage
 from xtnd.mailbox import codec, directio
 from xtnd.mailbox.spm import SPMConfig, SPMMailbox
 from xtnd.storage import constants as c
 from xtnd.tools import domain_cli
+from xtnd.tools.rig import loops
 
 MiB = 1024**2
 HOSTS = 2000
@@ -33,13 +32,13 @@ def xtnd(*argv: str) -> int:
 
 @pytest.fixture
 def pv4k(workdir: str, loop_only: None) -> Iterator[str]:
-    path = teststorage.make_file(os.path.join(workdir, "pv4k"), lvmpv.PV_SIZE)
-    device = teststorage.losetup(path, 4096)
+    path = loops.make_file(os.path.join(workdir, "pv4k"), loops.PV_SIZE)
+    device = loops.losetup(path, 4096)
     try:
         yield device
     finally:
         subprocess.run(["wipefs", "--all", "--quiet", device], check=False, capture_output=True)
-        teststorage.detach(device)
+        loops.detach(device)
 
 
 def serve_first_and_last(location: storage.MailboxLocation) -> None:
