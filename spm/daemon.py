@@ -15,19 +15,21 @@ Start-up order (nothing is served before the lease is held):
    `xtnd volume create` on a standby host never runs LVM itself); tell
    systemd READY=1.
 
-Lease loss (watchdog, or fence() before an LVM command): log "serving
-stopped" and os._exit(EXIT_LEASE_LOST) at once, from whichever thread saw
-it; no reply and no LVM command can follow. sanlock releases whatever is
-left when the process's registration closes.
+Lease loss (watchdog, or fence() before an LVM command): mailbox writes are
+shut off and no new command starts at once; every LVM child still running
+is killed, and the process exits with EXIT_LEASE_LOST once they are all
+dead (exits.reap_children), from whichever thread saw the loss. Until then
+the sanlock registration stays open, so the lease is not handed to another
+host while a killed command may still write.
 
 SIGTERM/SIGINT: refuse volume commands, stop taking mail (new requests are
 parked unanswered for the next SPM), let running extends and volume
 commands finish within shutdown_grace, stop the mailbox, release the
 lease, exit 0. The config keeps [lvm] command_timeout below shutdown_grace,
 so every LVM command ends (or is killed) within the grace period. If work
-is still running after it anyway, the lease is not released by hand: the
-process exits at once with EXIT_ABANDONED and sanlock frees the lease when
-the registration closes.
+is still running after it anyway, its children are killed and the process
+exits with EXIT_ABANDONED once they are dead, not before. Any other way out
+(a fatal error) also reaps the children before the lease is released.
 
 "serving started/stopped" lines carry CLOCK_MONOTONIC (shared by all
 processes of a machine) and wall time, so tests and operators can prove two
@@ -58,6 +60,7 @@ from . import lease as spm_lease
 from .config import Config
 from .control import ControlServer, Op
 from .domains import DomainRegistry
+from .exits import GatedStorage, reap_children
 from .extend import ExtendService
 from .metrics import Metrics
 from .ops import VolumeOps
@@ -180,6 +183,11 @@ class SpmDaemon:
         self.metrics.lease.set(False)
         self._stop = threading.Event()
         self._stop_reason = ""
+        # Taken by whichever path gives the lease up (release or exit), and
+        # never released: a second one waits here until the first exits.
+        self._leaving = threading.Lock()
+        self._lost: str | None = None
+        self._outbox: GatedStorage | None = None
         self.lease: spm_lease.SpmLease | None = None
         self.mailbox: SPMMailbox | None = None
         # Control socket ops: volume commands only while serving.
@@ -203,11 +211,30 @@ class SpmDaemon:
         self.request_stop(signal.Signals(signo).name)
 
     def _on_lost(self, reason: str) -> None:
-        """Lease gone: no further mail or LVM; exit now, from any thread."""
-        log.critical("lease lost, exiting at once reason=%r", reason)
+        """Lease gone: no further reply or LVM command; exit once our
+        children are dead (see the module doc), from any thread."""
+        if self._lost is None:
+            self._lost = reason
+        if self._outbox is not None:
+            self._outbox.shut("the SPM lease is lost")
+        cmd.CHILDREN.close("the SPM lease is lost")
+        log.critical("lease lost, exiting reason=%r", reason)
+        if not self._leaving.acquire(blocking=False):
+            return  # another thread is leaving already
+        reap_children("lease lost")
         log.info("serving stopped host_id=%d reason=lease-lost %s", self.config.spm.host_id, _stamp())
         _flush_logs()
         os._exit(EXIT_LEASE_LOST)
+
+    def _give_up(self, lease: spm_lease.SpmLease) -> None:
+        """Every other way out: children dead first, then release."""
+        if self._outbox is not None:
+            self._outbox.shut("the SPM is stopping")
+        reap_children("the SPM is stopping")
+        # A lease-loss exit in progress ends the process while we wait here.
+        self._leaving.acquire()
+        lease.close()
+        self.metrics.lease.set(False)
 
     # Life cycle
 
@@ -242,6 +269,7 @@ class SpmDaemon:
             control.start()
         metrics = MetricsServer(cfg.metrics.listen, self.metrics.registry, "spm-metrics")
         metrics.start()
+        rc = EXIT_ERROR
         try:
             log.info("joining lockspace lockspace=%s host_id=%d", lockspace.name, cfg.spm.host_id)
             sd_notify("STATUS=joining lockspace")
@@ -249,13 +277,15 @@ class SpmDaemon:
                 lease.join()
             if not self._acquire(lease):
                 log.info("stopped before acquiring the lease reason=%s", self._stop_reason)
-                return EXIT_OK
-            return self._serve(lease, mbx)
+                rc = EXIT_OK
+            else:
+                rc = self._serve(lease, mbx)
         finally:
             metrics.stop()
             if control:
                 control.stop()
-            lease.close()
+            self._give_up(lease)
+        return EXIT_LEASE_LOST if self._lost is not None else rc
 
     def _acquire(self, lease: spm_lease.SpmLease) -> bool:
         self.role = "standby"
@@ -286,7 +316,7 @@ class SpmDaemon:
         registry.open_all()
         service = ExtendService(registry, lease.fence, self._on_lost, self.metrics, alloc=cfg.lvm.alloc)
         inbox = DirectFile(mbx.inbox)
-        outbox = DirectFile(mbx.outbox)
+        self._outbox = outbox = GatedStorage(DirectFile(mbx.outbox))
         self.mailbox = mailbox = SPMMailbox(inbox, outbox, mbx.max_hosts, mailbox_config(cfg))
         mailbox.on_scan = self.metrics.scanned
         self.metrics.watch("mailbox", lambda: mailbox.stats)
@@ -312,20 +342,22 @@ class SpmDaemon:
             if drained and not mailbox.flush(REPLY_FLUSH_TIMEOUT):
                 log.warning("replies not written within %.1fs; the next SPM serves them", REPLY_FLUSH_TIMEOUT)
         mailbox.stop(timeout=1.0)
+        outbox.shut("the SPM stopped")
+        if not drained:
+            # Still running: kill their commands, and keep the registration
+            # (the lease) until those are dead; the workers themselves may
+            # run on, but can start no command any more.
+            log.error("extends still running after shutdown_grace=%.1fs, killing them", cfg.spm.shutdown_grace)
+            self._leaving.acquire()
+            reap_children("shutdown_grace passed")
+            log.info("serving stopped host_id=%d reason=%s %s", cfg.spm.host_id, self._stop_reason, _stamp())
+            _flush_logs()
+            os._exit(EXIT_ABANDONED)
         log.info("serving stopped host_id=%d reason=%s %s", cfg.spm.host_id, self._stop_reason, _stamp())
         log.info("stats %s mailbox=%s", self.metrics.summary(), mailbox.stats)
         watchdog.stop(timeout=10)
         inbox.close()
         outbox.close()
-        if not drained:
-            # Releasing by hand would say "done" while an LVM command may
-            # still run; exiting closes the registration and sanlock frees
-            # the lease then (the command is bounded by command_timeout).
-            log.error("extends still running after shutdown_grace=%.1fs, exiting", cfg.spm.shutdown_grace)
-            _flush_logs()
-            os._exit(EXIT_ABANDONED)
-        lease.release()
-        self.metrics.lease.set(False)
         return EXIT_OK
 
     def _wait_for_stop(self, health: ServingHealth) -> None:

@@ -68,3 +68,41 @@ def test_child_dies_with_parent() -> None:
         parent.wait()
         if os.path.exists(pidfile):
             os.unlink(pidfile)
+
+
+def test_children_registered_until_reaped() -> None:
+    children = cmd.Children()
+    assert children.live() == []
+    with subprocess.Popen(["sleep", "60"]) as proc:
+        child = children.add(proc, ["sleep", "60"])
+        assert [c.pid for c in children.live()] == [proc.pid]
+        # Alive: wait() gives up after its timeout and names it.
+        assert [c.pid for c in children.wait(0.05)] == [proc.pid]
+        assert [c.pid for c in children.kill()] == [proc.pid]
+        # Dead but not reaped yet: wait() returns at once.
+        assert children.wait(30) == []
+        proc.wait()
+        children.remove(child)
+    assert children.live() == []
+
+
+def test_closed_children_refuse_new_commands() -> None:
+    children = cmd.Children()
+    children.close("exiting")
+    with pytest.raises(cmd.ChildrenClosed, match="exiting"):
+        children.check(["true"])
+    # A child that started before close() was seen is killed and still
+    # registered, so that whoever closed waits for it too.
+    with subprocess.Popen(["sleep", "60"]) as proc:
+        with pytest.raises(cmd.ChildrenClosed):
+            children.add(proc, ["sleep", "60"])
+        assert proc.wait(30) == -signal.SIGKILL
+        assert [c.pid for c in children.live()] == [proc.pid]
+        assert children.wait(30) == []
+
+
+def test_run_unregisters_its_children() -> None:
+    cmd.run(["true"])
+    with pytest.raises(cmd.CommandTimeout):
+        cmd.run(["sleep", "60"], timeout=0.1)
+    assert cmd.CHILDREN.live() == []

@@ -4,11 +4,19 @@ the lease kept until every LVM child of ours is gone."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
+import time
 import uuid
+from collections.abc import Callable
 
-from xtnd.tools.rig.spmd import write_json
+from testlib import freezable
+from xtnd import lvm
+from xtnd.storage import constants as c
+from xtnd.tools.rig import sanlockd, spmd
+from xtnd.tools.rig.spmd import MiB, Pool, SpmProcess, assert_never_both, intervals, write_json
+from xtnd.tools.rig.wait import wait_for
 
 
 def test_refuses_without_pdeathsig(workdir: str) -> None:
@@ -30,3 +38,83 @@ def test_refuses_without_pdeathsig(workdir: str) -> None:
     assert result.returncode == 1, result.stderr
     assert "refusing to start: setpriv (util-linux) not found" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def _state(pid: int) -> str | None:
+    """The process state letter (R, S, D, Z, ...), None once it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rpartition(")")[2].split()[0]
+    except OSError:
+        return None
+
+
+def test_lease_kept_until_stuck_lvextend_is_gone(
+    pvs: list[str], sanlock_hosts: Callable[[int], list[sanlockd.SanlockDaemon]], workdir: str
+) -> None:
+    """SIGTERM while an lvextend is stuck in a metadata write, past
+    shutdown_grace: the SPM kills it but keeps its registration, and so the
+    lease, until the kernel lets it die; only then can the standby serve."""
+    with freezable.freezable_pv(workdir) as slow:
+        pool = Pool(workdir, [pvs[0], slow.device])
+        try:
+            # The special LVs sit on the first PV (sanlock and the mailbox
+            # keep working); this volume on the one that will hang.
+            vol = uuid.uuid4()
+            tags = [f"--addtag={t}" for t in (c.TAG_VOLUME, f"{c.TAG_CAPACITY}{100 * MiB}", f"{c.TAG_FORMAT}qcow2")]
+            pool.domain.runner.run(
+                "lvcreate",
+                "--name",
+                str(vol),
+                "--size",
+                "8m",
+                "--activate",
+                "n",
+                "--zero",
+                "n",
+                *tags,
+                pool.domain.vg,
+                slow.device,
+            )
+            host1, host2 = sanlock_hosts(2)
+            extra = {"spm.shutdown_grace": "3", "lvm.command_timeout": "2"}
+            spm1 = SpmProcess(host1, pool.spm_config(1, **extra), os.path.join(workdir, "spm1.log"))
+            spm1.wait_serving()
+            spm2 = SpmProcess(host2, pool.spm_config(2, **extra), os.path.join(workdir, "spm2.log"))
+            spm2.wait_log("SPM lease busy, waiting")
+            hsm = pool.hsm(host_id=3, reoffer_timeout=600.0)
+            hsm.start()
+            try:
+                # A no-op first: the SPM reads the volume list before the freeze.
+                assert hsm.submit(pool.uuid, vol, 8 * MiB).result(timeout=60) == 8 * MiB
+                slow.freeze()
+                hsm.submit(pool.uuid, vol, 12 * MiB)
+                [pid] = wait_for(lambda: spmd.lvm_commands("lvextend", str(pool.uuid)), what="lvextend started")
+                wait_for(lambda: _state(pid) == "D", what="lvextend stuck in its metadata write")
+                spm1.proc.send_signal(signal.SIGTERM)
+                # Today's code exited here, freeing the lease under the stuck command.
+                spm1.wait_log("extends still running after shutdown_grace")
+                spm1.wait_log("children still alive after SIGKILL")
+                assert _state(pid) == "D"
+                assert spm1.proc.poll() is None
+                assert spm2.serving() == []
+                thawed = time.monotonic()
+                slow.thaw()
+                assert spm1.wait() == 4
+                # Dead (a zombie until its new parent reaps it).
+                assert _state(pid) in (None, "Z")
+                spm2.wait_serving()
+            finally:
+                slow.thaw()
+                hsm.stop()
+            [(_, _, _), (what, _, stopped)] = spm1.serving()
+            assert what == "stopped" and stopped > thawed, "stopped serving while its lvextend could still write"
+            assert "all children gone" in spm1.log()
+            assert_never_both(intervals((spm1, None), (spm2, None)))
+            assert spm2.terminate() == 0
+        finally:
+            pool.close()
+            try:
+                lvm.vgremove(pool.domain.runner, pool.domain.vg)
+            except lvm.LVMError:
+                pass

@@ -20,40 +20,13 @@ from xtnd.lvm import loop
 from xtnd.mailbox.hsm import HSMMailbox
 from xtnd.spm.control import ControlClient, ControlError
 from xtnd.tools.rig import loops, sanlockd
-from xtnd.tools.rig.spmd import EXTENT, IO_TIMEOUT, MiB, Pool, SpmProcess
+from xtnd.tools.rig.spmd import EXTENT, IO_TIMEOUT, MiB, Pool, SpmProcess, assert_never_both, intervals
 
 log = logging.getLogger("xtnd.tests.failover")
 
 # sanlock's host_dead_seconds: leases of a host that stopped renewing are
 # free for others after this.
 HOST_DEAD = 8 * IO_TIMEOUT + 60
-
-
-def intervals(*procs: tuple[SpmProcess, float | None]) -> list[tuple[float, float, int]]:
-    """(start, end, host_id) serving intervals.
-
-    A killed daemon logs no stop: its interval ends when it was killed; one
-    still serving has an open interval (end = inf).
-    """
-    result = []
-    for proc, killed in procs:
-        start: tuple[float, int] | None = None
-        for what, host_id, t in proc.serving():
-            if what == "started":
-                assert start is None, "started twice without a stop"
-                start = (t, host_id)
-            else:
-                assert start is not None, "stopped without a start"
-                result.append((start[0], t, host_id))
-                start = None
-        if start is not None:
-            result.append((start[0], killed if killed is not None else float("inf"), start[1]))
-    return sorted(result)
-
-
-def assert_never_both(spans: list[tuple[float, float, int]]) -> None:
-    for first, second in zip(spans, spans[1:], strict=False):
-        assert first[1] < second[0], f"host {first[2]} until {first[1]:.6f}, host {second[2]} from {second[0]:.6f}"
 
 
 def submit_burst(

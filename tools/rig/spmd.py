@@ -160,6 +160,33 @@ class SpmProcess:
             raise AssertionError(f"spm still running after {timeout}s:\n{self.log()[-3000:]}") from None
 
 
+def intervals(*procs: tuple[SpmProcess, float | None]) -> list[tuple[float, float, int]]:
+    """(start, end, host_id) serving intervals.
+
+    A killed daemon logs no stop: its interval ends when it was killed; one
+    still serving has an open interval (end = inf).
+    """
+    result = []
+    for proc, killed in procs:
+        start: tuple[float, int] | None = None
+        for what, host_id, t in proc.serving():
+            if what == "started":
+                assert start is None, "started twice without a stop"
+                start = (t, host_id)
+            else:
+                assert start is not None, "stopped without a start"
+                result.append((start[0], t, host_id))
+                start = None
+        if start is not None:
+            result.append((start[0], killed if killed is not None else float("inf"), start[1]))
+    return sorted(result)
+
+
+def assert_never_both(spans: list[tuple[float, float, int]]) -> None:
+    for first, second in zip(spans, spans[1:], strict=False):
+        assert first[1] < second[0], f"host {first[2]} until {first[1]:.6f}, host {second[2]} from {second[0]:.6f}"
+
+
 def write_json(path: str, data: Any) -> None:
     with open(path, "w") as f:
         json.dump(data, f)
