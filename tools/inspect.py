@@ -5,73 +5,29 @@ and outbox devices (read only, O_DIRECT) or copies of them, and tells for
 every slot index where its extend handshake stands (SPEC §2). Malformed
 bytes never make it fail: they are shown, in hex, with the reason.
 
-    xtnd mailbox dump --inbox PATH --outbox PATH [--host N]... [--max-hosts N] [--json]
+    xtnd mailbox dump --inbox PATH --outbox PATH [--host N]... [--busy] [--max-hosts N] [--json]
     xtnd mailbox decode HEX... [--json]
     xtnd mailbox watch --inbox PATH --outbox PATH [--interval S] [--once | --iterations N]
 
 ``--max-hosts`` defaults to what the smaller area holds (size / 4096 - 1,
-at most 2000). Without ``--host``, hosts whose inbox and outbox blocks are
-both all zeros are left out. ``watch`` redraws one view in place on a
-terminal; into a pipe it prints one view per scan.
+at most 2000). ``--host`` shows only the hosts named (even idle ones);
+without it, hosts whose inbox and outbox blocks are both all zeros are left
+out. ``--busy`` leaves out idle hosts too (those whose slots are all free
+or done: after a wave every host of a 2000-host pool keeps the SPM's echo).
+``watch`` shows busy slots only, as many as the terminal has rows for,
+redrawn in the terminal's alternate screen (no scrolling, no flicker; the
+shell's screen comes back on exit); into a pipe it prints one view per scan.
 
-JSON schema of ``dump --json`` (schema_version 1)
-    Every key is always present; null where it does not apply. New keys may
-    be added within a schema version; renaming or removing one bumps it.
-
-    schema_version  int   1
-    inbox, outbox   AREA
-    max_hosts       int   host ids 1..max_hosts were considered
-    event           EVENT inbox block 0
-    summary         object
-        hosts_scanned   int  host ids looked at
-        hosts_shown     int  entries in "hosts"
-        hosts_busy      int  hosts with "idle": false
-        invalid_blocks  int  shown hosts whose inbox checksum is bad
-        states          object: every STATE name -> int, slots of shown hosts
-    hosts           [HOST] ascending host id
-
-    AREA   {path: str, size: int (bytes), blocks: int (whole 4096-byte blocks)}
-    EVENT  {state: "ok" | "never-written" | "invalid" | "missing",
-            uuid: str | null, reason: str | null,
-            raw_head: str | null (hex of the first 32 bytes when invalid)}
-    HOST   {host: int,
-            idle: bool (checksum valid and every slot free or done),
-            inbox_present, outbox_present: bool (false: block beyond the
-                end of a short copy),
-            checksum: {stored: int, computed: int, valid: bool} | null
-                (null when the inbox block is missing),
-            inbox_reserved: str | null (hex of bytes 4032..4091 if any is
-                non-zero), outbox_reserved: str | null (hex of bytes
-                4032..4095 if any is non-zero),
-            states: object, every STATE name -> int,
-            slots: [SLOT] slot indexes where either side is not all zeros}
-    SLOT   {slot: int (0..62), state: STATE, detail: str (for people; its
-            wording may change), inbox: MESSAGE, outbox: MESSAGE}
-    MESSAGE {kind: "empty" | "clean" | "extend" | "unknown" | "invalid" |
-                   "missing",
-             domain, volume: str | null (UUIDs, extend only),
-             size_mb: int | null (extend only; in a reply 0 means failure),
-             opcode: str | null (unknown only; non-ASCII as \\xNN),
-             reason: str | null (why it cannot be decoded),
-             raw: str | null (hex of the 64 bytes; null when missing)}
-    STATE  "free" | "done" | "pending" | "replied" | "failed" | "acking" |
-           "acked" | "orphan-reply" | "unknown-request" | "invalid-request" |
-           "invalid-reply" | "invalid-block" | "incomplete"
-           (meanings in xtnd.tools.mailbox_state)
-
-JSON of ``decode --json``
-    {schema_version: 1, type: "message", message: MESSAGE}
-    {schema_version: 1, type: "block", block: {
-        checksum: {stored: int, computed: int, valid: bool} (only inbox
-            blocks carry one), event: EVENT | null (when the block starts
-            with the event magic), reserved: str | null (hex of bytes
-            4032..4091 if any is non-zero),
-        slots: [{slot: int, message: MESSAGE}] non-zero slots only}}
+The JSON of ``dump --json`` and ``decode --json`` (schema_version 1,
+keys only ever added within a version) is described in README.md
+("Mailbox inspection"); tests/tools/data/inspect_dump.json is a full
+example. State names and meanings are in xtnd.tools.mailbox_state.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import re
 import sys
@@ -93,6 +49,9 @@ from .mailbox_state import IDLE_STATES, Kind, State, read_slot
 PIPE_WIDTH = 200
 # Rows in the watch table; the summary still counts everything.
 WATCH_ROWS = 60
+# Terminal lines the watch view needs besides its slot rows: header (6),
+# table title, borders and heading (5), the "more" note (1).
+WATCH_CHROME = 12
 
 _STYLES = {
     State.PENDING: "yellow",
@@ -113,6 +72,7 @@ def register(subparsers: Any) -> None:
     dump = subparsers.add_parser("dump", help="decode inbox and outbox, slot by slot")
     _area_args(dump)
     dump.add_argument("--max-hosts", type=int, help="host ids to consider (default: what the smaller area holds)")
+    dump.add_argument("--busy", action="store_true", help="only hosts with a slot neither free nor done")
     dump.add_argument("--json", action="store_true", help="machine-readable output (schema in the module docstring)")
     dump.set_defaults(func=run_dump)
 
@@ -136,7 +96,9 @@ def register(subparsers: Any) -> None:
 def _area_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inbox", required=True, help="inbox device or file (a copy is fine)")
     parser.add_argument("--outbox", required=True, help="outbox device or file (a copy is fine)")
-    parser.add_argument("--host", type=int, action="append", help="show this host id even if idle (repeatable)")
+    parser.add_argument(
+        "--host", type=int, action="append", help="show only this host id, even if idle (repeatable)"
+    )
 
 
 def _console() -> Console:
@@ -160,6 +122,8 @@ def run_dump(args: argparse.Namespace) -> int:
             report = view.Scanner(inbox, outbox, args.max_hosts, args.host).scan()
     except (directio.StorageError, OSError) as e:
         return _fail(str(e))
+    if args.busy:
+        report = dataclasses.replace(report, hosts=report.busy)
     if args.json:
         json.dump(report.to_json(), sys.stdout, indent=2)
         sys.stdout.write("\n")
@@ -362,8 +326,11 @@ def run_watch(args: argparse.Namespace) -> int:
     try:
         with view.AreaReader(args.inbox) as inbox, view.AreaReader(args.outbox) as outbox:
             if console.is_terminal:
-                with Live(console=console, auto_refresh=False, screen=False) as live:
-                    _watch_loop(args, inbox, outbox, stop, lambda r: live.update(r, refresh=True))
+                # The alternate screen is redrawn from its top-left corner:
+                # nothing scrolls and nothing is erased first, so no flicker.
+                with Live(console=console, auto_refresh=False, screen=True, vertical_overflow="crop") as live:
+                    _watch_loop(args, inbox, outbox, stop, lambda r: live.update(r, refresh=True),
+                                lambda: _terminal_rows(console))
             else:
                 _watch_loop(args, inbox, outbox, stop, console.print)
     except KeyboardInterrupt:
@@ -379,20 +346,26 @@ def _watch_loop(
     outbox: view.AreaReader,
     stop: threading.Event,
     show: Any,
+    rows: Any = lambda: WATCH_ROWS,
 ) -> None:
     scanner = view.Scanner(inbox, outbox, args.max_hosts, args.host)
     scans = 0
     while True:
         report = scanner.scan()
         scans += 1
-        show(watch_view(report, scans))
+        show(watch_view(report, scans, rows()))
         if args.iterations is not None and scans >= args.iterations:
             return
         # Nothing sets the event: it is an interruptible wait, Ctrl-C ends it.
         stop.wait(args.interval)
 
 
-def watch_view(report: view.Report, scans: int) -> RenderableType:
+def _terminal_rows(console: Console) -> int:
+    """Slot rows that fit the terminal under the header and table frame."""
+    return max(1, console.size.height - WATCH_CHROME)
+
+
+def watch_view(report: view.Report, scans: int, max_rows: int = WATCH_ROWS) -> RenderableType:
     header = _header(report)
     header.add_row("scan", f"#{scans} at {time.strftime('%H:%M:%S')}")
     busy = report.busy
@@ -414,7 +387,7 @@ def watch_view(report: view.Report, scans: int) -> RenderableType:
         for slot in host.slots:
             if slot.verdict.state in IDLE_STATES:
                 continue
-            if rows >= WATCH_ROWS:
+            if rows >= max_rows:
                 break
             _add_slot_row(table, slot, notes, host.host)
             rows += 1
