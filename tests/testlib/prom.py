@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
 import re
 import urllib.request
 
 from prometheus_client.parser import text_string_to_metric_families
+
+log = logging.getLogger("test.prom")
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
@@ -22,6 +25,7 @@ def scrape(port: int) -> Samples:
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
         assert r.headers["Content-Type"].startswith("text/plain")
         text = r.read().decode()
+    log.debug("scrape port=%d\n%s", port, text)
     return {
         (s.name, frozenset(s.labels.items())): s.value
         for family in text_string_to_metric_families(text)
