@@ -12,7 +12,10 @@ cleared), the workers finish, then the connection and the event loop end.
 
 SIGTERM and SIGINT stop the daemon; systemd is told READY=1 once libvirt
 is connected (or after a short wait: a host whose libvirtd is down still
-has an HSM that keeps trying) and STOPPING=1 on stop.
+has an HSM that keeps trying) and STOPPING=1 on stop. run() also serves
+the metrics ([metrics] listen) and the control socket ([host]
+control_socket: status, log_level), and pings systemd's watchdog from its
+main loop while the monitor and mailbox threads run.
 """
 
 from __future__ import annotations

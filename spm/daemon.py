@@ -31,6 +31,12 @@ is still running after it anyway, its children are killed and the process
 exits with EXIT_ABANDONED once they are dead, not before. Any other way out
 (a fatal error) also reaps the children before the lease is released.
 
+Operations: metrics at [metrics] listen from the start (lease_held 0 on a
+standby); status and log_level on the control socket; with WatchdogSec=
+systemd gets WATCHDOG=1 from the main loop, while serving only as long as
+the lease checks succeed and the mailbox thread makes progress
+(ServingHealth).
+
 "serving started/stopped" lines carry CLOCK_MONOTONIC (shared by all
 processes of a machine) and wall time, so tests and operators can prove two
 SPMs never served at once.
