@@ -382,6 +382,11 @@ def test_hsm_restarted_while_vm_paused(
                 assert report["spm"]["role"] == "serving" and report["spm"]["lease_holder"] == hsmrig.HOST_ID
                 [drive] = report["hsm"]["drives"]
                 assert drive["last_extend"] is not None and drive["last_extend_ms"] > 0
+                # The running daemon's log level changes without a restart.
+                level = [sys.executable, "-m", "xtnd.tools.cli", "hsm", "--config", conf, "log-level", "xtnd.hsm"]
+                out = subprocess.run([*level, "DEBUG"], capture_output=True, text=True, check=True).stdout
+                assert out == "xtnd.hsm: INFO -> DEBUG\n"
+                assert "log level changed logger=xtnd.hsm level=DEBUG previous=INFO" in read(second)
                 proc.send_signal(signal.SIGTERM)
                 assert proc.wait(20) == 0
     finally:
