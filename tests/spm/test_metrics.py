@@ -103,3 +103,24 @@ def test_log_level_at_runtime(pool: Pool, spm: SpmProcess) -> None:
     assert spm.log().count("extend done result=extended") == 1
     bad = subprocess.run([*cmd[:-1], "loud", "--socket", sock], capture_output=True, text=True)
     assert bad.returncode == 2 and "invalid choice" in bad.stderr and "Traceback" not in bad.stderr
+
+
+def test_standby_status(
+    pool: Pool, spm: SpmProcess, sanlock_hosts: Callable[[int], list[sanlockd.SanlockDaemon]], workdir: str
+) -> None:
+    """A second SPM waits for the lease: its status and metrics say so, and who holds it."""
+    [host2] = sanlock_hosts(1)
+    config = pool.spm_config(2, **{"metrics.listen": "127.0.0.1:0"})
+    standby = SpmProcess(host2, config, os.path.join(workdir, "spm2.log"))
+    try:
+        port = int(standby.wait_log(LISTENING).group(1))
+        standby.wait_log(r"SPM lease busy, waiting owners=1/")
+        status = ControlClient(os.path.join(pool.workdir, "spm2.sock")).call("status")
+        assert status["role"] == "standby" and status["host_id"] == 2
+        assert status["lease_held"] is False and status["lease_holder"] == 1
+        samples = scrape(port)
+        assert value(samples, "xtnd_spm_host_id") == 2
+        assert value(samples, "xtnd_spm_lease_held") == 0
+        assert value(samples, "xtnd_spm_lease_acquisitions_total") == 0
+    finally:
+        standby.kill()
