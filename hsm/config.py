@@ -12,34 +12,31 @@ errors: a misspelled option silently ignored is worse than a refusal.
 
 from __future__ import annotations
 
-import configparser
 import dataclasses
-import glob
 import io
-import os
-from typing import Any
 
-from xtnd.common import promhttp
+from xtnd.common import ini
+from xtnd.common.ini import ConfigError, option
 from xtnd.hsm import links
 from xtnd.hsm.sizing import SizingConfig
 from xtnd.mailbox.hsm import HSMConfig
 
+__all__ = ["ConfigError", "Config", "load", "show"]
 
-class ConfigError(Exception):
-    """The configuration cannot be used; the message says where and why."""
-
-
-def _opt(default: Any, doc: str) -> Any:
-    return dataclasses.field(default=default, metadata={"doc": doc})
+_opt = option
 
 
 @dataclasses.dataclass
 class HostSection:
-    host_id: int = _opt(0, "This host's mailbox host id (1..max_hosts of the master domain). Required.")
-    master_domain: str = _opt("", "UUID of the pool's master domain, which holds the mailbox. Required.")
+    host_id: int = _opt(
+        0, "This host's mailbox host id (1..max_hosts of the master domain).", ini.in_range(1, 2000), required=True
+    )
+    master_domain: str = _opt("", "UUID of the pool's master domain, which holds the mailbox.", ini.uuid, required=True)
     storage_config: str = _opt("/etc/xtnd/storage.json", "Where this host finds its storage domains (PVs, roots).")
     run_dir: str = _opt(links.RUN_DIR, "Folder of prepared volume links: drives under it are monitored.")
-    workers: int = _opt(4, "Threads running extends (each waits on the SPM, then refreshes and resumes).")
+    workers: int = _opt(
+        4, "Threads running extends (each waits on the SPM, then refreshes and resumes).", ini.in_range(1, 256)
+    )
     control_socket: str = _opt(
         "/run/xtnd/hsm.sock", "Unix socket for `xtnd status` and log levels (root only); empty disables."
     )
@@ -47,39 +44,49 @@ class HostSection:
 
 @dataclasses.dataclass
 class ThinSection:
-    chunk_mb: int = _opt(2560, "Size of one extend in MiB (doubled while a disk is replicated).")
-    utilization_percent: int = _opt(20, "Extend when less than (100 - this)% of a chunk is free.")
+    chunk_mb: int = _opt(2560, "Size of one extend in MiB (doubled while a disk is replicated).", ini.at_least(1))
+    utilization_percent: int = _opt(20, "Extend when less than (100 - this)% of a chunk is free.", ini.in_range(0, 100))
 
 
 @dataclasses.dataclass
 class MonitorSection:
-    stats_interval: float = _opt(2.0, "Seconds between bulk stats passes (one libvirt call for all VMs).")
-    extend_timeout: float = _opt(120.0, "Seconds to wait for the SPM's reply before counting a failure.")
+    stats_interval: float = _opt(2.0, "Seconds between bulk stats passes (one libvirt call for all VMs).", ini.positive)
+    extend_timeout: float = _opt(120.0, "Seconds to wait for the SPM's reply before counting a failure.", ini.positive)
 
 
 @dataclasses.dataclass
 class RetrySection:
-    backoff_initial: float = _opt(1.0, "Seconds before the first retry of a failed extend.")
-    backoff_max: float = _opt(60.0, "Retries back off by doubling up to this many seconds, then keep going.")
+    backoff_initial: float = _opt(1.0, "Seconds before the first retry of a failed extend.", ini.positive)
+    backoff_max: float = _opt(
+        60.0, "Retries back off by doubling up to this many seconds, then keep going.", ini.positive
+    )
 
 
 @dataclasses.dataclass
 class MailboxSection:
-    poll_min: float = _opt(HSMConfig.poll_min, "Seconds before the first outbox read after a request.")
-    poll_growth: float = _opt(HSMConfig.poll_growth, "Poll delay as a fraction of the time waited so far.")
-    poll_max: float = _opt(HSMConfig.poll_max, "Longest delay between outbox reads while waiting.")
-    reoffer_timeout: float = _opt(HSMConfig.reoffer_timeout, "Re-offer a request unanswered this long (seconds).")
-    clean_timeout: float = _opt(HSMConfig.clean_timeout, "Free a slot whose clean message is not echoed (seconds).")
-    error_backoff: float = _opt(HSMConfig.error_backoff, "Seconds between retries after a storage error.")
+    poll_min: float = _opt(HSMConfig.poll_min, "Seconds before the first outbox read after a request.", ini.positive)
+    poll_growth: float = _opt(
+        HSMConfig.poll_growth, "Poll delay as a fraction of the time waited so far.", ini.non_negative
+    )
+    poll_max: float = _opt(HSMConfig.poll_max, "Longest delay between outbox reads while waiting.", ini.positive)
+    reoffer_timeout: float = _opt(
+        HSMConfig.reoffer_timeout, "Re-offer a request unanswered this long (seconds).", ini.positive
+    )
+    clean_timeout: float = _opt(
+        HSMConfig.clean_timeout, "Free a slot whose clean message is not echoed (seconds).", ini.positive
+    )
+    error_backoff: float = _opt(HSMConfig.error_backoff, "Seconds between retries after a storage error.", ini.positive)
 
 
 @dataclasses.dataclass
 class LibvirtSection:
     uri: str = _opt("qemu:///system", "libvirt connection URI.")
-    reconnect_initial: float = _opt(0.1, "Seconds before the first reconnect attempt after libvirtd went away.")
-    reconnect_max: float = _opt(5.0, "Reconnect attempts back off up to this many seconds.")
-    keepalive_interval: int = _opt(5, "Seconds between keepalive probes.")
-    keepalive_count: int = _opt(3, "Unanswered probes before the connection counts as dead.")
+    reconnect_initial: float = _opt(
+        0.1, "Seconds before the first reconnect attempt after libvirtd went away.", ini.positive
+    )
+    reconnect_max: float = _opt(5.0, "Reconnect attempts back off up to this many seconds.", ini.positive)
+    keepalive_interval: int = _opt(5, "Seconds between keepalive probes.", ini.at_least(1))
+    keepalive_count: int = _opt(3, "Unanswered probes before the connection counts as dead.", ini.at_least(1))
 
 
 @dataclasses.dataclass
@@ -87,6 +94,7 @@ class MetricsSection:
     listen: str = _opt(
         "127.0.0.1:9711",
         "HOST:PORT serving Prometheus metrics at /metrics (plain HTTP: keep it local); empty disables.",
+        ini.listen,
     )
 
 
@@ -99,6 +107,8 @@ class Config:
     mailbox: MailboxSection = dataclasses.field(default_factory=MailboxSection)
     libvirt: LibvirtSection = dataclasses.field(default_factory=LibvirtSection)
     metrics: MetricsSection = dataclasses.field(default_factory=MetricsSection)
+    # Files read, in order (not an option).
+    sources: list[str] = dataclasses.field(default_factory=list, compare=False)
 
     def sizing(self) -> SizingConfig:
         return SizingConfig(chunk_mb=self.thin.chunk_mb, utilization_percent=self.thin.utilization_percent)
@@ -108,80 +118,50 @@ class Config:
 
     def validate(self) -> None:
         """Raise ConfigError unless a daemon can run with this."""
-        if self.host.host_id < 1:
-            raise ConfigError("[host] host_id is required (1..max_hosts)")
-        if not self.host.master_domain:
-            raise ConfigError("[host] master_domain is required")
-        if self.host.workers < 1:
-            raise ConfigError("[host] workers must be at least 1")
-        try:
-            self.sizing()
-        except ValueError as e:
-            raise ConfigError(f"[thin] {e}") from None
-        if not 0 < self.retry.backoff_initial <= self.retry.backoff_max:
-            raise ConfigError("[retry] need 0 < backoff_initial <= backoff_max")
-        if self.monitor.stats_interval <= 0:
-            raise ConfigError("[monitor] stats_interval must be positive")
-        try:
-            promhttp.parse_listen(self.metrics.listen)
-        except promhttp.ListenError as e:
-            raise ConfigError(f"[metrics] listen: {e}") from None
-
-
-def _convert(section: str, name: str, kind: Any, text: str) -> Any:
-    try:
-        if kind == "int":
-            return int(text)
-        if kind == "float":
-            return float(text)
-        if kind == "bool":
-            return configparser.ConfigParser.BOOLEAN_STATES[text.lower()]
-        return text
-    except (ValueError, KeyError):
-        raise ConfigError(f"[{section}] {name}: not a {kind}: {text!r}") from None
+        file = self.sources[0] if self.sources else ""
+        for f in dataclasses.fields(self):
+            if f.name != "sources":
+                ini.check_section(getattr(self, f.name), file=file, section=f.name)
+        if not self.retry.backoff_initial <= self.retry.backoff_max:
+            raise ConfigError(
+                f"must not exceed backoff_max ({self.retry.backoff_max:g})",
+                file=file,
+                section="retry",
+                key="backoff_initial",
+                value=f"{self.retry.backoff_initial:g}",
+            )
 
 
 def files(path: str) -> list[str]:
     """The file and its drop-ins, in the order they are read."""
-    return [path, *sorted(glob.glob(os.path.join(path + ".d", "*.conf")))]
+    return ini.files(path)
 
 
 def load(path: str | None) -> Config:
-    """Defaults, then the file (which must exist if given), then drop-ins."""
+    """Defaults, then the file (which must exist if given), then drop-ins.
+
+    Every option is checked here; ``Config.validate`` adds what needs the
+    whole file (required options, relations).
+    """
     config = Config()
     if path is None:
         return config
-    if not os.path.exists(path):
-        raise ConfigError(f"no such config file: {path}")
-    sections = {f.name: getattr(config, f.name) for f in dataclasses.fields(config)}
-    for name in files(path):
-        parser = configparser.ConfigParser(interpolation=None)
-        try:
-            with open(name) as f:
-                parser.read_file(f, name)
-        except (OSError, configparser.Error) as e:
-            raise ConfigError(f"cannot read {name}: {e}") from None
+    sections = {f.name: getattr(config, f.name) for f in dataclasses.fields(config) if f.name != "sources"}
+    for name, parser in ini.read(path):
         for section in parser.sections():
             target = sections.get(section)
             if target is None:
-                raise ConfigError(f"{name}: unknown section [{section}]")
-            fields = {f.name: f for f in dataclasses.fields(target)}
-            for option, text in parser.items(section):
-                field = fields.get(option)
-                if field is None:
-                    raise ConfigError(f"{name}: unknown option {option} in [{section}]")
-                setattr(target, option, _convert(section, option, field.type, text))
+                raise ConfigError("unknown section", file=name, section=section)
+            ini.apply(target, dict(parser.items(section)), file=name, section=section)
+        config.sources.append(name)
     return config
 
 
 def show(config: Config) -> str:
     """The effective configuration as INI, each option with its comment."""
     out = io.StringIO()
-    for i, sf in enumerate(dataclasses.fields(config)):
-        section = getattr(config, sf.name)
+    for i, sf in enumerate(f for f in dataclasses.fields(config) if f.name != "sources"):
         if i:
             out.write("\n")
-        out.write(f"[{sf.name}]\n")
-        for f in dataclasses.fields(section):
-            out.write(f"# {f.metadata['doc']}\n{f.name} = {getattr(section, f.name)}\n")
+        ini.show_section(out, sf.name, getattr(config, sf.name))
     return out.getvalue()

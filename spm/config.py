@@ -1,10 +1,11 @@
 """Configuration of the SPM daemon: /etc/xtnd/spm.conf (INI).
 
-Typed sections with defaults; every option is documented where it is
-declared. The effective configuration is the defaults, then the main file,
-then every ``*.conf`` of the drop-in directory in name order (``FILE.d/``
-next to the main file, e.g. /etc/xtnd/spm.conf.d/). Later files win per
-option. ``xtnd spm --config FILE --show-config`` prints the result.
+Typed sections with defaults (xtnd.common.ini); every option is documented
+and validated where it is declared. The effective configuration is the
+defaults, then the main file, then every ``*.conf`` of the drop-in
+directory in name order (``FILE.d/``, e.g. /etc/xtnd/spm.conf.d/). Later
+files win per option. ``xtnd spm --config FILE --show-config`` prints the
+result; ``--check-config`` only validates it.
 
 Managed domains: the master domain always, plus ``[spm] domains`` (UUIDs
 looked up in the host storage config, or ``*`` for all of them), plus one
@@ -27,96 +28,105 @@ Example:
 
 from __future__ import annotations
 
-import configparser
 import dataclasses
-import glob
 import io
-import os
 import uuid as uuidlib
-from typing import Any
 
-from xtnd.common import promhttp
+from xtnd.common import ini
+from xtnd.common.ini import ConfigError, option
+from xtnd.mailbox.spm import SPMConfig
+
+__all__ = ["ConfigError", "Config", "load", "show"]
 
 DEFAULT_PATH = "/etc/xtnd/spm.conf"
 DOMAIN_PREFIX = "domain "
 
 
-class ConfigError(ValueError):
-    """The configuration cannot be used as written."""
-
-
 @dataclasses.dataclass
 class SpmSection:
-    # This host's id in the master domain's lockspace: its mailbox host id
-    # (1..max_hosts of the master domain).
-    host_id: int = 0
-    # UUID of the pool's master domain (holds the mailbox and the SPM lease).
-    master_domain: str = ""
-    # Other managed domains: UUIDs separated by spaces, looked up in the host
-    # storage config, or "*" for every domain listed there.
-    domains: str = ""
-    # Host storage config (domain UUID -> PVs or directory); empty: the
-    # default ($XTND_STORAGE_CONFIG or /etc/xtnd/storage.json).
-    storage_config: str = ""
-    # Unix socket for volume commands (root only); empty disables it.
-    control_socket: str = "/run/xtnd/spm.sock"
-    # On SIGTERM, seconds to let extends in flight finish before the lease is
-    # released; keep systemd's TimeoutStopSec above this.
-    shutdown_grace: float = 30.0
-    # Seconds between "stats" log lines (latency, counters); 0 disables.
-    stats_interval: float = 300.0
+    host_id: int = option(
+        0,
+        "This host's id in the master domain's lockspace (1..2000, at most max_hosts).",
+        ini.in_range(1, 2000),
+        required=True,
+    )
+    master_domain: str = option(
+        "", "UUID of the pool's master domain (holds the mailbox and the SPM lease).", ini.uuid, required=True
+    )
+    domains: str = option(
+        "",
+        "Other managed domains: UUIDs separated by spaces (looked up in the host storage config), or *.",
+        ini.uuids_or_star,
+    )
+    storage_config: str = option(
+        "", "Host storage config (domain -> PVs or directory); empty: $XTND_STORAGE_CONFIG or /etc/xtnd/storage.json."
+    )
+    control_socket: str = option("/run/xtnd/spm.sock", "Unix socket for volume commands (root only); empty disables.")
+    shutdown_grace: float = option(
+        30.0,
+        "On SIGTERM, seconds extends in flight may take before the lease is released (< TimeoutStopSec).",
+        ini.positive,
+    )
+    stats_interval: float = option(300.0, "Seconds between stats log lines; 0 disables.", ini.non_negative)
 
 
 @dataclasses.dataclass
 class LeaseSection:
-    # sanlock io timeout for the lockspace (seconds). Must match what the
-    # lockspace was formatted with, or joining waits for the longer one.
-    io_timeout: int = 10
-    # Seconds between lease checks by the watchdog; 0: min(1, io_timeout/2).
-    check_interval: float = 0.0
-    # While another host holds the lease, seconds between acquire attempts.
-    acquire_interval: float = 5.0
-    # A lease check (a request to the local sanlock daemon) still running
-    # after this many seconds counts as a lost lease; 0: 2 x io_timeout.
-    stall_timeout: float = 0.0
+    io_timeout: int = option(
+        10,
+        "sanlock io timeout of the lockspace (seconds); must match what it was formatted with.",
+        ini.in_range(1, 300),
+    )
+    check_interval: float = option(0.0, "Seconds between lease checks; 0: min(1, io_timeout/2).", ini.non_negative)
+    acquire_interval: float = option(5.0, "While another host holds the lease, seconds between attempts.", ini.positive)
+    stall_timeout: float = option(
+        0.0, "A lease check running this long counts as a lost lease; 0: 2 x io_timeout.", ini.non_negative
+    )
 
 
 @dataclasses.dataclass
 class MailboxSection:
-    # Event block poll interval while mail is flowing (seconds).
-    event_interval: float = 0.002
-    # Event block poll interval when idle (seconds): idle I/O and CPU bound.
-    idle_event_interval: float = 0.025
-    # Seconds after the last mail during which polling stays fast.
-    active_window: float = 3.0
-    # Full inbox scan even without a new event (seconds; vdsm HSMs of old
-    # versions write no event).
-    scan_interval: float = 2.0
-    # Threads running extends: extends of different volumes run in parallel
-    # up to this many; one volume is always extended by one thread at a time.
-    workers: int = 8
+    event_interval: float = option(
+        SPMConfig.event_interval, "Event block poll interval while mail is flowing (seconds).", ini.positive
+    )
+    idle_event_interval: float = option(
+        SPMConfig.idle_event_interval, "Event block poll interval when idle (seconds).", ini.positive
+    )
+    active_window: float = option(
+        SPMConfig.active_window, "Seconds after the last mail during which polling stays fast.", ini.non_negative
+    )
+    scan_interval: float = option(
+        SPMConfig.scan_interval, "Full inbox scan even without a new event (seconds).", ini.positive
+    )
+    workers: int = option(
+        SPMConfig.workers,
+        "Threads running extends (one volume is extended by one thread at a time).",
+        ini.in_range(1, 256),
+    )
 
 
 @dataclasses.dataclass
 class LvmSection:
-    # Seconds an LVM command may run before it is killed. Keep it below
-    # shutdown_grace so a shutdown never abandons a running lvextend.
-    command_timeout: float = 20.0
-    # lvextend allocation policy ("" = LVM's default; "contiguous" keeps LVs
-    # single-segment, needed where LVs are mapped with loop devices).
-    alloc: str = ""
-    # The SPM is the only writer of LVM metadata, so it keeps the volume
-    # list (size, capacity, tags) in memory instead of running lvs before
-    # every lvextend; seconds before a domain's list is read again anyway.
-    volume_cache_ttl: float = 60.0
+    command_timeout: float = option(
+        20.0, "Seconds an LVM command may run before it is killed (below [spm] shutdown_grace).", ini.positive
+    )
+    alloc: str = option(
+        "",
+        "lvextend --alloc policy; empty: LVM's default. contiguous keeps LVs single-segment (loop activation).",
+        ini.choice("", "contiguous", "cling", "cling_by_tags", "normal", "anywhere", "inherit"),
+    )
+    volume_cache_ttl: float = option(
+        60.0, "Seconds before a domain's in-memory volume list is read from LVM again.", ini.non_negative
+    )
 
 
 @dataclasses.dataclass
 class MetricsSection:
-    # HOST:PORT serving Prometheus metrics at /metrics (plain HTTP, no
-    # authentication: keep it on localhost or a management network); empty
-    # disables. The HSM's default port is 9711, so both run on one host.
-    listen: str = "127.0.0.1:9710"
+    listen: str = option(
+        "127.0.0.1:9710",
+        "HOST:PORT serving Prometheus metrics at /metrics (plain HTTP: keep it local); empty disables.",
+        ini.listen,
+    )
 
 
 @dataclasses.dataclass
@@ -124,10 +134,8 @@ class DomainSection:
     """[domain UUID]: where to find one domain (pvs or path, not both)."""
 
     uuid: str
-    # The domain's PVs, separated by spaces.
-    pvs: str = ""
-    # Root directory of a file domain.
-    path: str = ""
+    pvs: str = option("", "The domain's PVs, separated by spaces.")
+    path: str = option("", "Root directory of a file domain.")
 
     @property
     def pv_list(self) -> list[str]:
@@ -143,64 +151,32 @@ class Config:
     metrics: MetricsSection = dataclasses.field(default_factory=MetricsSection)
     domain: dict[str, DomainSection] = dataclasses.field(default_factory=dict)
     # Files read, in order (not an option).
-    sources: list[str] = dataclasses.field(default_factory=list)
+    sources: list[str] = dataclasses.field(default_factory=list, compare=False)
 
     @property
     def master_uuid(self) -> uuidlib.UUID:
         return uuidlib.UUID(self.spm.master_domain)
 
     def validate(self) -> None:
-        if not self.spm.master_domain:
-            raise ConfigError("[spm] master_domain is required")
-        try:
-            uuidlib.UUID(self.spm.master_domain)
-            for name in self.spm.domains.split():
-                if name != "*":
-                    uuidlib.UUID(name)
-        except ValueError as e:
-            raise ConfigError(f"[spm] bad domain UUID: {e}") from None
-        if self.spm.host_id < 1:
-            raise ConfigError("[spm] host_id must be >= 1")
-        if self.lease.io_timeout < 1:
-            raise ConfigError("[lease] io_timeout must be >= 1")
-        if self.lease.stall_timeout < 0:
-            raise ConfigError("[lease] stall_timeout must be >= 0")
-        if self.mailbox.workers < 1:
-            raise ConfigError("[mailbox] workers must be >= 1")
-        if self.spm.shutdown_grace <= 0:
-            raise ConfigError("[spm] shutdown_grace must be > 0")
-        if not 0 < self.lvm.command_timeout < self.spm.shutdown_grace:
+        """What no single option can check: required options, relations."""
+        file = self.sources[0] if self.sources else ""
+        for name in _SECTIONS:
+            ini.check_section(getattr(self, name), file=file, section=name)
+        if not self.lvm.command_timeout < self.spm.shutdown_grace:
             # A shutdown must never leave an LVM command running past the lease.
-            raise ConfigError("[lvm] command_timeout must be > 0 and below [spm] shutdown_grace")
-        try:
-            promhttp.parse_listen(self.metrics.listen)
-        except promhttp.ListenError as e:
-            raise ConfigError(f"[metrics] listen: {e}") from None
+            raise ConfigError(
+                f"must be below [spm] shutdown_grace ({self.spm.shutdown_grace:g})",
+                file=file,
+                section="lvm",
+                key="command_timeout",
+                value=f"{self.lvm.command_timeout:g}",
+            )
         for section in self.domain.values():
             if bool(section.pvs) == bool(section.path):
-                raise ConfigError(f"[domain {section.uuid}] needs exactly one of pvs, path")
+                raise ConfigError("needs exactly one of pvs, path", file=file, section=DOMAIN_PREFIX + section.uuid)
 
 
 _SECTIONS = ("spm", "lease", "mailbox", "lvm", "metrics")
-
-
-def _convert(section: str, name: str, value: str, kind: Any) -> Any:
-    try:
-        if kind in (int, "int"):
-            return int(value)
-        if kind in (float, "float"):
-            return float(value)
-    except ValueError:
-        raise ConfigError(f"[{section}] {name}: not a number: {value!r}") from None
-    return value
-
-
-def _apply(obj: Any, section: str, items: dict[str, str]) -> None:
-    fields = {f.name: f for f in dataclasses.fields(obj)}
-    for name, value in items.items():
-        if name not in fields or name == "uuid":
-            raise ConfigError(f"[{section}] unknown option {name!r}")
-        setattr(obj, name, _convert(section, name, value, fields[name].type))
 
 
 def drop_in_dir(path: str) -> str:
@@ -209,31 +185,22 @@ def drop_in_dir(path: str) -> str:
 
 def load(path: str = DEFAULT_PATH) -> Config:
     """Defaults, then path (must exist), then path.d/*.conf in name order."""
-    if not os.path.exists(path):
-        raise ConfigError(f"no such config file: {path}")
-    files = [path, *sorted(glob.glob(os.path.join(drop_in_dir(path), "*.conf")))]
     config = Config()
-    for name in files:
-        parser = configparser.ConfigParser(interpolation=None)
-        try:
-            with open(name) as f:
-                parser.read_file(f, name)
-        except configparser.Error as e:
-            raise ConfigError(f"{name}: {e}") from None
+    for name, parser in ini.read(path):
         for section in parser.sections():
             items = dict(parser.items(section))
             if section in _SECTIONS:
-                _apply(getattr(config, section), section, items)
+                ini.apply(getattr(config, section), items, file=name, section=section)
             elif section.startswith(DOMAIN_PREFIX):
                 raw = section[len(DOMAIN_PREFIX) :].strip()
                 try:
                     key = str(uuidlib.UUID(raw))
                 except ValueError:
-                    raise ConfigError(f"{name}: [{section}]: not a UUID") from None
+                    raise ConfigError("section name: not a UUID", file=name, section=section) from None
                 dom = config.domain.setdefault(key, DomainSection(key))
-                _apply(dom, section, items)
+                ini.apply(dom, items, file=name, section=section, skip=("uuid",))
             else:
-                raise ConfigError(f"{name}: unknown section [{section}]")
+                raise ConfigError("unknown section", file=name, section=section)
         config.sources.append(name)
     config.validate()
     return config
@@ -241,12 +208,12 @@ def load(path: str = DEFAULT_PATH) -> Config:
 
 def show(config: Config) -> str:
     """The effective configuration as an INI file (with where it came from)."""
-    parser = configparser.ConfigParser(interpolation=None)
-    for section in _SECTIONS:
-        parser[section] = {k: str(v) for k, v in dataclasses.asdict(getattr(config, section)).items()}
-    for key, dom in sorted(config.domain.items()):
-        parser[DOMAIN_PREFIX + key] = {"pvs": dom.pvs, "path": dom.path}
     out = io.StringIO()
     out.write("".join(f"# from {name}\n" for name in config.sources))
-    parser.write(out)
+    for i, section in enumerate(_SECTIONS):
+        if i:
+            out.write("\n")
+        ini.show_section(out, section, getattr(config, section))
+    for key, dom in sorted(config.domain.items()):
+        out.write(f"\n[{DOMAIN_PREFIX}{key}]\npvs = {dom.pvs}\npath = {dom.path}\n")
     return out.getvalue()

@@ -2,6 +2,7 @@
 
     xtnd hsm --config /etc/xtnd/hsm.conf            run the daemon (SIGTERM stops it)
     xtnd hsm --config /etc/xtnd/hsm.conf --show-config
+    xtnd hsm --config /etc/xtnd/hsm.conf --check-config   validate it and exit (0 or 2)
     xtnd hsm log-level LOGGER LEVEL                 change a logger of the running HSM
     xtnd hsm bench [--json] ...                     see xtnd.tools.hsm_bench
 
@@ -16,6 +17,7 @@ import logging
 import sys
 from typing import Any
 
+from xtnd.common.ini import EXIT_CONFIG
 from xtnd.hsm import config as hsm_config
 from xtnd.tools import volume_host_cli
 
@@ -31,7 +33,10 @@ def _daemon(args: argparse.Namespace) -> int:
         config.validate()
     except hsm_config.ConfigError as e:
         print(f"xtnd hsm: {e}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
+    if args.check_config:
+        print(f"{args.config}: OK ({len(config.sources)} file(s))")
+        return 0
     from xtnd.hsm import daemon  # libvirt and storage only when running
 
     if args.verbose == 0:
@@ -48,6 +53,9 @@ def register(top: Any) -> None:
         "--config", default=DEFAULT_CONFIG, help=f"config file, drop-ins in FILE.d/*.conf (default {DEFAULT_CONFIG})"
     )
     p.add_argument("--show-config", action="store_true", help="print the effective configuration and exit")
+    p.add_argument(
+        "--check-config", action="store_true", help="validate the configuration and exit (2 if it cannot be used)"
+    )
     p.set_defaults(func=_daemon)
     sub = p.add_subparsers(dest="hsm_command", metavar="SUBCOMMAND")
     from xtnd.tools import status_cli

@@ -2,6 +2,7 @@
 
     xtnd spm --config /etc/xtnd/spm.conf            run the daemon (systemd: xtnd-spm.service)
     xtnd spm --config FILE --show-config            print the effective config and exit
+    xtnd spm --config FILE --check-config           validate it and exit (0 or 2)
     xtnd spm stats [--socket PATH]                   a running SPM's counters and latencies
     xtnd spm log-level LOGGER LEVEL                  change a logger of the running SPM
     xtnd spm bench [--volumes N] [--requests N] [--json]
@@ -17,6 +18,7 @@ import logging
 import sys
 from typing import Any
 
+from xtnd.common.ini import EXIT_CONFIG
 from xtnd.spm import config as spm_config
 
 log = logging.getLogger("xtnd.spm")
@@ -27,7 +29,10 @@ def _daemon(args: argparse.Namespace) -> int:
         config = spm_config.load(args.config)
     except spm_config.ConfigError as e:
         print(f"xtnd spm: {e}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
+    if args.check_config:
+        print(f"{args.config}: OK ({len(config.sources)} file(s))")
+        return 0
     if args.show_config:
         sys.stdout.write(spm_config.show(config))
         return 0
@@ -66,6 +71,9 @@ def register(subparsers: Any) -> None:
     )
     spm.add_argument("--config", default=spm_config.DEFAULT_PATH, help="daemon config (default %(default)s)")
     spm.add_argument("--show-config", action="store_true", help="print the effective configuration and exit")
+    spm.add_argument(
+        "--check-config", action="store_true", help="validate the configuration and exit (2 if it cannot be used)"
+    )
     spm.set_defaults(func=_daemon)
     sub = spm.add_subparsers(dest="spm_command", metavar="SUBCOMMAND")
 

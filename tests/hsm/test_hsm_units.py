@@ -13,18 +13,20 @@ from xtnd.hsm import disks, links, metrics, notify, stats
 
 MiB = 1024**2
 
+MASTER = "8adbc85e-e554-4ae0-b318-8a5465fe5fe1"
+
 
 def test_config_defaults_file_and_dropins(tmp_path: str) -> None:
     path = os.path.join(tmp_path, "hsm.conf")
     with open(path, "w") as f:
-        f.write("[host]\nhost_id = 7\nmaster_domain = abc\n[thin]\nchunk_mb = 64\n")
+        f.write(f"[host]\nhost_id = 7\nmaster_domain = {MASTER}\n[thin]\nchunk_mb = 64\n")
     os.mkdir(path + ".d")
     with open(os.path.join(path + ".d", "10-a.conf"), "w") as f:
         f.write("[thin]\nchunk_mb = 128\n[retry]\nbackoff_max = 5.5\n")
     with open(os.path.join(path + ".d", "20-b.conf"), "w") as f:
         f.write("[thin]\nutilization_percent = 50\n")
     c = hsm_config.load(path)
-    assert (c.host.host_id, c.host.master_domain) == (7, "abc")
+    assert (c.host.host_id, c.host.master_domain) == (7, MASTER)
     assert (c.thin.chunk_mb, c.thin.utilization_percent) == (128, 50)
     assert c.retry.backoff_max == 5.5
     assert c.monitor.stats_interval == 2.0
@@ -43,7 +45,7 @@ def test_config_defaults_file_and_dropins(tmp_path: str) -> None:
     [
         ("[hots]\nhost_id = 1\n", "unknown section"),
         ("[host]\nhostid = 1\n", "unknown option"),
-        ("[host]\nhost_id = one\n", "not a int"),
+        ("[host]\nhost_id = one\n", "not an integer"),
     ],
 )
 def test_config_errors(tmp_path: str, text: str, error: str) -> None:
@@ -58,7 +60,7 @@ def test_config_validate() -> None:
     with pytest.raises(hsm_config.ConfigError, match="host_id"):
         hsm_config.Config().validate()
     c = hsm_config.Config()
-    c.host.host_id, c.host.master_domain, c.thin.utilization_percent = 1, "x", 101
+    c.host.host_id, c.host.master_domain, c.thin.utilization_percent = 1, MASTER, 101
     with pytest.raises(hsm_config.ConfigError, match="utilization"):
         c.validate()
 

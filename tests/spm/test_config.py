@@ -54,10 +54,10 @@ def test_drop_ins_in_name_order(conf: str) -> None:
 @pytest.mark.parametrize(
     "text, error",
     [
-        ("[spm]\nhost_id = 1\n", "master_domain is required"),
-        (f"[spm]\nmaster_domain = {MASTER}\n", "host_id must be >= 1"),
-        (f"[spm]\nhost_id = 1\nmaster_domain = {MASTER}\nbogus = 1\n", "unknown option 'bogus'"),
-        (f"[spm]\nhost_id = one\nmaster_domain = {MASTER}\n", "not a number"),
+        ("[spm]\nhost_id = 1\n", "master_domain: is required"),
+        (f"[spm]\nmaster_domain = {MASTER}\n", "host_id: is required"),
+        (f"[spm]\nhost_id = 1\nmaster_domain = {MASTER}\nbogus = 1\n", "bogus = '1': unknown option"),
+        (f"[spm]\nhost_id = one\nmaster_domain = {MASTER}\n", "not an integer"),
         (f"[spm]\nhost_id = 1\nmaster_domain = {MASTER}\n[nope]\n", "unknown section"),
         (f"[spm]\nhost_id = 1\nmaster_domain = {MASTER}\n[domain {OTHER}]\n", "exactly one of pvs, path"),
         (f"[spm]\nhost_id = 1\nmaster_domain = {MASTER}\n[domain xyz]\npvs = /dev/a\n", "not a UUID"),
