@@ -1,0 +1,140 @@
+"""The SPM's view of the inbox: which messages are new since the last scan.
+
+The SPM keeps every host's inbox block as last scanned. A scan reads the
+inbox (host blocks 1..max_hosts after the event block) and reports, for
+each block that differs from the one kept, the slots that hold a message
+whose bytes changed:
+
+- a changed block is checksum-checked before any of its slots is used; a
+  bad one is ignored and forgotten, so it is reconsidered once valid (a
+  torn write, an HSM's block being rewritten while read);
+- only slots whose first byte marks a message are looked at (one strided
+  slice of the block's first bytes), so a block costs what its messages
+  cost, not 63 slot comparisons;
+- the reads: ``chunk`` blocks each. With a reader (a one-thread executor)
+  every read is queued at once and done while the caller works through the
+  chunks already read: the 8 MiB of a 2000-host inbox take ~8 ms of storage
+  time here, then hidden behind the scan. Each host's block lies whole in
+  one chunk; the event block comes with the first.
+
+The protocol does not say which host wrote (the event block is one id for
+all), so a scan reads every host's block; what changed is found by
+comparing each block with the kept one (memcmp), and only changed blocks
+cost more.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+from collections.abc import Iterator
+
+from xtnd.common.ratelimit import RateLimitedLog
+
+from . import codec
+from .directio import Storage
+
+log = logging.getLogger("xtnd.mailbox.spm")
+
+BLOCK = codec.BLOCK_SIZE
+MESSAGE = codec.MESSAGE_SIZE
+
+# The first byte of every message slot of a block, and a table mapping a
+# first byte to 1 when the slot holds a message (codec.is_empty is false).
+_FIRST_BYTES = slice(0, codec.MESSAGES_PER_BLOCK * MESSAGE, MESSAGE)
+_HOLDS_MESSAGE = bytes(0 if codec.is_empty(bytes([b])) else 1 for b in range(256))
+
+# A new message: (host id, slot index, its 64 bytes).
+NewMessage = tuple[int, int, bytes]
+
+
+class InboxView:
+    """Host blocks as last scanned, and the scan that compares with them."""
+
+    def __init__(self, inbox: Storage, max_hosts: int, chunk: int, rlog: RateLimitedLog, stats: dict[str, int]):
+        self._inbox = inbox
+        self.max_hosts = max_hosts
+        self._length = (max_hosts + 1) * BLOCK
+        self._chunk = chunk
+        self._rlog = rlog
+        self._stats = stats
+        self._blocks = [codec.EMPTY_BLOCK] * (max_hosts + 1)
+        self.last_event = b""
+        # Set by the SPM while its threads run; None reads in the caller.
+        self.reader: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def forget(self) -> None:
+        """Take every block as all zeros: every pending message is new."""
+        self._blocks = [codec.EMPTY_BLOCK] * (self.max_hosts + 1)
+        self.last_event = b""
+
+    def holds(self, host: int, index: int, raw: bytes) -> bool:
+        """True if the last scan saw ``raw`` in slot ``index`` of ``host``."""
+        start = index * MESSAGE
+        return self._blocks[host][start : start + MESSAGE] == raw
+
+    def event_changed(self) -> bool:
+        """Read the event block; True if it differs from the last one seen."""
+        raw = self._inbox.read(0, BLOCK)
+        self._stats["event_reads"] += 1
+        return raw != self.last_event
+
+    def scan(self) -> Iterator[list[NewMessage]]:
+        """Read the inbox; yield the new messages of each chunk as it is done."""
+        blocks = self._blocks
+        for offset, data in self._read():
+            if offset == 0:
+                self.last_event = data[:BLOCK]
+            first = max(1, offset // BLOCK)
+            found: list[NewMessage] = []
+            for host in range(first, first + len(data) // BLOCK - (offset == 0)):
+                start = host * BLOCK - offset
+                # bytes slices: comparing memoryviews goes item by item in
+                # CPython (milliseconds per scan); bytes compare with memcmp.
+                block = data[start : start + BLOCK]
+                if block != blocks[host]:
+                    self._changed(host, block, found)
+            yield found
+
+    def _read(self) -> Iterator[tuple[int, bytes]]:
+        size = self._chunk * BLOCK
+        offsets = range(0, self._length, size)
+        reader = self.reader
+        if reader is None or len(offsets) == 1:
+            for offset in offsets:
+                yield offset, self._inbox.read(offset, min(size, self._length - offset))
+            return
+        futures = [reader.submit(self._inbox.read, off, min(size, self._length - off)) for off in offsets]
+        try:
+            for offset, future in zip(offsets, futures, strict=True):
+                yield offset, future.result()
+        finally:
+            for future in futures:
+                future.cancel()
+
+    def _changed(self, host: int, block: bytes, found: list[NewMessage]) -> None:
+        if block == codec.EMPTY_BLOCK:
+            self._blocks[host] = block
+            return
+        if not codec.checksum_valid(block):
+            self._stats["bad_blocks"] += 1
+            self._rlog.log(
+                logging.WARNING,
+                ("checksum", host),
+                "bad checksum, ignoring block host_id=%d stored=%d computed=%d",
+                host,
+                codec.stored_checksum(block),
+                codec.checksum(block),
+            )
+            self._blocks[host] = codec.EMPTY_BLOCK  # reconsider everything once valid
+            return
+        old = self._blocks[host]
+        self._blocks[host] = block
+        marks = block[_FIRST_BYTES].translate(_HOLDS_MESSAGE)
+        i = marks.find(1)
+        while i != -1:
+            start = i * MESSAGE
+            raw = block[start : start + MESSAGE]
+            if raw != old[start : start + MESSAGE]:
+                found.append((host, i, raw))
+            i = marks.find(1, i + 1)

@@ -1,0 +1,65 @@
+"""The SPM's inbox scan: new messages only, across read chunks, with the
+reads done by a reader thread."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import uuid
+from collections.abc import Iterator
+
+import pytest
+from testlib.mailboxes import Areas
+from xtnd.common.ratelimit import RateLimitedLog
+from xtnd.mailbox import codec
+from xtnd.mailbox.inbox import InboxView
+
+BLOCK = codec.BLOCK_SIZE
+MAX_HOSTS = 10
+
+
+def request() -> bytes:
+    return codec.encode(codec.Extend(uuid.uuid4(), uuid.uuid4(), 64))
+
+
+@pytest.fixture(params=[False, True], ids=["inline", "reader"])
+def reader(request: pytest.FixtureRequest) -> Iterator[concurrent.futures.ThreadPoolExecutor | None]:
+    if not request.param:
+        yield None
+        return
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    yield pool
+    pool.shutdown()
+
+
+def test_new_messages_across_chunks(areas: Areas, reader: concurrent.futures.ThreadPoolExecutor | None) -> None:
+    inbox, _ = areas.open()
+    stats = {"event_reads": 0, "bad_blocks": 0}
+    view = InboxView(inbox, MAX_HOSTS, 4, RateLimitedLog(logging.getLogger("test"), 60), stats)
+    view.reader = reader
+    writer, _ = areas.open()
+    reqs = {h: [request(), request()] for h in (1, 3, 4, 7, 8, 10)}  # chunks: 0-3, 4-7, 8-10
+    for h, slots in reqs.items():
+        writer.write(h * BLOCK, codec.build_block([codec.EMPTY_MESSAGE, *slots]))
+    event = codec.encode_event()
+    writer.write(0, event)
+    assert view.event_changed()
+    chunks = list(view.scan())
+    assert len(chunks) == 3
+    found = [m for chunk in chunks for m in chunk]
+    assert found == [(h, i + 1, raw) for h, slots in reqs.items() for i, raw in enumerate(slots)]
+    assert view.last_event == event and not view.event_changed()
+    assert all(view.holds(h, 2, slots[1]) for h, slots in reqs.items())
+    # Nothing changed: nothing new. One slot rewritten: only that one.
+    assert [m for chunk in view.scan() for m in chunk] == []
+    new = request()
+    writer.write(8 * BLOCK, codec.build_block([new, *reqs[8]]))
+    assert [m for chunk in view.scan() for m in chunk] == [(8, 0, new)]
+    # A torn block is ignored until whole, then all of it is new again.
+    torn = bytearray(codec.build_block([new, request(), reqs[8][1]]))
+    torn[100] ^= 1
+    writer.write(8 * BLOCK, bytes(torn))
+    assert [m for chunk in view.scan() for m in chunk] == []
+    assert stats["bad_blocks"] == 1
+    writer.write(8 * BLOCK, codec.build_block([new, *reqs[8]]))
+    assert [m[:2] for chunk in view.scan() for m in chunk] == [(8, 0), (8, 1), (8, 2)]
