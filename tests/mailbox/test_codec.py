@@ -40,6 +40,12 @@ def test_fast_checksum_is_the_byte_sum(raw: bytes) -> None:
     assert codec.checksum(raw) == sum(raw[: codec.CHECKSUM_OFFSET])
 
 
+@given(st.binary(max_size=codec.BLOCK_SIZE), st.integers(0, 255))
+def test_fast_checksum_of_whole_blocks(head: bytes, fill: int) -> None:
+    block = head + bytes([fill]) * (codec.BLOCK_SIZE - len(head))
+    assert codec.checksum(block) == sum(block[: codec.CHECKSUM_OFFSET]) == codec.checksum(bytearray(block))
+
+
 @pytest.mark.parametrize("fill", [0x00, 0x01, 0x0F, 0xF0, 0xFF])
 def test_checksum_extremes(fill: int) -> None:
     block = bytes([fill]) * codec.BLOCK_SIZE
@@ -52,6 +58,9 @@ def test_checksum_at_adler_modulus_edges() -> None:
     for target in (65520, 65521, 65522, 2 * 65521 - 1, 2 * 65521, 15 * 65521 + 7):
         full, rest = divmod(target, 255)
         block = b"\xff" * full + bytes([rest]) + bytes(codec.BLOCK_SIZE - full - 1)
+        assert codec.checksum(block) == target
+        # The same sum with the checksum field full of 0xff.
+        block = block[: codec.CHECKSUM_OFFSET] + b"\xff" * 4
         assert codec.checksum(block) == target
 
 
