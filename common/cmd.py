@@ -54,7 +54,12 @@ def pdeathsig_missing() -> str | None:
     return None
 
 
-def _argv(cmd: Sequence[str]) -> list[str]:
+def tied_argv(cmd: Sequence[str]) -> list[str]:
+    """cmd wrapped so that the child dies with the thread that starts it.
+
+    For a long-lived child started with subprocess directly (the LVM shell);
+    run() uses it for every command.
+    """
     if _SETPRIV is None:
         return list(cmd)
     return [_SETPRIV, "--pdeathsig", "KILL", "--", *cmd]
@@ -206,7 +211,7 @@ def run(
     log.debug("run cmd=%s", cmd)
     CHILDREN.check(cmd)
     with subprocess.Popen(
-        _argv(cmd),
+        tied_argv(cmd),
         stdin=subprocess.PIPE if input is not None else subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,

@@ -1,7 +1,8 @@
 """LVM commands, reports, extend and LV activation.
 
 runner.py runs every LVM command (device list, no device-mapper mode, JSON
-reports, command history); vg.py and lv.py hold one function per
+reports, command history), as a process or through shell.py's long-lived
+LVM shell, with sysdir.py's configuration; vg.py and lv.py hold one function per
 subcommand; activation.py maps LVs with device-mapper or loop devices.
 """
 
@@ -10,6 +11,7 @@ from .errors import ActivationError, LVMError, LVNotFound, MultiSegmentLV, NotEn
 from .history import CommandHistory, CommandRecord
 from .lv import LVInfo, Segment, change_tags, extend, lv_info, lvcreate, lvextend, lvremove, lvs, round_up
 from .runner import Runner, device_mapper_available
+from .shell import LvmShell, ShellError
 from .vg import PVInfo, VGInfo, pvcreate, vg_change_tags, vg_info, vgcreate, vgextend, vgremove, vgs
 
 __all__ = [
@@ -20,6 +22,7 @@ __all__ = [
     "DeviceMapperActivator",
     "LVInfo",
     "LVMError",
+    "LvmShell",
     "LVNotFound",
     "LoopActivator",
     "MultiSegmentLV",
@@ -27,6 +30,7 @@ __all__ = [
     "PVInfo",
     "Runner",
     "Segment",
+    "ShellError",
     "VGInfo",
     "VGNotFound",
     "change_tags",

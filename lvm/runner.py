@@ -13,6 +13,10 @@ Every command is built as an argv (no shell) and carries:
   events happen without device-mapper; hints would go stale while other
   hosts change the VG), and metadata archives unless asked for.
 
+Commands run as processes, or through a long-lived LVM shell (shell.py)
+when the runner is given one: same argv, same errors, same history. Both
+read LVM's configuration from xtnd's system directory (sysdir.py).
+
 Reports are JSON in bytes. Failures raise typed errors (errors.py) and dump
 the recent command history in the log.
 """
@@ -25,11 +29,14 @@ import os
 import re
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from xtnd.common.cmd import CommandError, run
 
+from . import sysdir
 from .errors import LVMError, LVNotFound, VGNotFound
 from .history import CommandHistory
+from .shell import LvmShell, ShellError
 
 log = logging.getLogger("xtnd.lvm")
 
@@ -60,6 +67,10 @@ class Runner:
     driverloaded: None detects device-mapper; False adds ``--driverloaded n``.
     backup: keep LVM's metadata backups and archives under /etc/lvm (off by
     default: every extend would write a file, and the SPM does thousands).
+    shell: run commands through this LVM shell instead of one process each
+    (it may be shared by several runners; set or cleared at any time).
+    system_dir: LVM's system directory; None: xtnd's (sysdir.prepare()),
+    "" the host's own /etc/lvm (plain LVM, for comparisons).
     """
 
     def __init__(
@@ -69,6 +80,8 @@ class Runner:
         backup: bool = False,
         timeout: float = DEFAULT_TIMEOUT,
         history: CommandHistory | None = None,
+        shell: LvmShell | None = None,
+        system_dir: str | None = None,
     ):
         if not devices:
             raise ValueError("an LVM runner needs at least one device")
@@ -77,10 +90,25 @@ class Runner:
         self.backup = backup
         self.timeout = timeout
         self.history = history if history is not None else CommandHistory()
+        self.shell = shell
+        self._system_dir = system_dir
+
+    @property
+    def system_dir(self) -> str:
+        """LVM's system directory, xtnd's prepared at first use ("" = the host's)."""
+        if self._system_dir is None:
+            try:
+                self._system_dir = sysdir.prepare()
+            except OSError as e:
+                log.warning("cannot prepare %s, using the host's LVM config: %s", sysdir.DEFAULT_DIR, e)
+                self._system_dir = ""
+        return self._system_dir
 
     def with_devices(self, devices: Sequence[str]) -> Runner:
-        """A runner over other devices sharing settings and history."""
-        return Runner(devices, self.driverloaded, self.backup, self.timeout, self.history)
+        """A runner over other devices sharing settings, history and shell."""
+        return Runner(
+            devices, self.driverloaded, self.backup, self.timeout, self.history, self.shell, self._system_dir
+        )
 
     def _config(self) -> str:
         parts = ['devices { hints="none" obtain_device_list_from_udev=0 }']
@@ -89,6 +117,10 @@ class Runner:
             parts.append("activation { udev_sync=0 udev_rules=0 monitoring=0 }")
         if not self.backup:
             parts.append("backup { backup=0 archive=0 }")
+        elif self.system_dir:
+            # LVM puts them under its system directory by default.
+            host = sysdir.HOST_DIR
+            parts.append(f'backup {{ backup_dir="{host}/backup" archive_dir="{host}/archive" }}')
         return " ".join(parts)
 
     def argv(self, subcmd: str, *args: str) -> list[str]:
@@ -100,34 +132,56 @@ class Runner:
 
     def run(self, subcmd: str, *args: str) -> str:
         """Run ``lvm subcmd args``; return stdout, raise a typed LVMError."""
+        return self._execute(subcmd, args)[0]
+
+    def report(self, subcmd: str, *args: str) -> list[dict[str, str]]:
+        """Run a report command (vgs, lvs, pvs); return its rows."""
+        args = ("--reportformat", "json", "--units", "b", "--nosuffix", *args)
+        out, reports = self._execute(subcmd, args)
+        if reports is None:
+            try:
+                reports = json.loads(out)["report"]
+            except (ValueError, KeyError, TypeError) as e:
+                raise LVMError([subcmd, *args], 0, out[-400:], f"cannot parse LVM report: {e}") from None
+        rows: list[dict[str, str]] = []
+        try:
+            for report in reports:
+                for key, value in report.items():
+                    if key != "log":
+                        rows.extend(value)
+        except (AttributeError, TypeError) as e:
+            raise LVMError([subcmd, *args], 0, str(reports)[-400:], f"cannot parse LVM report: {e}") from None
+        return rows
+
+    def _execute(self, subcmd: str, args: Sequence[str]) -> tuple[str, list[Any] | None]:
+        """stdout and (through a shell) the report documents of one command."""
         cmd = self.argv(subcmd, *args)
         started = time.time()
         start = time.monotonic()
+        shell = self.shell
+        reports: list[Any] | None = None
         try:
-            out = run(cmd, timeout=self.timeout)
+            if shell is not None:
+                result = shell.execute(cmd[1:], self.timeout)
+                if result.rc != 0:
+                    raise CommandError(cmd, result.rc, result.out.encode(), result.err.encode())
+                out, reports = result.out, result.report
+            else:
+                env = {**os.environ, "LVM_SYSTEM_DIR": self.system_dir} if self.system_dir else None
+                out = run(cmd, timeout=self.timeout, env=env).decode("utf-8", "replace")
         except CommandError as e:
             duration = time.monotonic() - start
             err = e.err.decode("utf-8", "replace")
             self.history.add(cmd, e.rc, duration, err, started)
             raise self._failed(cmd, e.rc, err) from None
+        except ShellError as e:
+            self.history.add(cmd, e.rc, time.monotonic() - start, e.msg, started)
+            log.error("lvm shell failed cmd=%s: %s; recent lvm commands:\n%s", cmd, e.msg, self.history.dump())
+            raise ShellError(cmd, e.rc, e.err, e.msg) from None
         duration = time.monotonic() - start
         self.history.add(cmd, 0, duration, "", started)
-        log.debug("lvm cmd=%s duration=%.3f", subcmd, duration)
-        return out.decode("utf-8", "replace")
-
-    def report(self, subcmd: str, *args: str) -> list[dict[str, str]]:
-        """Run a report command (vgs, lvs, pvs); return its rows."""
-        out = self.run(subcmd, "--reportformat", "json", "--units", "b", "--nosuffix", *args)
-        try:
-            reports = json.loads(out)["report"]
-        except (ValueError, KeyError, TypeError) as e:
-            raise LVMError([subcmd, *args], 0, out[-400:], f"cannot parse LVM report: {e}") from None
-        rows: list[dict[str, str]] = []
-        for report in reports:
-            for key, value in report.items():
-                if key != "log":
-                    rows.extend(value)
-        return rows
+        log.debug("lvm cmd=%s duration=%.3f shell=%s", subcmd, duration, shell is not None)
+        return out, reports
 
     def _failed(self, cmd: list[str], rc: int, err: str) -> LVMError:
         m = _VG_NOT_FOUND.search(err)

@@ -118,6 +118,9 @@ class LvmSection:
     volume_cache_ttl: float = option(
         60.0, "Seconds before a domain's in-memory volume list is read from LVM again.", ini.non_negative
     )
+    shell: bool = option(
+        True, "Run LVM through one long-lived lvm shell process (false: one process per command)."
+    )
 
 
 @dataclasses.dataclass

@@ -53,7 +53,7 @@ import time
 import uuid as uuidlib
 from typing import Any
 
-from xtnd import storage
+from xtnd import lvm, storage
 from xtnd.common import cmd
 from xtnd.common.control import set_log_level
 from xtnd.common.promhttp import MetricsServer
@@ -121,6 +121,8 @@ class Opener:
     def __init__(self, config: Config, hostcfg: storage.HostConfig):
         self.config = config
         self.hostcfg = hostcfg
+        # One LVM shell for every block domain ([lvm] shell), started at the first command.
+        self.shell = lvm.LvmShell("spm-lvm") if config.lvm.shell else None
 
     def __call__(self, uuid: uuidlib.UUID) -> storage.Domain:
         section = self.config.domain.get(str(uuid))
@@ -132,6 +134,7 @@ class Opener:
             domain = self.hostcfg.open(uuid)
         if isinstance(domain, storage.BlockDomain):
             domain.runner.timeout = self.config.lvm.command_timeout
+            domain.runner.shell = self.shell
         return domain
 
 
@@ -291,6 +294,8 @@ class SpmDaemon:
             if control:
                 control.stop()
             self._give_up(lease)
+            if self.opener.shell is not None:
+                self.opener.shell.close()
         return EXIT_LEASE_LOST if self._lost is not None else rc
 
     def _acquire(self, lease: spm_lease.SpmLease) -> bool:

@@ -17,7 +17,19 @@ def pvs(workdir: str, need_root: None) -> Iterator[list[str]]:
 
 
 @pytest.fixture
-def runner(pvs: list[str]) -> lvm.Runner:
+def shell() -> Iterator[lvm.LvmShell]:
+    sh = lvm.LvmShell("test-lvm")
+    try:
+        yield sh
+    finally:
+        sh.close()
+
+
+@pytest.fixture(params=["process", "shell"])
+def runner(request: pytest.FixtureRequest, pvs: list[str]) -> lvm.Runner:
+    """Every LVM test runs both ways: one process per command, and the LVM shell."""
+    if request.param == "shell":
+        return lvm.Runner(pvs, shell=request.getfixturevalue("shell"))
     return lvm.Runner(pvs)
 
 

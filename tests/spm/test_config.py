@@ -37,6 +37,7 @@ def test_defaults_and_file(conf: str) -> None:
     assert config.lease.io_timeout == 1
     assert config.lease.acquire_interval == spm_config.LeaseSection.acquire_interval
     assert config.mailbox.workers == 8
+    assert config.lvm.shell is True
     assert config.domain[OTHER].path == "/srv/xtnd"
     assert config.sources == [conf]
 
@@ -62,6 +63,7 @@ def test_drop_ins_in_name_order(conf: str) -> None:
         (f"[spm]\nhost_id = 1\nmaster_domain = {MASTER}\n[domain {OTHER}]\n", "exactly one of pvs, path"),
         (f"[spm]\nhost_id = 1\nmaster_domain = {MASTER}\n[domain xyz]\npvs = /dev/a\n", "not a UUID"),
         (f"[spm]\nhost_id = 1\nmaster_domain = {MASTER}\nshutdown_grace = 5\n", "below \\[spm\\] shutdown_grace"),
+        (f"[spm]\nhost_id = 1\nmaster_domain = {MASTER}\n[lvm]\nshell = maybe\n", "shell: not a boolean"),
     ],
 )
 def test_errors(workdir: str, text: str, error: str) -> None:
@@ -76,12 +78,13 @@ def test_missing_file(workdir: str) -> None:
 
 
 def test_show_round_trips(conf: str, workdir: str) -> None:
-    write(conf + ".d/10.conf", "[lvm]\nalloc = contiguous\n")
+    write(conf + ".d/10.conf", "[lvm]\nalloc = contiguous\nshell = false\n")
     text = spm_config.show(spm_config.load(conf))
     assert f"# from {conf}" in text
     copy = write(os.path.join(workdir, "copy", "spm.conf"), text)
     again = spm_config.load(copy)
     assert again.lvm.alloc == "contiguous"
+    assert again.lvm.shell is False
     assert again.spm.host_id == 3
     assert again.domain[OTHER].path == "/srv/xtnd"
 

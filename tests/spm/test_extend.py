@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from collections.abc import Iterator
 
 import pytest
 from xtnd import lvm, storage
@@ -51,6 +52,19 @@ def lvextends(pool: Pool) -> int:
 @pytest.fixture
 def lease() -> FakeLease:
     return FakeLease()
+
+
+@pytest.fixture(autouse=True, params=["shell", "process"])
+def lvm_mode(request: pytest.FixtureRequest, pool: Pool) -> Iterator[str]:
+    """The SPM's LVM commands through an LVM shell ([lvm] shell = true) or processes."""
+    shell = lvm.LvmShell("test-spm-lvm") if request.param == "shell" else None
+    pool.domain.runner.shell = shell
+    try:
+        yield request.param
+    finally:
+        pool.domain.runner.shell = None
+        if shell is not None:
+            shell.close()
 
 
 def test_extend_and_noop(pool: Pool, lease: FakeLease) -> None:

@@ -1,0 +1,100 @@
+"""xtnd's own LVM system directory (LVM_SYSTEM_DIR): the host's config plus two settings.
+
+Every LVM command xtnd runs (process or shell) reads its configuration from
+here instead of /etc/lvm:
+
+- lvm.conf is a symlink to the host's, so the host's settings still apply;
+- lvmlocal.conf is the host's plus ``global { use_aio = 0 }``. LVM reads
+  devices through a Linux AIO context and destroys it at the end of every
+  command; io_destroy(2) waits for an RCU grace period, which on a busy
+  2-core host is 30-50 ms: most of an lvextend. Synchronous O_DIRECT I/O
+  does the same reads and writes without it. The setting is only read from
+  the config files (``--config`` is applied too late for it);
+- profile/xtnd-shell.profile: the report settings of the LVM shell
+  (shell.py): JSON reports in bytes and a command log whose "shell"
+  status entry carries each command's exit code.
+
+Paths LVM derives from the system directory are pinned back to the host's
+(metadata backups and archives, when enabled) by the runner's --config.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+HOST_DIR = "/etc/lvm"
+DEFAULT_DIR = "/run/xtnd/lvm"
+SHELL_PROFILE = "xtnd-shell"
+
+_LOCAL_SETTINGS = """
+# Added by xtnd: synchronous I/O (no AIO context to destroy per command).
+global {
+\tuse_aio = 0
+}
+"""
+
+_PROFILE = """# Written by xtnd for its LVM shell; rewritten at every start.
+global {
+\tunits = "b"
+\tsuffix = 0
+}
+report {
+\toutput_format = "json"
+\tcompact_output = 0
+\tbinary_values_as_numeric = 0
+}
+log {
+\t# One JSON document per command on LVM_REPORT_FD; its log lists the
+\t# shell's status entry (the command's exit code). Details of a failure
+\t# are read with "lastlog".
+\treport_command_log = 1
+\tcommand_log_selection = "log_context=shell"
+\tcommand_log_cols = "log_seq_num,log_type,log_context,log_object_name,log_message,log_ret_code"
+\tcommand_log_sort = "log_seq_num"
+}
+"""
+
+_lock = threading.Lock()
+
+
+def _replace(path: str, data: str) -> None:
+    """Write path atomically (other processes may read it at any time)."""
+    tmp = f"{path}.tmp.{os.getpid()}.{threading.get_ident()}"
+    with open(tmp, "w") as f:
+        f.write(data)
+    os.rename(tmp, path)
+
+
+def _read(path: str) -> str:
+    try:
+        with open(path) as f:
+            return f.read()
+    except FileNotFoundError:
+        return ""
+
+
+def prepare(path: str = DEFAULT_DIR, host_dir: str = HOST_DIR) -> str:
+    """Create or update the directory at path; return path.
+
+    Cheap and idempotent: done once per runner or shell, and again whenever
+    a process (re)starts, so a host config change is picked up.
+    """
+    with _lock:
+        os.makedirs(os.path.join(path, "profile"), mode=0o755, exist_ok=True)
+        host_conf = os.path.join(host_dir, "lvm.conf")
+        link = os.path.join(path, "lvm.conf")
+        if os.path.exists(host_conf):
+            if not os.path.islink(link) or os.readlink(link) != host_conf:
+                tmp = f"{link}.tmp.{os.getpid()}.{threading.get_ident()}"
+                os.symlink(host_conf, tmp)
+                os.rename(tmp, link)
+        elif not os.path.exists(link):
+            _replace(link, "")
+        local = _read(os.path.join(host_dir, "lvmlocal.conf")) + _LOCAL_SETTINGS
+        if _read(os.path.join(path, "lvmlocal.conf")) != local:
+            _replace(os.path.join(path, "lvmlocal.conf"), local)
+        profile = os.path.join(path, "profile", f"{SHELL_PROFILE}.profile")
+        if _read(profile) != _PROFILE:
+            _replace(profile, _PROFILE)
+    return path

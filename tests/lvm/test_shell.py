@@ -1,0 +1,234 @@
+"""The LVM shell: one ``lvm`` process running many commands (lvm/shell.py).
+
+Besides the runner tests that run both ways (conftest.runner), these prove
+what only a long-lived process can get wrong: stale metadata after changes
+made by other processes and other hosts, and a process that hangs or dies.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import threading
+import time
+
+import pytest
+from xtnd import lvm
+from xtnd.lvm import shell as lvm_shell
+from xtnd.lvm import sysdir
+from xtnd.tools.rig.wait import wait_for
+
+from .conftest import EXTENT
+
+
+@pytest.fixture
+def runner(pvs: list[str]) -> lvm.Runner:
+    """The vg fixture's runner: processes (these tests use shell_runner)."""
+    return lvm.Runner(pvs)
+
+
+@pytest.fixture
+def shell_runner(pvs: list[str], shell: lvm.LvmShell) -> lvm.Runner:
+    return lvm.Runner(pvs, shell=shell, timeout=20)
+
+
+def size_of(runner: lvm.Runner, vg: str, lv: str) -> int:
+    return lvm.lv_info(runner, vg, lv).size
+
+
+def plain_lvextend(pvs: list[str], vg: str, lv: str, size: int, prefix: tuple[str, ...] = ()) -> None:
+    """lvextend by another process with the host's own LVM config."""
+    subprocess.run(
+        [*prefix, *lvm.Runner(pvs, system_dir="").argv("lvextend", "--size", f"{size}b", f"{vg}/{lv}")],
+        check=True,
+        capture_output=True,
+    )
+
+
+def gone(pid: int) -> bool:
+    """The process exited (a zombie not yet reaped counts)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except FileNotFoundError:
+        return True
+
+
+def test_quote() -> None:
+    assert lvm_shell.quote("vg/lv") == "vg/lv"
+    assert lvm_shell.quote('devices { hints="none" }') == """'devices { hints="none" }'"""
+    assert lvm_shell.quote("it's") == '''"it's"'''
+    assert lvm_shell.quote("") == "''"
+    for bad in ("a\nlvremove vg", "a\rb", "a\0b", "'\"", "a\x1bb"):
+        with pytest.raises(ValueError):
+            lvm_shell.quote(bad)
+
+
+def test_one_process_many_commands(shell_runner: lvm.Runner, shell: lvm.LvmShell, vg: str) -> None:
+    lvm.lvcreate(shell_runner, vg, "a", EXTENT, tags=("t1",))
+    pid = shell.pid
+    for i in range(2, 6):
+        assert lvm.lvextend(shell_runner, vg, "a", i * EXTENT) == i * EXTENT
+    info = lvm.lv_info(shell_runner, vg, "a")
+    assert (info.size, info.tags, info.seg_count) == (5 * EXTENT, ("t1",), 1)
+    assert shell.pid == pid and shell.starts == 1
+    assert [r.argv[1] for r in shell_runner.history.records()][-2:] == ["lvextend", "lvs"]
+
+
+def test_failures_are_typed(shell_runner: lvm.Runner, vg: str) -> None:
+    lvm.lvcreate(shell_runner, vg, "a", EXTENT)
+    free = lvm.vg_info(shell_runner, vg).free_extents
+    with pytest.raises(lvm.NotEnoughFreeExtents) as e:
+        lvm.lvextend(shell_runner, vg, "a", (free + 5) * EXTENT)
+    assert (e.value.free, e.value.needed) == (free, free + 4)
+    assert e.value.rc == 5
+    with pytest.raises(lvm.LVNotFound):
+        lvm.lv_info(shell_runner, vg, "missing")
+    with pytest.raises(lvm.VGNotFound):
+        lvm.vg_info(shell_runner, "no-such-vg")
+    with pytest.raises(lvm.LVMError) as e2:
+        shell_runner.run("nosuchcommand")
+    assert "No such command" in e2.value.err
+    # Still the same process, and it still works.
+    assert lvm.lvextend(shell_runner, vg, "a", 2 * EXTENT) == 2 * EXTENT
+
+
+def test_sees_changes_by_another_process(shell_runner: lvm.Runner, pvs: list[str], vg: str) -> None:
+    lvm.lvcreate(shell_runner, vg, "a", EXTENT)
+    assert size_of(shell_runner, vg, "a") == EXTENT
+    plain_lvextend(pvs, vg, "a", 3 * EXTENT)
+    assert size_of(shell_runner, vg, "a") == 3 * EXTENT
+    lvm.lvcreate(lvm.Runner(pvs), vg, "b", EXTENT)
+    assert [i.name for i in lvm.lvs(shell_runner, vg)] == ["a", "b"]
+    # And its own writes start from what is on disk now.
+    assert lvm.lvextend(shell_runner, vg, "a", 4 * EXTENT) == 4 * EXTENT
+    assert lvm.lv_info(lvm.Runner(pvs), vg, "a").size == 4 * EXTENT
+
+
+def test_sees_changes_by_another_host(shell_runner: lvm.Runner, pvs: list[str], vg: str, workdir: str) -> None:
+    """Another host: own mount namespace with its own /run (LVM locks, no xtnd dir)."""
+    lvm.lvcreate(shell_runner, vg, "a", EXTENT)
+    assert size_of(shell_runner, vg, "a") == EXTENT
+    script = 'mount -t tmpfs run /run && exec "$@"'
+    host = ("unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh")
+    plain_lvextend(pvs, vg, "a", 2 * EXTENT, prefix=host)
+    assert size_of(shell_runner, vg, "a") == 2 * EXTENT
+    plain_lvextend(pvs, vg, "a", 5 * EXTENT, prefix=host)
+    info = lvm.lv_info(shell_runner, vg, "a")
+    assert (info.size, info.segments[0].extents) == (5 * EXTENT, 5)
+
+
+def test_hung_shell_times_out_and_restarts(pvs: list[str], shell: lvm.LvmShell, vg: str) -> None:
+    runner = lvm.Runner(pvs, shell=shell, timeout=1.0)
+    lvm.lvcreate(runner, vg, "a", EXTENT)
+    pid = shell.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    start = time.monotonic()
+    with pytest.raises(lvm.ShellError) as e:
+        lvm.lvextend(runner, vg, "a", 2 * EXTENT)
+    assert time.monotonic() - start < 10
+    assert e.value.rc == -9 and "timed out" in str(e.value)
+    assert e.value.cmd[1] == "lvextend"
+    assert runner.history.records()[-1].rc == -9
+    # The stopped process was killed, not left behind.
+    assert gone(pid)
+    # The next command runs in a new process, seeing what is on disk.
+    assert size_of(runner, vg, "a") == EXTENT
+    assert shell.pid != pid and shell.starts == 2
+    assert lvm.lvextend(runner, vg, "a", 2 * EXTENT) == 2 * EXTENT
+
+
+def test_killed_shell_fails_command_in_flight(shell_runner: lvm.Runner, shell: lvm.LvmShell, vg: str) -> None:
+    lvm.lvcreate(shell_runner, vg, "a", EXTENT)
+    pid = shell.pid
+    assert pid is not None
+    # Hold the command in flight: stop the process, start the command, kill it.
+    os.kill(pid, signal.SIGSTOP)
+    errors: list[BaseException] = []
+
+    def extend() -> None:
+        try:
+            lvm.lvextend(shell_runner, vg, "a", 2 * EXTENT)
+        except BaseException as e:  # noqa: BLE001 - checked below
+            errors.append(e)
+
+    t = threading.Thread(target=extend)
+    t.start()
+    wait_for(lambda: shell.commands == 2, timeout=10)
+    os.kill(pid, signal.SIGKILL)
+    t.join(timeout=10)
+    assert not t.is_alive()
+    assert len(errors) == 1 and isinstance(errors[0], lvm.ShellError)
+    assert "exited" in str(errors[0])
+    assert size_of(shell_runner, vg, "a") == EXTENT
+    assert shell.starts == 2
+
+
+def test_idle_shell_killed_is_replaced(shell_runner: lvm.Runner, shell: lvm.LvmShell, vg: str) -> None:
+    """A process that died between commands costs no command."""
+    lvm.lvcreate(shell_runner, vg, "a", EXTENT)
+    pid = shell.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: gone(pid), timeout=10)
+    assert lvm.lvextend(shell_runner, vg, "a", 2 * EXTENT) == 2 * EXTENT
+    assert shell.starts == 2
+
+
+def test_threads_share_one_shell(shell_runner: lvm.Runner, shell: lvm.LvmShell, vg: str) -> None:
+    names = [f"lv{i}" for i in range(8)]
+    for name in names:
+        lvm.lvcreate(shell_runner, vg, name, EXTENT)
+    errors: list[BaseException] = []
+
+    def grow(name: str) -> None:
+        try:
+            for n in range(2, 5):
+                assert lvm.lvextend(shell_runner, vg, name, n * EXTENT) == n * EXTENT
+        except BaseException as e:  # noqa: BLE001 - checked below
+            errors.append(e)
+
+    threads = [threading.Thread(target=grow, args=(n,)) for n in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    assert {i.name: i.size for i in lvm.lvs(shell_runner, vg)} == dict.fromkeys(names, 4 * EXTENT)
+    assert shell.starts == 1
+
+
+def test_short_lived_caller_thread_does_not_kill_shell(shell_runner: lvm.Runner, shell: lvm.LvmShell, vg: str) -> None:
+    """The death signal is tied to the starting thread: never the caller's."""
+    t = threading.Thread(target=lambda: lvm.vgs(shell_runner))
+    t.start()
+    t.join()
+    pid = shell.pid
+    assert shell.starts == 1
+    assert lvm.vgs(shell_runner) == [vg]
+    assert shell.pid == pid and shell.starts == 1
+
+
+def test_closed_shell_refuses(shell_runner: lvm.Runner, shell: lvm.LvmShell, vg: str) -> None:
+    lvm.vgs(shell_runner)
+    shell.close()
+    with pytest.raises(lvm.ShellError):
+        lvm.vgs(shell_runner)
+
+
+def test_sysdir(tmp_path: object) -> None:
+    path = str(tmp_path)
+    host = os.path.join(path, "host")
+    os.makedirs(host)
+    with open(os.path.join(host, "lvm.conf"), "w") as f:
+        f.write("devices {\n}\n")
+    with open(os.path.join(host, "lvmlocal.conf"), "w") as f:
+        f.write("local {\n\tsystem_id = \"h1\"\n}\n")
+    mine = sysdir.prepare(os.path.join(path, "mine"), host_dir=host)
+    assert os.readlink(os.path.join(mine, "lvm.conf")) == os.path.join(host, "lvm.conf")
+    local = open(os.path.join(mine, "lvmlocal.conf")).read()
+    assert local.startswith('local {\n\tsystem_id = "h1"') and "use_aio = 0" in local
+    assert os.path.exists(os.path.join(mine, "profile", sysdir.SHELL_PROFILE + ".profile"))
+    assert sysdir.prepare(mine, host_dir=host) == mine
