@@ -33,13 +33,20 @@ class CommandHistory:
         self._records: collections.deque[CommandRecord] = collections.deque(maxlen=size)
         self._tail = tail
         self._lock = threading.Lock()
+        self._counts: collections.Counter[str] = collections.Counter()
 
     def add(self, argv: list[str], rc: int, duration: float, err: str, started: float) -> CommandRecord:
         tail = err.strip()[-self._tail :]
         record = CommandRecord(tuple(argv), rc, duration, tail, started)
         with self._lock:
             self._records.append(record)
+            self._counts[argv[1] if len(argv) > 1 else ""] += 1
         return record
+
+    def counts(self) -> dict[str, int]:
+        """Commands recorded since the start, by LVM subcommand (for benchmarks)."""
+        with self._lock:
+            return dict(self._counts)
 
     def records(self) -> list[CommandRecord]:
         with self._lock:

@@ -151,13 +151,18 @@ def test_sigterm_releases_lease(
     assert not os.path.exists(os.path.join(pool.workdir, "spm1.sock"))
 
 
+@pytest.mark.parametrize("shell", ["true", "false"])
 def test_sigterm_with_requests_in_flight(
-    pool: Pool, sanlock_hosts: Callable[[int], list[sanlockd.SanlockDaemon]], workdir: str
+    pool: Pool, sanlock_hosts: Callable[[int], list[sanlockd.SanlockDaemon]], workdir: str, shell: str
 ) -> None:
-    """SIGTERM mid-burst: running extends finish, the rest waits for the next SPM."""
+    """SIGTERM mid-burst: running extends finish, the rest waits for the next SPM.
+
+    shell=true: one extend waits in the LVM shell's lvextend, the other for
+    the shell; false: both wait in lvextend processes."""
     [host] = sanlock_hosts(1)
     # Two workers: at most two requests are being handled when SIGTERM comes.
-    config = pool.spm_config(1, **{"mailbox.workers": "2"})
+    config = pool.spm_config(1, **{"mailbox.workers": "2", "lvm.shell": shell})
+    control = ControlClient(os.path.join(workdir, "spm1.sock"))
     spm = SpmProcess(host, config, os.path.join(workdir, "spm1.log"))
     spm.wait_serving()
     volumes = [pool.create_volume(capacity=100 * MiB, size=8 * MiB) for _ in range(4)]
@@ -172,7 +177,10 @@ def test_sigterm_with_requests_in_flight(
         # SIGTERM comes, however fast extends are on this machine.
         with spmd.vg_locked(str(pool.uuid)):
             futures = [hsm.submit(pool.uuid, v, 8 * MiB + step * 4 * MiB) for step in (1, 2, 3) for v in volumes]
-            wait_for(lambda: len(spmd.lvm_commands("lvextend", str(pool.uuid))) == 2, what="two lvextends waiting")
+            if shell == "true":
+                wait_for(lambda: control.call("stats")["extends"]["in_flight"] == 2, what="two extends in flight")
+            else:
+                wait_for(lambda: len(spmd.lvm_commands("lvextend", str(pool.uuid))) == 2, what="two lvextends waiting")
             spm.proc.send_signal(signal.SIGTERM)
             spm.wait_log("stopping reason=")
         assert spm.wait() == 0
