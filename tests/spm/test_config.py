@@ -63,7 +63,7 @@ def test_drop_ins_in_name_order(conf: str) -> None:
         (f"[spm]\nhost_id = 1\nmaster_domain = {MASTER}\n[domain {OTHER}]\n", "exactly one of pvs, path"),
         (f"[spm]\nhost_id = 1\nmaster_domain = {MASTER}\n[domain xyz]\npvs = /dev/a\n", "not a UUID"),
         (f"[spm]\nhost_id = 1\nmaster_domain = {MASTER}\nshutdown_grace = 5\n", "below \\[spm\\] shutdown_grace"),
-        (f"[spm]\nhost_id = 1\nmaster_domain = {MASTER}\n[lvm]\nshell = maybe\n", "shell: not a boolean"),
+        (f"[spm]\nhost_id = 1\nmaster_domain = {MASTER}\n[lvm]\nshell = maybe\n", "shell = .maybe.: not a boolean"),
     ],
 )
 def test_errors(workdir: str, text: str, error: str) -> None:
