@@ -90,6 +90,13 @@ class LibvirtSection:
 
 
 @dataclasses.dataclass
+class LvmSection:
+    shell: bool = _opt(
+        True, "Run LVM (refresh reads) through one long-lived lvm shell process (false: one process per command)."
+    )
+
+
+@dataclasses.dataclass
 class MetricsSection:
     listen: str = _opt(
         "127.0.0.1:9711",
@@ -106,6 +113,7 @@ class Config:
     retry: RetrySection = dataclasses.field(default_factory=RetrySection)
     mailbox: MailboxSection = dataclasses.field(default_factory=MailboxSection)
     libvirt: LibvirtSection = dataclasses.field(default_factory=LibvirtSection)
+    lvm: LvmSection = dataclasses.field(default_factory=LvmSection)
     metrics: MetricsSection = dataclasses.field(default_factory=MetricsSection)
     # Files read, in order (not an option).
     sources: list[str] = dataclasses.field(default_factory=list, compare=False)

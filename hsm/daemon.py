@@ -28,6 +28,7 @@ from collections.abc import Callable
 from types import FrameType
 from typing import Any
 
+from xtnd import lvm
 from xtnd.common.promhttp import MetricsServer
 from xtnd.common.watchdog import Watchdog
 from xtnd.hsm import control, notify
@@ -55,7 +56,8 @@ class HSM:
         self._on_extend = on_extend
         self._own_loop = event_loop is None
         self.event_loop = event_loop or EventLoop()
-        self.volumes = StorageVolumes(config.host.storage_config, config.host.run_dir)
+        shell = lvm.LvmShell("hsm-lvm") if config.lvm.shell else None
+        self.volumes = StorageVolumes(config.host.storage_config, config.host.run_dir, shell)
         location = self.volumes.domain(uuidlib.UUID(config.host.master_domain)).mailbox()
         self._inbox = DirectFile(location.inbox)
         self._outbox = DirectFile(location.outbox)
@@ -152,6 +154,8 @@ class HSM:
             self.event_loop.stop()
         self._inbox.close()
         self._outbox.close()
+        if self.volumes.shell is not None:
+            self.volumes.shell.close()
         log.info("hsm stopped")
 
 

@@ -2,7 +2,9 @@
 
 The SPM changes LVM metadata only; every host using the volume must grow
 its own mapping (SPEC §4): `lvchange --refresh` with device-mapper, a new
-loop size limit without it (xtnd.lvm.activation). The size that counts is
+loop size limit without it (xtnd.lvm.activation); the LV's new size and
+segments are read through the HSM's LVM shell (one lvs of a few ms, not a
+new process). The size that counts is
 what the kernel says the device now is (BLKGETSIZE64 through the volume's
 link), since that is what QEMU sees.
 """
@@ -14,7 +16,7 @@ import stat
 import threading
 import uuid as uuidlib
 
-from xtnd import storage
+from xtnd import lvm, storage
 from xtnd.hsm import links
 from xtnd.lvm import loop
 
@@ -30,9 +32,11 @@ def device_size(path: str) -> int:
 class StorageVolumes:
     """Volumes of the domains listed in the host storage config."""
 
-    def __init__(self, config_path: str, run_dir: str = links.RUN_DIR):
+    def __init__(self, config_path: str, run_dir: str = links.RUN_DIR, shell: lvm.LvmShell | None = None):
+        """shell: the LVM shell every block domain's commands go through (None: processes)."""
         self._config_path = config_path
         self._run_dir = run_dir
+        self.shell = shell
         self._lock = threading.Lock()
         self._mtime: float | None = None
         self._domains: dict[uuidlib.UUID, storage.Domain] = {}
@@ -51,6 +55,8 @@ class StorageVolumes:
             found = self._domains.get(uuid)
         if found is None:
             found = storage.HostConfig.load(self._config_path).open(uuid)
+            if isinstance(found, storage.BlockDomain):
+                found.runner.shell = self.shell
             with self._lock:
                 self._domains[uuid] = found
         return found

@@ -48,3 +48,31 @@ def test_prepare_teardown(workdir: str, need_root: None) -> None:
         r = xtnd("volume", "prepare", "--domain", str(p.uuid), "--uuid", str(uuid.uuid4()),
                  "--storage-config", p.storage_config, "--run-dir", p.run_dir)  # fmt: skip
         assert r.returncode == 1 and "xtnd: error:" in r.stderr
+
+
+@pytest.mark.parametrize("shell", [True, False])
+def test_refresh_after_extend_elsewhere(workdir: str, need_root: None, shell: bool) -> None:
+    """The HSM's refresh sees an extend made by another process (the SPM),
+    through its LVM shell ([lvm] shell = true) or a process per command."""
+    from xtnd import lvm
+    from xtnd.hsm.volumes import StorageVolumes
+
+    with hsmrig.pool(workdir) as p:
+        vol = uuid.uuid4()
+        p.domain.create_volume(vol, 1024 * MiB, initial_size=16 * MiB)
+        sh = lvm.LvmShell("test-hsm-lvm") if shell else None
+        volumes = StorageVolumes(p.storage_config, p.run_dir, sh)
+        try:
+            domain = volumes.domain(p.uuid)
+            links.create(p.uuid, vol, domain.prepare_volume(vol), p.run_dir)
+            spm = lvm.Runner(p.domain.runner.devices)  # another process each time
+            for size in (20 * MiB, 32 * MiB):
+                lvm.lvextend(spm, str(p.uuid), str(vol), size, alloc="contiguous")
+                assert volumes.refresh(p.uuid, vol) == size
+            if sh is not None:
+                assert sh.starts == 1 and sh.commands >= 2
+        finally:
+            volumes.domain(p.uuid).teardown_volume(vol)
+            links.remove(p.uuid, vol, p.run_dir)
+            if sh is not None:
+                sh.close()
