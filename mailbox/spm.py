@@ -144,7 +144,7 @@ class SPMMailbox:
             "withheld": 0,
             "bad_blocks": 0,
             "errors": 0,
-            "writes": 0,
+            "outbox_writes": 0,
         }
         # Recent waves: (service seconds, requests, messages answered).
         self.waves: collections.deque[tuple[float, int, int]] = collections.deque(maxlen=4096)
@@ -368,7 +368,7 @@ class SPMMailbox:
 
     def _write_dirty(self) -> None:
         if self._image.dirty:
-            self.stats["writes"] += self._image.flush(self._outbox)
+            self.stats["outbox_writes"] += self._image.flush(self._outbox)
         with self._flushed:
             if self._written != self._taken:
                 self._written = self._taken

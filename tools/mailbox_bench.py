@@ -13,7 +13,6 @@ requests at once and waits for all replies.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import contextlib
 import dataclasses
 import json
@@ -21,20 +20,19 @@ import math
 import multiprocessing
 import multiprocessing.connection
 import os
-import random
 import shutil
 import sys
 import tempfile
 import time
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from multiprocessing.connection import Connection
 from typing import Any
 
 from xtnd.common import cmd, stats
 from xtnd.mailbox import codec, directio
-from xtnd.mailbox.hsm import HSMConfig, HSMMailbox
+from xtnd.mailbox.hsm import HSMConfig
 from xtnd.mailbox.spm import SPMConfig, SPMMailbox
+from xtnd.tools.mailbox_hsms import hsm_main
 from xtnd.tools.mailbox_lean import lean_main
 
 _mp = multiprocessing.get_context("fork")
@@ -103,90 +101,6 @@ def _spm_main(box: Mailbox, config: SPMConfig, conn: Connection) -> None:
             return
 
 
-def _stamp(finished: list[float], n: int) -> Callable[[concurrent.futures.Future[int]], None]:
-    def done(_: concurrent.futures.Future[int]) -> None:
-        finished[n] = time.monotonic()
-
-    return done
-
-
-def _hsm_main(box: Mailbox, host_ids: list[int], config: HSMConfig, conn: Connection) -> None:
-    """Run the HSMs of ``host_ids`` in this process, each fully independent."""
-    hsms = []
-    for host_id in host_ids:
-        hsm = HSMMailbox(directio.DirectFile(box.inbox), directio.DirectFile(box.outbox), host_id, config)
-        hsm.start()
-        hsms.append(hsm)
-    domain = uuid.uuid4()
-    conn.send("ready")
-    while True:
-        cmd = conn.recv()
-        if cmd[0] == "round":
-            messages = cmd[1]
-            started: list[float] = []
-            finished: list[float] = []
-            futures = []
-            # Completion times are taken by callbacks in the mailbox threads,
-            # so this thread wakes once per round, not once per request.
-            for hsm in hsms:
-                for _ in range(messages):
-                    n = len(started)
-                    started.append(time.monotonic())
-                    finished.append(math.nan)
-                    fut = hsm.submit(domain, uuid.uuid4(), 1024**3)
-                    fut.add_done_callback(_stamp(finished, n))
-                    futures.append(fut)
-            concurrent.futures.wait(futures, timeout=120)
-            failures = sum(1 for f in futures if not f.done() or f.exception() is not None)
-            latencies = [t1 - t0 for t0, t1 in zip(started, finished, strict=True)]
-            for hsm in hsms:
-                hsm.wait_idle(timeout=60)
-            conn.send((latencies, failures))
-        elif cmd[0] == "flow":
-            conn.send(_flow(hsms, domain, duration=cmd[1], rate=cmd[2]))
-        elif cmd[0] == "stats":
-            reads = writes = 0
-            for hsm in hsms:
-                reads += hsm._inbox.counters.reads + hsm._outbox.counters.reads
-                writes += hsm._inbox.counters.writes + hsm._outbox.counters.writes
-            conn.send({"reads": reads, "writes": writes})
-        elif cmd[0] == "stop":
-            for hsm in hsms:
-                hsm.stop()
-            conn.send("stopped")
-            return
-
-
-def _flow(hsms: list[HSMMailbox], domain: uuid.UUID, duration: float, rate: float) -> tuple[list[float], int]:
-    """Each HSM submits requests at random intervals (``rate`` per second)."""
-    rng = random.Random()
-    deadline = time.monotonic() + duration
-    pending: list[tuple[float, concurrent.futures.Future[int]]] = []
-    volumes = [uuid.uuid4() for _ in range(8)]
-    sizes = dict.fromkeys(volumes, 1024)
-    next_at = [time.monotonic() + rng.expovariate(rate) for _ in hsms]
-    latencies: list[float] = []
-    finished: list[float] = []
-    while time.monotonic() < deadline:
-        now = time.monotonic()
-        for n, hsm in enumerate(hsms):
-            if now >= next_at[n]:
-                volume = rng.choice(volumes)
-                sizes[volume] += 512  # growing volumes, as guests write
-                finished.append(math.nan)
-                fut = hsm.submit(domain, volume, sizes[volume] * codec.MiB)
-                fut.add_done_callback(_stamp(finished, len(finished) - 1))
-                pending.append((now, fut))
-                next_at[n] = now + rng.expovariate(rate)
-        time.sleep(max(0.0, min(next_at) - time.monotonic()))
-    concurrent.futures.wait([f for _, f in pending], timeout=60)
-    failures = sum(1 for _, f in pending if not f.done() or f.exception() is not None)
-    latencies = [t1 - t0 for (t0, _), t1 in zip(pending, finished, strict=True)]
-    for hsm in hsms:
-        hsm.wait_idle(timeout=30)
-    return latencies, failures
-
-
 def percentile(values: list[float], pct: float) -> float:
     """Nearest-rank percentile; NaN when there is nothing to rank."""
     return stats.percentile(values, pct) if values else math.nan
@@ -222,8 +136,8 @@ class Cluster:
                 p = _mp.Process(target=lean_main, args=(box.inbox, box.outbox, host_ids, child), name="lean-hosts",
                                 daemon=True)
             else:
-                p = _mp.Process(target=_hsm_main, args=(box, host_ids, hsm_config, child), name=f"hsm-{n}",
-                                daemon=True)
+                p = _mp.Process(target=hsm_main, args=(box.inbox, box.outbox, host_ids, hsm_config, child),
+                                name=f"hsm-{n}", daemon=True)
             p.start()
             self.hsms.append(p)
             self.hsm_conns.append(parent)
@@ -243,6 +157,11 @@ class Cluster:
             if not self.spm_conn.recv()["active"] or time.monotonic() > deadline:
                 return
             time.sleep(0.2)
+
+    def spm_stats(self) -> dict[str, Any]:
+        self.spm_conn.send("stats")
+        stats: dict[str, Any] = self.spm_conn.recv()
+        return stats
 
     def io_counts(self) -> tuple[int, int]:
         self.spm_conn.send("stats")
@@ -318,6 +237,7 @@ def run_bench(
             load_before = os.getloadavg()
             c2, t2 = _cpu_seconds(cluster.spm_pid), time.monotonic()
             r2, w2 = cluster.io_counts()
+            spm0 = cluster.spm_stats()
             cluster.waves()  # forget the start-up's
             for _ in range(rounds):
                 lat, failed = cluster.round(messages)
@@ -325,6 +245,7 @@ def run_bench(
                 failures += failed
             c3, t3 = _cpu_seconds(cluster.spm_pid), time.monotonic()
             r3, w3 = cluster.io_counts()
+            spm1 = cluster.spm_stats()
             busy_wall = t3 - t2
             waves = cluster.waves()
         finally:
@@ -357,6 +278,11 @@ def run_bench(
         "writes_per_s_idle": round((w1 - w0) / idle_wall, 1),
         "reads_per_s_busy": round((r3 - r2) / busy_wall, 1),
         "writes_per_s_busy": round((w3 - w2) / busy_wall, 1),
+        # The SPM's own I/O per round (a round is a request wave, a clean
+        # wave and the frees): scans (inbox reads of every host block) and
+        # outbox writes, which do not grow with the hosts.
+        "spm_scans_per_round": round((spm1["scans"] - spm0["scans"]) / rounds, 1),
+        "spm_outbox_writes_per_round": round((spm1["outbox_writes"] - spm0["outbox_writes"]) / rounds, 1),
         "busy_seconds": round(busy_wall, 3),
         "event_interval_ms": spm_config.event_interval * 1000,
         "idle_event_interval_ms": spm_config.idle_event_interval * 1000,
@@ -375,6 +301,8 @@ def format_result(r: dict[str, Any]) -> str:
         f"  SPM wave   p50={r['spm_wave_p50_ms']:.2f} ms  p99={r['spm_wave_p99_ms']:.2f} ms  "
         f"max={r['spm_wave_max_ms']:.2f} ms  ({r['spm_waves']} waves with requests: first read to last reply "
         f"written)\n"
+        f"  SPM I/O    per round: {r['spm_scans_per_round']} inbox scans, "
+        f"{r['spm_outbox_writes_per_round']} outbox writes\n"
         f"  SPM CPU    idle={r['spm_cpu_idle_pct']:.2f}%  busy={r['spm_cpu_busy_pct']:.2f}% of a core\n"
         f"  storage    idle reads/s={r['reads_per_s_idle']} writes/s={r['writes_per_s_idle']}  "
         f"busy reads/s={r['reads_per_s_busy']} writes/s={r['writes_per_s_busy']}\n"

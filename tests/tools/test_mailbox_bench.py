@@ -14,5 +14,15 @@ def test_lean_bench_reports_roundtrip_and_spm_waves() -> None:
     # write may split one).
     assert r["spm_waves"] >= 2
     assert 0 < r["spm_wave_p50_ms"] <= r["spm_wave_max_ms"]
+    # A few scans and writes per round, not one per host.
+    assert 1 <= r["spm_scans_per_round"] < 30
+    assert 1 <= r["spm_outbox_writes_per_round"] < 30
     text = mailbox_bench.format_result(r)
     assert "SPM wave" in text and "roundtrip" in text
+
+
+def test_hsm_clients_bench() -> None:
+    """Real HSMMailbox clients, two hosts per process."""
+    r = mailbox_bench.run_bench(4, 2, rounds=1, idle_seconds=0.3, max_hosts=10, hsm_procs=2)
+    assert (r["failures"], r["requests"], r["hsm_processes"]) == (0, 8, 2)
+    assert r["spm_waves"] >= 1
