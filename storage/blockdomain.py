@@ -22,7 +22,15 @@ from xtnd.mailbox.directio import DirectFile
 
 from . import constants as c
 from . import qemuimg, sanlockdirect
-from .errors import DomainExists, DomainNotFound, InvalidArgument, StorageError, VolumeExists, VolumeNotFound
+from .errors import (
+    DomainExists,
+    DomainNotFound,
+    InvalidArgument,
+    NoSpace,
+    StorageError,
+    VolumeExists,
+    VolumeNotFound,
+)
 from .model import (
     DomainInfo,
     Fence,
@@ -301,7 +309,11 @@ class BlockDomain:
         if image_uuid:
             tags.append(f"{c.TAG_IMAGE}{image_uuid}")
         fence()
-        lvm.lvcreate(self.runner, self.vg, name, size, tuple(tags))
+        try:
+            lvm.lvcreate(self.runner, self.vg, name, size, tuple(tags))
+        except lvm.LVMError:
+            self._raise_if_no_space(size, fmt, initial_size)
+            raise
         if fmt is Format.QCOW2:
             try:
                 fence()
@@ -319,6 +331,22 @@ class BlockDomain:
                 raise
         log.info("volume created domain=%s volume=%s format=%s capacity=%d", self.vg, name, fmt, capacity)
         return self.volume_info(uuid)
+
+    def _raise_if_no_space(self, size: int, fmt: Format, initial_size: int) -> None:
+        """After a failed lvcreate: NoSpace if the VG is too full for size."""
+        try:
+            vg = lvm.vg_info(self.runner, self.vg)
+        except lvm.LVMError:
+            return
+        if vg.free_extents * vg.extent_size >= size:
+            return
+        if fmt is not Format.QCOW2:
+            what = "a raw volume takes its whole capacity"
+        elif initial_size == c.DEFAULT_CHUNK:
+            what = "a qcow2 volume starts at one chunk"
+        else:
+            what = "a qcow2 volume starts at its initial size"
+        raise NoSpace(self.uuid, vg.free_extents, vg.extent_size, size, what) from None
 
     def remove_volume(self, uuid: uuidlib.UUID | str, fence: Fence = no_fence) -> None:
         """Deactivate and remove the LV; fence() before each of the two commands."""

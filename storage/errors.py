@@ -43,6 +43,34 @@ class InvalidArgument(StorageError, ValueError):
     """A request that can never succeed as given (bad size, format, name)."""
 
 
+class StorageConfigError(StorageError):
+    """The host storage config (/etc/xtnd/storage.json) cannot be used."""
+
+    def __init__(self, path: str, reason: str):
+        self.path = path
+        self.reason = reason
+        super().__init__(f"{path}: {reason}")
+
+
+class NoSpace(StorageError):
+    """A block domain's VG has fewer free extents than a new volume needs."""
+
+    def __init__(self, domain: object, free_extents: int, extent_size: int, size: int, what: str):
+        self.domain = domain
+        self.free_extents = free_extents
+        self.extent_size = extent_size
+        self.size = size
+        needed = -(-size // extent_size)
+        super().__init__(
+            f"domain {domain} has {free_extents} free extents ({_gib(free_extents * extent_size)}); "
+            f"{what}, {needed} extents ({_gib(needed * extent_size)})"
+        )
+
+
+def _gib(n: int) -> str:
+    return f"{n / 1024**3:.1f} GiB"
+
+
 class LeaseAreaError(StorageError):
     """A sanlock area does not hold the leader expected there (never
     formatted, another lockspace or resource, unreadable); raw: what

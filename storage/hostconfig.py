@@ -26,7 +26,9 @@ import uuid as uuidlib
 from typing import Any
 
 from .domain import Domain, open_domain
-from .errors import DomainNotFound
+from .errors import DomainNotFound, StorageConfigError
+
+ACTIVATIONS = ("auto", "dm", "loop")
 
 DEFAULT_PATH = "/etc/xtnd/storage.json"
 ENV = "XTND_STORAGE_CONFIG"
@@ -44,13 +46,29 @@ class HostConfig:
 
     @classmethod
     def load(cls, path: str | None = None) -> HostConfig:
+        """The file's domains; a missing file is an empty config. Anything
+        unusable raises StorageConfigError naming the file and the entry."""
         path = path or default_path()
         try:
             with open(path) as f:
                 data = json.load(f)
         except FileNotFoundError:
             return cls(path)
-        return cls(path, data.get("activation", "auto"), dict(data.get("domains", {})))
+        except OSError as e:
+            raise StorageConfigError(path, f"cannot read: {e.strerror or e}") from None
+        except ValueError as e:
+            raise StorageConfigError(path, f"not JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise StorageConfigError(path, "not a JSON object")
+        activation = data.get("activation", "auto")
+        if activation not in ACTIVATIONS:
+            raise StorageConfigError(path, f"activation {activation!r}: must be one of {', '.join(ACTIVATIONS)}")
+        domains = data.get("domains", {})
+        if not isinstance(domains, dict):
+            raise StorageConfigError(path, '"domains" is not an object')
+        for key, entry in domains.items():
+            _check_entry(path, key, entry)
+        return cls(path, activation, dict(domains))
 
     def save(self) -> None:
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
@@ -75,3 +93,19 @@ class HostConfig:
             pvs = entry.get("pvs")
             root = entry.get("root")
         return open_domain(uuid, pvs=pvs or (), root=root, activation=self.activation)
+
+
+def _check_entry(path: str, key: str, entry: Any) -> None:
+    try:
+        uuidlib.UUID(key)
+    except ValueError:
+        raise StorageConfigError(path, f"domain {key!r}: not a UUID") from None
+    if not isinstance(entry, dict):
+        raise StorageConfigError(path, f"domain {key}: not an object")
+    pvs, root = entry.get("pvs"), entry.get("root")
+    if (pvs is None) == (root is None):
+        raise StorageConfigError(path, f'domain {key}: needs exactly one of "pvs", "root"')
+    if pvs is not None and not (isinstance(pvs, list) and pvs and all(isinstance(p, str) for p in pvs)):
+        raise StorageConfigError(path, f'domain {key}: "pvs" must be a list of device paths')
+    if root is not None and not isinstance(root, str):
+        raise StorageConfigError(path, f'domain {key}: "root" must be a directory path')

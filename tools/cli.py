@@ -56,24 +56,66 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def setup_logging(verbose: int) -> None:
+LOG_FORMAT = "%(asctime)s %(levelname)-7s (%(threadName)s) [%(name)s] %(message)s"
+
+
+class _OperatorFormatter(logging.Formatter):
+    """A command's stderr without -v: warnings in one line each.
+
+    Errors are left out: the command prints its own one-line error, and
+    their detail (LVM command history, tracebacks) is for ``-v``/``-vv``.
+    """
+
+    def format(self, record: logging.LogRecord) -> str:
+        first = record.getMessage().split("\n", 1)[0]
+        return f"xtnd: {record.levelname.lower()}: {first}"
+
+
+def setup_logging(verbose: int, daemon: bool = False) -> None:
+    """Daemons log with time, thread and logger; commands, without -v, only
+    one line per warning (see _OperatorFormatter)."""
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)-7s (%(threadName)s) [%(name)s] %(message)s",
-        stream=sys.stderr,
-    )
+    handler = logging.StreamHandler(sys.stderr)
+    if verbose == 0 and not daemon:
+        handler.setFormatter(_OperatorFormatter())
+        handler.addFilter(lambda record: record.levelno < logging.ERROR)
+    else:
+        handler.setFormatter(logging.Formatter(LOG_FORMAT))
+    # Replace the handler an earlier call added (a daemon switches to the
+    # full format once its config is good); leave others' (pytest's) alone.
+    root = logging.getLogger()
+    for old in [h for h in root.handlers if getattr(h, "xtnd_cli", False)]:
+        root.removeHandler(old)
+    handler.xtnd_cli = True  # type: ignore[attr-defined]
+    root.addHandler(handler)
+    root.setLevel(level)
+
+
+def run(prog: str, args: argparse.Namespace) -> int:
+    """Run a parsed command; any error becomes one line on stderr (the
+    traceback goes to the log at debug level): no traceback reaches an
+    operator. Configuration errors exit with 2, other errors with 1."""
+    from xtnd.common.ini import EXIT_CONFIG, ConfigError
+    from xtnd.tools import errors
+
+    try:
+        rc: int = args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except ConfigError as e:
+        print(f"{prog}: {e}", file=sys.stderr)
+        return EXIT_CONFIG
+    except Exception as e:  # noqa: BLE001 (last resort: no traceback reaches an operator)
+        print(errors.report(prog, e), file=sys.stderr)
+        return 1
+    return rc
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     setup_logging(args.verbose)
-    try:
-        rc: int = args.func(args)
-    except KeyboardInterrupt:
-        return 130
-    return rc
+    return run("xtnd", args)
 
 
 if __name__ == "__main__":

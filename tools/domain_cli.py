@@ -46,6 +46,7 @@ from xtnd.spm import control
 from xtnd.spm.control import ControlClient, volume_from_dict
 from xtnd.storage import constants as c
 from xtnd.storage import sanlockdirect
+from xtnd.tools import errors
 
 log = logging.getLogger("xtnd.tools.domain")
 
@@ -240,14 +241,28 @@ def _print(data: dict[str, Any] | list[dict[str, Any]], as_json: bool) -> None:
                 print(f"{key}: {value}")
 
 
+def need_root(args: argparse.Namespace) -> str | None:
+    """Why this command cannot run as the caller (LVM, sanlock and /run/xtnd are root's), or None."""
+    if os.geteuid() == 0:
+        return None
+    words = [
+        w for w in (args.command, getattr(args, "domain_command", None), getattr(args, "volume_command", None)) if w
+    ]
+    return f"xtnd {' '.join(words)} must run as root (LVM, sanlock and /run/xtnd are root's); try sudo"
+
+
 def _run(func: Any, args: argparse.Namespace) -> int:
+    refusal = need_root(args)
+    if refusal:
+        print(f"xtnd: error: {refusal}", file=sys.stderr)
+        return 1
     try:
         func(_backend(args), args)
     except storage.SpmLeaseHeld as e:
         print(f"xtnd: error: {e} (--local skips this check: only when no SPM runs anywhere)", file=sys.stderr)
         return EXIT_NOT_SPM
-    except (storage.StorageError, lvm.LVMError, lvm.ActivationError, CommandError) as e:
-        print(f"xtnd: error: {e}", file=sys.stderr)
+    except (storage.StorageError, lvm.LVMError, lvm.ActivationError, CommandError, OSError) as e:
+        print(errors.report("xtnd", e), file=sys.stderr)
         return 1
     return 0
 

@@ -38,6 +38,9 @@ def _daemon(args: argparse.Namespace) -> int:
         print(f"{args.config}: OK ({len(config.sources)} file(s))")
         return 0
     from xtnd.hsm import daemon  # libvirt and storage only when running
+    from xtnd.tools import cli
+
+    cli.setup_logging(args.verbose, daemon=True)
 
     if args.verbose == 0:
         # A daemon logs its state changes and extend-complete lines (INFO)

@@ -36,6 +36,9 @@ def _daemon(args: argparse.Namespace) -> int:
     if args.show_config:
         sys.stdout.write(spm_config.show(config))
         return 0
+    from xtnd.tools import cli
+
+    cli.setup_logging(args.verbose, daemon=True)
     root = logging.getLogger()
     if root.level > logging.INFO:
         root.setLevel(logging.INFO)
@@ -46,11 +49,22 @@ def _daemon(args: argparse.Namespace) -> int:
 
 def _stats(args: argparse.Namespace) -> int:
     from xtnd.spm.control import ControlClient, ControlError
+    from xtnd.tools import errors
 
+    client = ControlClient(args.socket)
     try:
-        result = ControlClient(args.socket).call("stats")
+        result = client.call("stats")
+    except ConnectionRefusedError:
+        print(
+            f"xtnd spm stats: {client.path}: no SPM daemon listens (connection refused; a stale socket)",
+            file=sys.stderr,
+        )
+        return 1
+    except FileNotFoundError:
+        print(f"xtnd spm stats: {client.path}: no such socket (is xtnd-spm running here?)", file=sys.stderr)
+        return 1
     except (OSError, ControlError) as e:
-        print(f"xtnd spm stats: {e}", file=sys.stderr)
+        print(f"xtnd spm stats: {client.path}: {errors.describe(e)}", file=sys.stderr)
         return 1
     json.dump(result, sys.stdout, indent=2)
     print()
@@ -105,8 +119,7 @@ def main(argv: list[str] | None = None) -> int:
     register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(["spm", *(sys.argv[1:] if argv is None else argv)])
     cli.setup_logging(args.verbose)
-    rc: int = args.func(args)
-    return rc
+    return cli.run("xtnd", args)
 
 
 if __name__ == "__main__":

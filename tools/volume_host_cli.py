@@ -23,7 +23,7 @@ from typing import Any
 from xtnd import lvm, storage
 from xtnd.common.cmd import CommandError
 from xtnd.hsm import links
-from xtnd.tools import domain_cli
+from xtnd.tools import domain_cli, errors
 
 
 def _open(args: argparse.Namespace) -> storage.Domain:
@@ -49,10 +49,14 @@ def _teardown(args: argparse.Namespace) -> None:
 
 
 def _run(func: Any, args: argparse.Namespace) -> int:
+    refusal = domain_cli.need_root(args)
+    if refusal:
+        print(f"xtnd: error: {refusal}", file=sys.stderr)
+        return 1
     try:
         func(args)
     except (storage.StorageError, lvm.LVMError, lvm.ActivationError, CommandError, OSError) as e:
-        print(f"xtnd: error: {e}", file=sys.stderr)
+        print(errors.report("xtnd", e), file=sys.stderr)
         return 1
     return 0
 
