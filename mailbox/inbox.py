@@ -11,7 +11,7 @@ whose bytes changed:
 - only slots whose first byte marks a message are looked at (one strided
   slice of the block's first bytes), so a block costs what its messages
   cost, not 63 slot comparisons;
-- the reads: ``chunk`` blocks each. With a reader (a one-thread executor)
+- the reads: ``chunk`` blocks each. With a Reader (one daemon thread)
   every read is queued at once and done while the caller works through the
   chunks already read: the 8 MiB of a 2000-host inbox take ~8 ms of storage
   time here, then hidden behind the scan. Each host's block lies whole in
@@ -25,8 +25,9 @@ cost more.
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
+import queue
+import threading
 from collections.abc import Iterator
 
 from xtnd.common.ratelimit import RateLimitedLog
@@ -47,6 +48,47 @@ _HOLDS_MESSAGE = bytes(0 if codec.is_empty(bytes([b])) else 1 for b in range(256
 # A new message: (host id, slot index, its 64 bytes).
 NewMessage = tuple[int, int, bytes]
 
+# A read's outcome: its bytes, or the error it raised.
+_Outcome = tuple[bytes, None] | tuple[None, BaseException]
+
+
+class Reader:
+    """One daemon thread doing the reads a scan queues, in order.
+
+    Not a concurrent.futures executor: its threads are joined at
+    interpreter exit, and a read stuck on dead storage would hang the
+    daemon's exit.
+    """
+
+    def __init__(self, storage: Storage):
+        self._storage = storage
+        self._jobs: queue.SimpleQueue[tuple[int, int, queue.SimpleQueue[_Outcome]] | None] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="mailbox-spm-read", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while (job := self._jobs.get()) is not None:
+            offset, length, out = job
+            try:
+                out.put((self._storage.read(offset, length), None))
+            except BaseException as e:  # noqa: BLE001 - handed to the caller, raised there
+                out.put((None, e))
+
+    def read_all(self, reads: list[tuple[int, int]]) -> Iterator[bytes]:
+        """Queue every (offset, length) read; yield their bytes in order."""
+        out: queue.SimpleQueue[_Outcome] = queue.SimpleQueue()
+        for offset, length in reads:
+            self._jobs.put((offset, length, out))
+        for _ in reads:
+            data, error = out.get()
+            if error is not None:
+                raise error
+            assert data is not None
+            yield data
+
+    def close(self) -> None:
+        self._jobs.put(None)
+
 
 class InboxView:
     """Host blocks as last scanned, and the scan that compares with them."""
@@ -61,7 +103,7 @@ class InboxView:
         self._blocks = [codec.EMPTY_BLOCK] * (max_hosts + 1)
         self.last_event = b""
         # Set by the SPM while its threads run; None reads in the caller.
-        self.reader: concurrent.futures.ThreadPoolExecutor | None = None
+        self.reader: Reader | None = None
 
     def forget(self) -> None:
         """Take every block as all zeros: every pending message is new."""
@@ -104,13 +146,8 @@ class InboxView:
             for offset in offsets:
                 yield offset, self._inbox.read(offset, min(size, self._length - offset))
             return
-        futures = [reader.submit(self._inbox.read, off, min(size, self._length - off)) for off in offsets]
-        try:
-            for offset, future in zip(offsets, futures, strict=True):
-                yield offset, future.result()
-        finally:
-            for future in futures:
-                future.cancel()
+        reads = [(offset, min(size, self._length - offset)) for offset in offsets]
+        yield from zip(offsets, reader.read_all(reads), strict=True)
 
     def _changed(self, host: int, block: bytes, found: list[NewMessage]) -> None:
         if block == codec.EMPTY_BLOCK:

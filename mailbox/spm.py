@@ -29,7 +29,6 @@ failover (safe: extends name absolute sizes).
 from __future__ import annotations
 
 import collections
-import concurrent.futures
 import dataclasses
 import logging
 import queue
@@ -42,7 +41,7 @@ from xtnd.common.waker import Waker
 
 from . import codec
 from .directio import Storage, StorageError
-from .inbox import InboxView
+from .inbox import InboxView, Reader
 from .outbox import OutboxImage
 
 log = logging.getLogger("xtnd.mailbox.spm")
@@ -174,7 +173,7 @@ class SPMMailbox:
     def start(self) -> None:
         """Reset, then start scanning and serving in threads."""
         self.reset()
-        self._view.reader = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="mailbox-spm-read")
+        self._view.reader = Reader(self._inbox)
         io = threading.Thread(target=self._run, name="mailbox-spm", daemon=True)
         self._threads = [io] + [
             threading.Thread(target=self._worker, name=f"mailbox-spm-worker-{n}", daemon=True)
@@ -241,7 +240,7 @@ class SPMMailbox:
                 log.warning("thread %s still running after stop", t.name)
         self._threads = []
         if self._view.reader is not None:
-            self._view.reader.shutdown(wait=False, cancel_futures=True)
+            self._view.reader.close()
             self._view.reader = None
         log.info("SPM mailbox stopped")
 

@@ -3,16 +3,14 @@ reads done by a reader thread."""
 
 from __future__ import annotations
 
-import concurrent.futures
 import logging
 import uuid
-from collections.abc import Iterator
 
 import pytest
 from testlib.mailboxes import Areas
 from xtnd.common.ratelimit import RateLimitedLog
-from xtnd.mailbox import codec
-from xtnd.mailbox.inbox import InboxView
+from xtnd.mailbox import codec, directio
+from xtnd.mailbox.inbox import InboxView, Reader
 
 BLOCK = codec.BLOCK_SIZE
 MAX_HOSTS = 10
@@ -23,20 +21,15 @@ def request() -> bytes:
 
 
 @pytest.fixture(params=[False, True], ids=["inline", "reader"])
-def reader(request: pytest.FixtureRequest) -> Iterator[concurrent.futures.ThreadPoolExecutor | None]:
-    if not request.param:
-        yield None
-        return
-    pool = concurrent.futures.ThreadPoolExecutor(1)
-    yield pool
-    pool.shutdown()
+def use_reader(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param)
 
 
-def test_new_messages_across_chunks(areas: Areas, reader: concurrent.futures.ThreadPoolExecutor | None) -> None:
+def test_new_messages_across_chunks(areas: Areas, use_reader: bool) -> None:
     inbox, _ = areas.open()
     stats = {"event_reads": 0, "bad_blocks": 0}
     view = InboxView(inbox, MAX_HOSTS, 4, RateLimitedLog(logging.getLogger("test"), 60), stats)
-    view.reader = reader
+    view.reader = Reader(inbox) if use_reader else None
     writer, _ = areas.open()
     reqs = {h: [request(), request()] for h in (1, 3, 4, 7, 8, 10)}  # chunks: 0-3, 4-7, 8-10
     for h, slots in reqs.items():
@@ -63,3 +56,19 @@ def test_new_messages_across_chunks(areas: Areas, reader: concurrent.futures.Thr
     assert stats["bad_blocks"] == 1
     writer.write(8 * BLOCK, codec.build_block([new, *reqs[8]]))
     assert [m[:2] for chunk in view.scan() for m in chunk] == [(8, 0), (8, 1), (8, 2)]
+    if view.reader is not None:
+        view.reader.close()
+
+
+def test_reader_passes_errors_on(areas: Areas) -> None:
+    inbox, _ = areas.open()
+    reader = Reader(inbox)
+    try:
+        chunks = reader.read_all([(0, BLOCK), (1 << 40, BLOCK), (BLOCK, BLOCK)])
+        assert next(chunks) == bytes(BLOCK)
+        with pytest.raises(directio.StorageError):
+            next(chunks)
+        # The reader thread lives on.
+        assert list(reader.read_all([(BLOCK, BLOCK)])) == [bytes(BLOCK)]
+    finally:
+        reader.close()
