@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
-from xtnd.common import stats
+from xtnd.common import logfmt, stats
 from xtnd.common.promhttp import LATENCY_BUCKETS
 
 MiB = 1024**2
@@ -73,8 +73,8 @@ class ExtendRecord:
 
     def line(self) -> str:
         return (
-            f"extend-complete vm={self.vm_name} drive={self.drive} domain={self.domain} volume={self.volume} "
-            f"old_mb={self.old_size // MiB} new_mb={self.new_size // MiB} trigger={self.trigger} "
+            f"extend-complete {logfmt.fields(vm=self.vm_name, drive=self.drive)} domain={self.domain} "
+            f"volume={self.volume} old_mb={self.old_size // MiB} new_mb={self.new_size // MiB} trigger={self.trigger} "
             f"wait_ms={_ms(self.wait)} extend_ms={_ms(self.extend)} refresh_ms={_ms(self.refresh)} "
             f"resume_ms={_ms(self.resume)} total_ms={_ms(self.total)} resumed={'yes' if self.resumed else 'no'}"
         )
@@ -85,9 +85,10 @@ def _ms(seconds: float) -> str:
 
 
 def parse_line(line: str) -> dict[str, str]:
-    """The key=value fields of a completion line (for scripts and tests)."""
+    """The key=value fields of a completion line (for scripts and tests);
+    quoted values (a VM name with spaces or quotes) come back as written."""
     start = line.index("extend-complete ")
-    return dict(field.split("=", 1) for field in line[start:].split()[1:])
+    return logfmt.parse(line[start + len("extend-complete ") :])
 
 
 percentile = stats.percentile

@@ -33,6 +33,7 @@ import uuid as uuidlib
 from collections.abc import Callable, Iterator
 
 from xtnd import lvm
+from xtnd.common import logfmt
 from xtnd.mailbox.spm import NoReply, Request
 from xtnd.storage import constants as c
 
@@ -248,7 +249,7 @@ class ExtendService:
             ms(t.fence),
             lvx or 0.0,
             total,
-            f" reason={reason!r}" if reason else "",
+            f" reason={logfmt.value(reason)}" if reason else "",
         )
 
     def _extend(self, domain: uuidlib.UUID, volume: uuidlib.UUID, size_mb: int, t: _Timing) -> tuple[str, int]:

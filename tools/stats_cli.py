@@ -27,14 +27,12 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import IO, Any
 
-from xtnd.common import stats
+from xtnd.common import logfmt, stats
 
 HSM_PHASES = ("wait", "extend", "refresh", "resume", "total")
 SPM_PHASES = ("queue", "lock", "validate", "fence", "lvextend", "total")
 JOURNAL_UNITS = ("xtnd-hsm.service", "xtnd-spm.service")
 
-# key=value or key="quoted \" value" (logfmt).
-_FIELD = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)')
 # A timestamp at the start: ours ("2026-11-29 04:00:01,123"), or the
 # journal's short-iso ("2026-11-29T04:00:01.123456+0000").
 _STAMP = re.compile(r"^(\d{4}-\d\d-\d\d)[ T](\d\d:\d\d:\d\d)(?:[.,](\d+))?([+-]\d\d:?\d\d|Z)?")
@@ -53,10 +51,6 @@ class Collected:
     samples: list[Sample] = field(default_factory=list)
     lines: int = 0
     ignored: int = 0
-
-
-def _fields(text: str) -> dict[str, str]:
-    return {k: v[1:-1] if v.startswith('"') else v for k, v in _FIELD.findall(text)}
 
 
 def _timestamp(line: str) -> float | None:
@@ -78,7 +72,7 @@ def parse_line(line: str) -> Sample | None:
         at = line.find(marker)
         if at < 0:
             continue
-        fields = _fields(line[at + len(marker) :])
+        fields = logfmt.parse(line[at + len(marker) :])
         try:
             values = {p: float(fields[f"{p}_ms"]) for p in phases}
             when = _timestamp(line)

@@ -33,7 +33,7 @@ def write_logs(workdir: str) -> tuple[str, str]:
         for i in range(1, 11):
             f.write(SPM_LINE.format(s=i, result="extended", lvx=10.0 * i, total=10.0 * i + 1) + "\n")
         f.write(SPM_LINE.format(s=30, result="noop", lvx=0, total=0.5) + "\n")
-        f.write(SPM_LINE.format(s=31, result="refused", lvx=0, total=0.7) + " reason='unknown volume'\n")
+        f.write(SPM_LINE.format(s=31, result="refused", lvx=0, total=0.7) + ' reason="unknown volume"\n')
         f.write("garbage \x00\x01 extend done result=extended queue_ms=oops\n")  # broken: ignored
         f.write("\n")
     hsm = os.path.join(workdir, "hsm.log")
