@@ -42,6 +42,10 @@ from xtnd.mailbox.hsm import HSMMailbox
 
 log = logging.getLogger("xtnd.hsm")
 
+# Seconds without a round of the stats loop after which it counts as stuck
+# (at least; 10 x stats_interval when that is longer).
+STUCK_AFTER = 120.0
+
 
 class HSM:
     def __init__(
@@ -135,11 +139,18 @@ class HSM:
         )  # fmt: skip
 
     def health(self) -> tuple[bool, str]:
-        """For the systemd watchdog: do the threads doing the work still run?"""
+        """For the systemd watchdog: do the threads doing the work still run,
+        and has the stats loop gone round lately? A pass waits at most
+        stats_interval between rounds; a libvirt call in it is bounded by
+        libvirt's keepalive and job timeouts (tens of seconds)."""
         if not self.monitor.alive:
             return False, "the monitor's stats thread is gone"
         if not self.mailbox.alive:
             return False, "the mailbox thread is gone"
+        age = self.monitor.clock() - self.monitor.heartbeat
+        limit = max(STUCK_AFTER, 10 * self.config.monitor.stats_interval)
+        if age > limit:
+            return False, f"the stats loop has not gone round for {age:.0f}s"
         return True, ""
 
     def stop(self) -> None:

@@ -158,6 +158,9 @@ class Monitor:
         self._rlog = RateLimitedLog(log, interval=60.0)
         self.records: collections.deque[ExtendRecord] = collections.deque(maxlen=1000)
         self.counters = collections.Counter[str]()
+        # When the stats loop last went round (the daemon's systemd watchdog
+        # tells a stuck loop from a slow one by its age).
+        self.heartbeat = clock()
 
     # Life cycle
 
@@ -272,6 +275,7 @@ class Monitor:
     def _run(self) -> None:
         next_pass = self._clock()
         while True:
+            self.heartbeat = self._clock()
             # Lock order: _lock is never taken while holding _cond.
             deadline = min(next_pass, self._next_retry())
 

@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -329,10 +330,17 @@ def test_hsm_restarted_while_vm_paused(
 
     cmd = [sys.executable, "-m", "xtnd.tools.cli", "hsm", "--config", conf]
 
+    # systemd's side of Type=notify with WatchdogSec=1 for the first run.
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(os.path.join(workdir, "notify"))
+    notify.settimeout(60)
+    watched = {"NOTIFY_SOCKET": os.path.join(workdir, "notify"), "WATCHDOG_USEC": "1000000"}
+
     def start(n: int) -> tuple[subprocess.Popen[bytes], str]:
         path = os.path.join(workdir, f"hsm.{n}.log")
+        env = {**os.environ, **(watched if n == 1 else {})}
         with open(path, "wb") as out:
-            return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT), path
+            return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env), path
 
     def read(path: str) -> str:
         with open(path) as f:
@@ -343,6 +351,11 @@ def test_hsm_restarted_while_vm_paused(
         with started(conn, rig, disk, guest.Workload(write_mb=24), workdir) as g:
             g.wait_state(libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_IOERROR, timeout=120)
             wait_for(lambda: "extend requested" in read(first), timeout=30)
+            states = []
+            while "READY=1" not in states:  # pinged while connecting, too
+                states.append(notify.recv(4096).decode())
+            assert set(states) <= {"READY=1", "WATCHDOG=1"}, states
+            assert [notify.recv(4096).decode() for _ in range(3)] == ["WATCHDOG=1"] * 3
             assert _read_host_block(pool) != bytes(codec.BLOCK_SIZE), "the request is in the inbox"
             port = prom.port_in(read(first))
             assert port, read(first)
@@ -390,6 +403,7 @@ def test_hsm_restarted_while_vm_paused(
                 proc.send_signal(signal.SIGTERM)
                 assert proc.wait(20) == 0
     finally:
+        notify.close()
         if proc.poll() is None:
             proc.kill()
             proc.wait()

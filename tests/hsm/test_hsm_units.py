@@ -157,3 +157,23 @@ def test_notify(tmp_path: str, monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv("NOTIFY_SOCKET", path)
         assert notify.notify("READY=1")
         assert s.recv(100) == b"READY=1"
+
+
+def test_daemon_health_for_the_watchdog() -> None:
+    from types import SimpleNamespace
+
+    from xtnd.hsm import daemon
+
+    now = 1000.0
+    monitor = SimpleNamespace(alive=True, heartbeat=now - 5, clock=lambda: now)
+    mailbox = SimpleNamespace(alive=True)
+    config = SimpleNamespace(monitor=SimpleNamespace(stats_interval=2.0))
+    hsm = SimpleNamespace(monitor=monitor, mailbox=mailbox, config=config)
+    assert daemon.HSM.health(hsm) == (True, "")  # type: ignore[arg-type]
+    monitor.heartbeat = now - daemon.STUCK_AFTER - 1
+    assert daemon.HSM.health(hsm) == (False, "the stats loop has not gone round for 121s")  # type: ignore[arg-type]
+    monitor.heartbeat = now
+    mailbox.alive = False
+    assert daemon.HSM.health(hsm) == (False, "the mailbox thread is gone")  # type: ignore[arg-type]
+    monitor.alive = False
+    assert daemon.HSM.health(hsm) == (False, "the monitor's stats thread is gone")  # type: ignore[arg-type]
