@@ -12,6 +12,15 @@ Every command is built as an argv (no shell) and carries:
 - ``--config`` switching off udev synchronisation and device hints (no udev
   events happen without device-mapper; hints would go stale while other
   hosts change the VG), and metadata archives unless asked for.
+- read-only locking on a read-only runner: only the SPM may write a shared
+  VG's metadata, so every other path (HSM refresh and activation, CLI
+  reports, volume prepare) gets a runner on which LVM itself refuses any
+  metadata change ("Operation prohibited while --readonly is set"); a bug
+  there fails instead of corrupting the VG. Reports, activation and
+  refresh change no metadata and work. LVM 2.03 ignores
+  ``global/metadata_read_only`` given with ``--config`` (lvcreate still
+  writes); ``global/locking_type=4`` is still honoured there, as
+  ``--sysinit --readonly``, with a deprecation warning on stderr.
 
 Commands run as processes, or through a long-lived LVM shell (shell.py)
 when the runner is given one: same argv, same errors, same history. Both
@@ -42,6 +51,8 @@ log = logging.getLogger("xtnd.lvm")
 
 LVM = "lvm"
 DEFAULT_TIMEOUT = 120.0
+# LVM's read-only locking (see the module doc).
+READ_ONLY_LOCKING = 4
 
 _VG_NOT_FOUND = re.compile(r'Volume group "([^"]+)" not found')
 _LV_NOT_FOUND = (
@@ -65,6 +76,7 @@ class Runner:
     """Runs LVM commands restricted to ``devices``.
 
     driverloaded: None detects device-mapper; False adds ``--driverloaded n``.
+    read_only: LVM refuses every metadata change (see the module doc).
     backup: keep LVM's metadata backups and archives under /etc/lvm (off by
     default: every extend would write a file, and the SPM does thousands).
     shell: run commands through this LVM shell instead of one process each
@@ -82,11 +94,13 @@ class Runner:
         history: CommandHistory | None = None,
         shell: LvmShell | None = None,
         system_dir: str | None = None,
+        read_only: bool = False,
     ):
         if not devices:
             raise ValueError("an LVM runner needs at least one device")
         self.devices = tuple(devices)
         self.driverloaded = device_mapper_available() if driverloaded is None else driverloaded
+        self.read_only = read_only
         self.backup = backup
         self.timeout = timeout
         self.history = history if history is not None else CommandHistory()
@@ -107,7 +121,14 @@ class Runner:
     def with_devices(self, devices: Sequence[str]) -> Runner:
         """A runner over other devices sharing settings, history and shell."""
         return Runner(
-            devices, self.driverloaded, self.backup, self.timeout, self.history, self.shell, self._system_dir
+            devices,
+            self.driverloaded,
+            self.backup,
+            self.timeout,
+            self.history,
+            self.shell,
+            self._system_dir,
+            self.read_only,
         )
 
     def _config(self) -> str:
@@ -121,6 +142,8 @@ class Runner:
             # LVM puts them under its system directory by default.
             host = sysdir.HOST_DIR
             parts.append(f'backup {{ backup_dir="{host}/backup" archive_dir="{host}/archive" }}')
+        if self.read_only:
+            parts.append(f"global {{ locking_type={READ_ONLY_LOCKING} metadata_read_only=1 }}")
         return " ".join(parts)
 
     def argv(self, subcmd: str, *args: str) -> list[str]:

@@ -25,6 +25,10 @@ class VGInfo:
     free_extents: int
     tags: tuple[str, ...]
     pvs: tuple[PVInfo, ...]
+    autoactivation: bool = True
+    mda_size: int = 0  # the smallest metadata area, bytes
+    mda_count: int = 0  # metadata areas of all PVs
+    mda_free: int = 0  # free bytes in the fullest metadata area
 
     @property
     def size(self) -> int:
@@ -45,14 +49,31 @@ def split_tags(value: str) -> tuple[str, ...]:
     return tuple(t for t in value.split(",") if t)
 
 
-def pvcreate(runner: Runner, *devices: str) -> None:
-    # --metadatasize: LVM's default (1 MiB) is plenty for a few hundred LVs.
-    runner.run("pvcreate", "--yes", *devices)
-    log.info("pvcreate devices=%s", list(devices))
+def pvcreate(runner: Runner, *devices: str, metadata_size: int = 0, metadata_copies: int = 0) -> None:
+    """metadata_size (bytes) and metadata_copies (1 or 2 per PV): 0 keeps
+    LVM's defaults (1 MiB, one copy)."""
+    args = ["--yes"]
+    if metadata_size:
+        args += ["--metadatasize", f"{metadata_size}b"]
+    if metadata_copies:
+        args += ["--pvmetadatacopies", str(metadata_copies)]
+    runner.run("pvcreate", *args, *devices)
+    log.info("pvcreate devices=%s metadata_size=%d metadata_copies=%d", list(devices), metadata_size, metadata_copies)
 
 
-def vgcreate(runner: Runner, vg: str, devices: list[str], extent_size: int, tags: tuple[str, ...] = ()) -> None:
+def vgcreate(
+    runner: Runner,
+    vg: str,
+    devices: list[str],
+    extent_size: int,
+    tags: tuple[str, ...] = (),
+    autoactivation: bool = True,
+) -> None:
+    """autoactivation=False: no host activates the VG's LVs at boot or when
+    the PVs appear (event-based autoactivation); they are mapped on demand."""
     args = ["--autobackup", "n", "--physicalextentsize", f"{extent_size}b"]
+    if not autoactivation:
+        args += ["--setautoactivation", "n"]
     for tag in tags:
         args += ["--addtag", tag]
     runner.run("vgcreate", *args, vg, *devices)
@@ -80,10 +101,17 @@ def vg_change_tags(runner: Runner, vg: str, add: tuple[str, ...] = (), delete: t
 
 def vg_info(runner: Runner, vg: str) -> VGInfo:
     """Extent size, free extents, tags and PVs of one VG (raises VGNotFound)."""
-    fields = "vg_name,vg_uuid,vg_extent_size,vg_extent_count,vg_free_count,vg_tags,pv_name,pe_start"
+    fields = (
+        "vg_name,vg_uuid,vg_extent_size,vg_extent_count,vg_free_count,vg_tags,pv_name,pe_start,"
+        "vg_autoactivation,vg_mda_size,vg_mda_count,vg_mda_free"
+    )
     rows = runner.report("vgs", "-o", fields, vg)
     first = rows[0]
     return VGInfo(
+        autoactivation=first.get("vg_autoactivation", "enabled") == "enabled",
+        mda_size=int(first.get("vg_mda_size") or 0),
+        mda_count=int(first.get("vg_mda_count") or 0),
+        mda_free=int(first.get("vg_mda_free") or 0),
         name=first["vg_name"],
         uuid=first["vg_uuid"],
         extent_size=int(first["vg_extent_size"]),

@@ -125,15 +125,22 @@ class Opener:
         self.shell = lvm.LvmShell("spm-lvm") if config.lvm.shell else None
 
     def __call__(self, uuid: uuidlib.UUID) -> storage.Domain:
+        """The SPM's domain: writable LVM metadata, every command (the
+        opening one included) bounded by [lvm] command_timeout."""
+        timeout = self.config.lvm.command_timeout
         section = self.config.domain.get(str(uuid))
         if section is not None:
             domain = storage.open_domain(
-                uuid, pvs=section.pv_list, root=section.path or None, activation=self.hostcfg.activation
+                uuid,
+                pvs=section.pv_list,
+                root=section.path or None,
+                activation=self.hostcfg.activation,
+                writable=True,
+                timeout=timeout,
             )
         else:
-            domain = self.hostcfg.open(uuid)
+            domain = self.hostcfg.open(uuid, writable=True, timeout=timeout)
         if isinstance(domain, storage.BlockDomain):
-            domain.runner.timeout = self.config.lvm.command_timeout
             domain.runner.shell = self.shell
         return domain
 

@@ -43,6 +43,7 @@ from .model import (
     no_fence,
     parse_uuid,
 )
+from .zero import zero_device
 
 log = logging.getLogger("xtnd.storage")
 
@@ -70,8 +71,12 @@ def create_block_domain(
     activation: str = "auto",
     driverloaded: bool | None = None,
     io_timeout: int = c.DEFAULT_IO_TIMEOUT,
+    metadata_size: int = c.METADATA_SIZE,
 ) -> BlockDomain:
     """Make a VG on pvs with the special LVs, sanlock areas and empty mailbox.
+
+    Each PV gets two LVM metadata areas of metadata_size (see constants);
+    the VG is made with autoactivation off.
 
     The PVs are overwritten. On failure the VG is removed again, so the
     command can be retried on the same devices. io_timeout goes into the
@@ -90,7 +95,7 @@ def create_block_domain(
     if vg in lvm.vgs(runner):
         raise DomainExists(uuid)
     progress(f"creating PVs on {', '.join(pvs)}")
-    lvm.pvcreate(runner, *pvs)
+    lvm.pvcreate(runner, *pvs, metadata_size=metadata_size, metadata_copies=c.METADATA_COPIES)
     tags = [
         c.TAG_DOMAIN,
         f"{c.TAG_VERSION}{c.DOMAIN_VERSION}",
@@ -100,7 +105,8 @@ def create_block_domain(
     if master:
         tags.append(c.TAG_MASTER)
     progress(f"creating volume group {vg} (extent size {extent_size // c.MiB} MiB)")
-    lvm.vgcreate(runner, vg, list(pvs), extent_size, tuple(tags))
+    # No autoactivation: a host maps a shared LV only when it runs it.
+    lvm.vgcreate(runner, vg, list(pvs), extent_size, tuple(tags), autoactivation=False)
     domain = BlockDomain(uuid, runner, lvm.make_activator(runner, activation))
     try:
         for name, size in c.SPECIAL_SIZES.items():
@@ -170,11 +176,22 @@ class BlockDomain:
 
     @classmethod
     def open(
-        cls, uuid: uuidlib.UUID | str, pvs: Sequence[str], activation: str = "auto", driverloaded: bool | None = None
+        cls,
+        uuid: uuidlib.UUID | str,
+        pvs: Sequence[str],
+        activation: str = "auto",
+        driverloaded: bool | None = None,
+        writable: bool = False,
+        timeout: float = lvm.runner.DEFAULT_TIMEOUT,
     ) -> BlockDomain:
-        """The domain on pvs; raises DomainNotFound if its VG is not there."""
+        """The domain on pvs; raises DomainNotFound if its VG is not there.
+
+        LVM metadata is read-only unless writable (only the SPM, or a
+        command holding the SPM lease, may change it). timeout bounds each
+        LVM command, the opening one included.
+        """
         uuid = parse_uuid(uuid)
-        runner = lvm.Runner(pvs, driverloaded=driverloaded)
+        runner = lvm.Runner(pvs, driverloaded=driverloaded, read_only=not writable, timeout=timeout)
         domain = cls(uuid, runner, lvm.make_activator(runner, activation))
         domain._vg_info()
         return domain
@@ -285,10 +302,11 @@ class BlockDomain:
     ) -> VolumeInfo:
         """A new LV: qcow2 thin (initial_size, at most max_size) or raw (capacity).
 
-        The qcow2 header is written through a temporary activation; the
-        volume is left inactive like any volume this host does not run.
-        fence() runs before every command that writes: lvcreate, activation,
-        the header write, deactivation, and lvremove when a step failed.
+        Through a temporary activation, a qcow2 volume gets its header and a
+        raw one is zeroed (zero.py); the volume is left inactive like any
+        volume this host does not run. fence() runs before every command
+        that writes: lvcreate, activation, the header write (each zeroing
+        chunk), deactivation, and lvremove when a step failed.
         """
         uuid = parse_uuid(uuid)
         fmt = Format(fmt)
@@ -314,21 +332,24 @@ class BlockDomain:
         except lvm.LVMError:
             self._raise_if_no_space(size, fmt, initial_size)
             raise
-        if fmt is Format.QCOW2:
+        try:
+            fence()
+            path = self.activator.activate(self.vg, name)
             try:
-                fence()
-                path = self.activator.activate(self.vg, name)
-                try:
+                if fmt is Format.QCOW2:
                     fence()
                     qemuimg.create(path, str(fmt), capacity)
-                finally:
-                    fence()
-                    self.activator.deactivate(self.vg, name)
-            except BaseException:
-                log.exception("writing qcow2 header failed, removing vg=%s lv=%s", self.vg, name)
+                else:
+                    # Its extents may hold a removed volume's data.
+                    zero_device(path, lvm.lv_info(self.runner, self.vg, name).size, fence)
+            finally:
                 fence()
-                lvm.lvremove(self.runner, self.vg, name)
-                raise
+                self.activator.deactivate(self.vg, name)
+        except BaseException:
+            log.exception("initializing volume failed, removing vg=%s lv=%s", self.vg, name)
+            fence()
+            lvm.lvremove(self.runner, self.vg, name)
+            raise
         log.info("volume created domain=%s volume=%s format=%s capacity=%d", self.vg, name, fmt, capacity)
         return self.volume_info(uuid)
 

@@ -42,6 +42,12 @@ MAILBOX_BLOCK_SIZE = 4096
 
 # Block domains: vdsm's extent size (thin volumes grow in chunks of 2.5 GiB).
 DEFAULT_EXTENT_SIZE = 128 * MiB
+# LVM metadata areas of a block domain's PVs, as vdsm makes them: 128 MiB,
+# two copies per PV (start and end). LVM's default, one 1 MiB area, fills
+# up after a few hundred LVs with tags; every LV of the pool and the
+# history of its changes must fit, and one damaged copy must not lose it.
+METADATA_SIZE = 128 * MiB
+METADATA_COPIES = 2
 
 # Thin qcow2 volumes start at one chunk (SPEC §4, vdsm default chunk_mb).
 DEFAULT_CHUNK = 2560 * MiB

@@ -62,10 +62,18 @@ def open_domain(
     pvs: Sequence[str] = (),
     root: str | None = None,
     activation: str = "auto",
+    writable: bool = False,
+    timeout: float | None = None,
 ) -> Domain:
-    """A block domain on pvs, or a file domain under root (exactly one)."""
+    """A block domain on pvs, or a file domain under root (exactly one).
+
+    A block domain's LVM metadata is read-only unless writable; timeout
+    bounds each of its LVM commands (default: the runner's).
+    """
     if bool(pvs) == bool(root):
         raise InvalidArgument("open a domain with either its PVs or its root directory")
     if root:
         return FileDomain.open(uuid, root)
-    return BlockDomain.open(uuid, pvs, activation=activation)
+    if timeout is None:
+        return BlockDomain.open(uuid, pvs, activation=activation, writable=writable)
+    return BlockDomain.open(uuid, pvs, activation=activation, writable=writable, timeout=timeout)

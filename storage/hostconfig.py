@@ -84,15 +84,26 @@ class HostConfig:
     def add_file(self, uuid: uuidlib.UUID, root: str) -> None:
         self.domains[str(uuid)] = {"root": os.path.abspath(root)}
 
-    def open(self, uuid: uuidlib.UUID | str, pvs: list[str] | None = None, root: str | None = None) -> Domain:
-        """Open a domain; explicit pvs or root win over the file."""
+    def open(
+        self,
+        uuid: uuidlib.UUID | str,
+        pvs: list[str] | None = None,
+        root: str | None = None,
+        writable: bool = False,
+        timeout: float | None = None,
+    ) -> Domain:
+        """Open a domain; explicit pvs or root win over the file.
+
+        Read-only LVM metadata unless writable (see open_domain)."""
         if not pvs and not root:
             entry = self.domains.get(str(uuid))
             if entry is None:
                 raise DomainNotFound(uuid, f"not in {self.path}; give its PVs or root")
             pvs = entry.get("pvs")
             root = entry.get("root")
-        return open_domain(uuid, pvs=pvs or (), root=root, activation=self.activation)
+        return open_domain(
+            uuid, pvs=pvs or (), root=root, activation=self.activation, writable=writable, timeout=timeout
+        )
 
 
 def _check_entry(path: str, key: str, entry: Any) -> None:

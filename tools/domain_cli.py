@@ -132,21 +132,22 @@ class LocalBackend:
             self._progress(f"recorded in {self.config.path}")
         return domain.info()
 
-    def _open(self, args: argparse.Namespace, uuid: uuidlib.UUID) -> storage.Domain:
-        return self.config.open(uuid, pvs=args.pv, root=args.path)
+    def _open(self, args: argparse.Namespace, uuid: uuidlib.UUID, writable: bool = False) -> storage.Domain:
+        """Reports read LVM metadata only; create and remove ask for writable."""
+        return self.config.open(uuid, pvs=args.pv, root=args.path, writable=writable)
 
     def domain_info(self, args: argparse.Namespace) -> storage.DomainInfo:
         return self._open(args, args.uuid).info()
 
     def create_volume(self, args: argparse.Namespace) -> storage.VolumeInfo:
-        domain = self._open(args, args.domain)
+        domain = self._open(args, args.domain, writable=True)
         self._refuse_if_spm_elsewhere(domain, "create", args.uuid)
         return domain.create_volume(
             args.uuid, args.capacity, args.format, initial_size=args.initial_size, image=args.image
         )
 
     def remove_volume(self, args: argparse.Namespace) -> None:
-        domain = self._open(args, args.domain)
+        domain = self._open(args, args.domain, writable=True)
         self._refuse_if_spm_elsewhere(domain, "remove", args.uuid)
         domain.remove_volume(args.uuid)
 

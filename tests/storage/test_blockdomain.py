@@ -1,13 +1,17 @@
 from __future__ import annotations
 
+import logging
 import os
+import shlex
 import uuid
 
 import pytest
 from xtnd import lvm, storage
+from xtnd.common import cmd
 from xtnd.mailbox.directio import DirectFile
 from xtnd.storage import blockdomain, qemuimg, sanlockdirect
 from xtnd.storage import constants as c
+from xtnd.tools.rig import loops
 
 MiB = 1024**2
 EXTENT = 4 * MiB
@@ -286,3 +290,88 @@ def test_remove_stops_at_lost_fence(domain: storage.BlockDomain) -> None:
     assert len(fence.commands()) == fence.marks[1]
     assert "lvremove" not in fence.commands()
     assert domain.volume_info(vol).uuid == vol
+
+
+def test_metadata_areas_and_no_autoactivation(pvs: list[str]) -> None:
+    domain = storage.create_block_domain(uuid.uuid4(), pvs, extent_size=EXTENT)
+    vg = lvm.vg_info(domain.runner, domain.vg)
+    # No host maps the shared LVs at boot or when the PVs show up.
+    assert not vg.autoactivation
+    # vdsm's metadata areas: 128 MiB, two per PV.
+    assert vg.mda_size >= c.METADATA_SIZE
+    assert vg.mda_count == 2 * len(pvs)
+
+
+def test_raw_volume_never_shows_old_data(domain: storage.BlockDomain) -> None:
+    """A pattern written to a volume, the volume removed, a raw volume made on
+    the same extents: it reads zeros."""
+    size = 32 * MiB
+    pattern = b"xtnd-old-data!\n\x00" * 256  # 4 KiB
+    old = uuid.uuid4()
+    domain.create_volume(old, size, "raw")
+    old_segments = lvm.lv_info(domain.runner, domain.vg, str(old)).segments
+    with DirectFile(domain.prepare_volume(old)) as f:
+        for offset in range(0, size, 4 * MiB):
+            f.write(offset, pattern * 1024)
+    domain.teardown_volume(old)
+    domain.remove_volume(old)
+    new = uuid.uuid4()
+    domain.create_volume(new, size, "raw")
+    assert lvm.lv_info(domain.runner, domain.vg, str(new)).segments == old_segments, "not the same extents"
+    try:
+        with DirectFile(domain.prepare_volume(new), readonly=True) as f:
+            assert f.size == size
+            for offset in range(0, size, 4 * MiB):
+                assert f.read(offset, 4 * MiB) == bytes(4 * MiB), f"old data at offset {offset}"
+    finally:
+        domain.teardown_volume(new)
+
+
+def test_raw_zeroing_fenced(domain: storage.BlockDomain) -> None:
+    fence = StepFence(domain.runner)
+    domain.create_volume(uuid.uuid4(), 16 * MiB, "raw", fence=fence)
+    # lvcreate, activation, one zeroing chunk, deactivation.
+    assert len(fence.marks) == 4
+
+
+def _lvcreate_batch(runner: lvm.Runner, vg: str, names: list[str], tags: tuple[str, ...]) -> None:
+    """Many lvcreates through one `lvm` shell reading commands on stdin:
+    the soak test needs thousands, one process each would take an hour."""
+    lines = []
+    for name in names:
+        args = ["--autobackup", "n", "--name", name, "--size", "1m", "--activate", "n", "--zero", "n"]
+        for tag in tags:
+            args += ["--addtag", tag]
+        lines.append(" ".join(shlex.quote(a) for a in runner.argv("lvcreate", *args, vg)[1:]))
+    cmd.run([lvm.runner.LVM], input=("\n".join(lines) + "\n").encode(), timeout=3600)
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(3600)
+def test_metadata_beyond_old_default(workdir: str, loop_only: None) -> None:
+    """More volumes than LVM's old 1 MiB metadata area can describe: the
+    domain keeps working (create, extend, remove, activate)."""
+    pv = loops.losetup(loops.make_file(os.path.join(workdir, "bigpv"), 8 * 1024**3))
+    try:
+        domain = storage.create_block_domain(uuid.uuid4(), [pv], extent_size=MiB)
+        tags = (c.TAG_VOLUME, f"{c.TAG_CAPACITY}{100 * MiB}", f"{c.TAG_FORMAT}qcow2")
+        created = 0
+        while True:
+            vg = lvm.vg_info(domain.runner, domain.vg)
+            used = vg.mda_size - vg.mda_free
+            if used > 1 * MiB:
+                break
+            names = [str(uuid.uuid4()) for _ in range(250)]
+            _lvcreate_batch(domain.runner, domain.vg, names, tags)
+            created += len(names)
+        logging.getLogger("xtnd.tests").info("volumes=%d metadata_used=%d", created, used)
+        vol = uuid.uuid4()
+        domain.create_volume(vol, 100 * MiB, "qcow2", initial_size=4 * MiB)
+        assert domain.extend_volume(vol, 8 * MiB) == 8 * MiB
+        assert domain.volume_info(vol).size == 8 * MiB
+        assert len(domain.list_volumes()) == created + 1
+        domain.remove_volume(vol)
+        domain.deactivate_special()
+        lvm.vgremove(domain.runner, domain.vg)
+    finally:
+        loops.detach(pv)

@@ -200,7 +200,7 @@ def spm(p: Pool, gate: Gate | None = None) -> Iterator[Gate]:
             domains.clear()  # a PV was added: open with the new list
             loaded[0] = mtime
         if msg.domain not in domains:
-            domains[msg.domain] = xstorage.HostConfig.load(p.storage_config).open(msg.domain)
+            domains[msg.domain] = xstorage.HostConfig.load(p.storage_config).open(msg.domain, writable=True)
         return domains[msg.domain].extend_volume(msg.volume, msg.size_mb * MiB) // MiB
 
     mailbox = SPMMailbox(inbox, outbox, location.max_hosts, SPMConfig(workers=2))
