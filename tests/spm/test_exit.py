@@ -14,7 +14,7 @@ from collections.abc import Callable
 from testlib import freezable
 from xtnd import lvm
 from xtnd.storage import constants as c
-from xtnd.tools.rig import sanlockd, spmd
+from xtnd.tools.rig import sanlockd
 from xtnd.tools.rig.spmd import MiB, Pool, SpmProcess, assert_never_both, intervals, write_json
 from xtnd.tools.rig.wait import wait_for
 
@@ -47,6 +47,23 @@ def _state(pid: int) -> str | None:
             return f.read().rpartition(")")[2].split()[0]
     except OSError:
         return None
+
+
+def _stuck_lvm_child(parent: int) -> int | None:
+    """A child of parent running lvm that is in uninterruptible sleep."""
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        name = stat[stat.index("(") + 1 : stat.rindex(")")]
+        state, ppid = stat.rpartition(")")[2].split()[:2]
+        if name == "lvm" and int(ppid) == parent and state == "D":
+            return int(entry)
+    return None
 
 
 def test_lease_kept_until_stuck_lvextend_is_gone(
@@ -89,8 +106,8 @@ def test_lease_kept_until_stuck_lvextend_is_gone(
                 assert hsm.submit(pool.uuid, vol, 8 * MiB).result(timeout=60) == 8 * MiB
                 slow.freeze()
                 hsm.submit(pool.uuid, vol, 12 * MiB)
-                [pid] = wait_for(lambda: spmd.lvm_commands("lvextend", str(pool.uuid)), what="lvextend started")
-                wait_for(lambda: _state(pid) == "D", what="lvextend stuck in its metadata write")
+                # The lvm process running the lvextend (its own, or the SPM's LVM shell).
+                pid = wait_for(lambda: _stuck_lvm_child(spm1.proc.pid), what="lvextend stuck in its metadata write")
                 spm1.proc.send_signal(signal.SIGTERM)
                 # Today's code exited here, freeing the lease under the stuck command.
                 spm1.wait_log("extends still running after shutdown_grace")
