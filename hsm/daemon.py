@@ -29,9 +29,10 @@ from types import FrameType
 from typing import Any
 
 from xtnd import lvm
+from xtnd.common import sdnotify
 from xtnd.common.promhttp import MetricsServer
 from xtnd.common.watchdog import Watchdog
-from xtnd.hsm import control, notify
+from xtnd.hsm import control
 from xtnd.hsm.config import Config
 from xtnd.hsm.libvirtconn import Connection, EventLoop
 from xtnd.hsm.metrics import ExtendRecord, HsmMetrics, Sources
@@ -181,7 +182,7 @@ def run(config: Config, ready_timeout: float = 10.0) -> int:
     for signo in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signo, on_signal)
     hsm = HSM(config)
-    watchdog = Watchdog(notify.notify)
+    watchdog = Watchdog(sdnotify.notify)
     metrics = MetricsServer(config.metrics.listen, hsm.metrics.registry, "xtnd-hsm-metrics")
     sock = config.host.control_socket
     server = control.ControlServer(sock, control.ops(hsm), name="xtnd-hsm-control") if sock else None
@@ -194,13 +195,13 @@ def run(config: Config, ready_timeout: float = 10.0) -> int:
             connected = hsm.connection.wait_connected(ready_timeout)
         if not connected:
             log.warning("not connected to libvirt after %.0f s; still trying", ready_timeout)
-        notify.notify("READY=1")
+        sdnotify.notify("READY=1")
         # Event.wait with no timeout would block signal handlers until it
         # returns; a timeout lets the main thread run them.
         while not stop.wait(watchdog.wait_time(1.0)):
             watchdog.ping(*hsm.health())
     finally:
-        notify.notify("STOPPING=1")
+        sdnotify.notify("STOPPING=1")
         with watchdog.covering("stop"):  # bounded: jobs end once the mailbox stops
             if server is not None:
                 server.stop()

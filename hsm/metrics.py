@@ -28,7 +28,7 @@ from dataclasses import dataclass
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
-from xtnd.common import logfmt, stats
+from xtnd.common import logfmt
 from xtnd.common.promhttp import LATENCY_BUCKETS
 
 MiB = 1024**2
@@ -89,9 +89,6 @@ def parse_line(line: str) -> dict[str, str]:
     quoted values (a VM name with spaces or quotes) come back as written."""
     start = line.index("extend-complete ")
     return logfmt.parse(line[start + len("extend-complete ") :])
-
-
-percentile = stats.percentile
 
 
 PHASES = ("wait", "extend", "refresh", "resume", "total")

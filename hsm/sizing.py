@@ -24,11 +24,10 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-MiB = 1024**2
+from xtnd.common.units import MiB, round_up
+from xtnd.storage.model import max_size
 
-
-def round_up(n: int, align: int) -> int:
-    return (n + align - 1) // align * align
+__all__ = ["MiB", "SizingConfig", "max_size", "round_up"]
 
 
 @dataclass(frozen=True)
@@ -53,12 +52,6 @@ class SizingConfig:
 
     def watermark(self, replicating: bool = False) -> int:
         return self.chunk(replicating) * (100 - self.utilization_percent) // 100
-
-
-def max_size(capacity: int) -> int:
-    """The largest a qcow2 volume of this virtual size may become."""
-    # capacity * 1.1 in integers: floats lose bytes above 2**53.
-    return round_up((capacity * 11 + 9) // 10, MiB)
 
 
 def threshold(physical: int, config: SizingConfig, replicating: bool = False) -> int:

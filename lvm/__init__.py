@@ -9,7 +9,7 @@ subcommand; activation.py maps LVs with device-mapper or loop devices.
 from .activation import Activator, DeviceMapperActivator, LoopActivator, make_activator
 from .errors import ActivationError, LVMError, LVNotFound, MultiSegmentLV, NotEnoughFreeExtents, VGNotFound
 from .history import CommandHistory, CommandRecord
-from .lv import LVInfo, Segment, change_tags, extend, lv_info, lvcreate, lvextend, lvremove, lvs, round_up
+from .lv import LVInfo, Segment, change_tags, extend, lv_info, lvcreate, lvextend, lvremove, lvs
 from .runner import Runner, device_mapper_available
 from .shell import LvmShell, ShellError
 from .vg import PVInfo, VGInfo, pvcreate, vg_change_tags, vg_info, vgcreate, vgextend, vgremove, vgs
@@ -43,7 +43,6 @@ __all__ = [
     "lvs",
     "make_activator",
     "pvcreate",
-    "round_up",
     "vg_change_tags",
     "vg_info",
     "vgcreate",

@@ -14,6 +14,8 @@ import logging
 import re
 import time
 
+from xtnd.common.units import round_up
+
 from .errors import LVMError, LVNotFound, NotEnoughFreeExtents
 from .runner import Runner
 from .vg import split_tags
@@ -48,10 +50,6 @@ class LVInfo:
     @property
     def seg_count(self) -> int:
         return len(self.segments)
-
-
-def round_up(n: int, unit: int) -> int:
-    return (n + unit - 1) // unit * unit
 
 
 def _segment(row: dict[str, str], extent_size: int) -> Segment:

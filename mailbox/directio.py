@@ -220,7 +220,3 @@ class MemoryStorage:
 
     def close(self) -> None:
         pass
-
-
-def open_storage(path: str, readonly: bool = False) -> DirectFile:
-    return DirectFile(path, readonly=readonly)

@@ -32,7 +32,6 @@ AREAS = ("common", "mailbox", "spm", "hsm", "lvm", "storage", "tools")
 DEBIAN_NAMES = {
     "construct": "python3-construct",
     "libvirt-python": "python3-libvirt",
-    "pyudev": "python3-pyudev",
     "rich": "python3-rich",
     "prometheus-client": "python3-prometheus-client",
 }

@@ -47,7 +47,6 @@ from __future__ import annotations
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 import uuid as uuidlib
@@ -57,6 +56,7 @@ from xtnd import lvm, storage
 from xtnd.common import cmd
 from xtnd.common.control import set_log_level
 from xtnd.common.promhttp import MetricsServer
+from xtnd.common.sdnotify import notify as sd_notify
 from xtnd.common.watchdog import Watchdog
 from xtnd.mailbox import codec
 from xtnd.mailbox.directio import DirectFile
@@ -83,19 +83,6 @@ EXIT_ABANDONED = 4
 # ms). A reply lost here is not lost for the HSM: the next SPM serves every
 # pending request again.
 REPLY_FLUSH_TIMEOUT = 5.0
-
-
-def sd_notify(state: str) -> bool:
-    """Tell systemd (Type=notify) our state; False when not run by systemd."""
-    path = os.environ.get("NOTIFY_SOCKET")
-    if not path:
-        return False
-    if path.startswith("@"):
-        path = "\0" + path[1:]  # abstract socket namespace
-    with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
-        sock.connect(path)
-        sock.sendall(state.encode())
-    return True
 
 
 def _flush_logs() -> None:
@@ -390,7 +377,6 @@ class SpmDaemon:
             if next_stats is not None and time.monotonic() >= next_stats:
                 log.info("stats %s", self.metrics.summary())
                 next_stats = time.monotonic() + (interval or 0)
-
 
     def status(self) -> dict[str, Any]:
         """For `xtnd status`: role, lease holder, requests in flight."""

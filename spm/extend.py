@@ -34,6 +34,7 @@ from collections.abc import Callable, Iterator
 
 from xtnd import lvm
 from xtnd.common import logfmt
+from xtnd.common.units import round_up
 from xtnd.mailbox.spm import NoReply, Request
 from xtnd.storage import constants as c
 
@@ -285,7 +286,7 @@ class ExtendService:
         if size <= lv.size:
             return "noop", lv.size // MiB
         block = managed.block
-        target = lvm.round_up(size, lv.extent_size)
+        target = round_up(size, lv.extent_size)
         start = self._clock()
         t.fenced = True
         self.fence()

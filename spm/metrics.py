@@ -33,11 +33,6 @@ RESULTS = ("extended", "noop", "refused", "failed", "fenced")
 PHASES = ("queue", "lock", "validate", "fence", "lvextend", "total")
 
 
-def percentile(values: list[float], p: float) -> float:
-    """Nearest-rank percentile of values (p in 0..100); 0 for no values."""
-    return stats.percentile(values, p) if values else 0.0
-
-
 class Latency:
     """Histogram plus a window of recent values of one duration."""
 
@@ -61,9 +56,9 @@ class Latency:
             "count": self.count,
             "mean_ms": round(self.sum_ms / self.count, 3) if self.count else 0.0,
             "max_ms": round(self.max_ms, 3),
-            "p50_ms": round(percentile(recent, 50), 3),
-            "p90_ms": round(percentile(recent, 90), 3),
-            "p99_ms": round(percentile(recent, 99), 3),
+            "p50_ms": stats.json_number(stats.percentile(recent, 50), 3),
+            "p90_ms": stats.json_number(stats.percentile(recent, 90), 3),
+            "p99_ms": stats.json_number(stats.percentile(recent, 99), 3),
             "buckets_ms": {f"le_{b}": n for b, n in zip([*BUCKETS_MS, "inf"], self.buckets, strict=True)},
         }
 

@@ -8,6 +8,8 @@ import uuid as uuidlib
 from collections.abc import Callable
 from typing import Any
 
+from xtnd.common.units import round_up
+
 from .constants import QCOW2_OVERHEAD_PERCENT, MiB
 from .errors import InvalidArgument
 
@@ -26,13 +28,10 @@ class Format(enum.StrEnum):
     RAW = "raw"
 
 
-def round_up(n: int, unit: int) -> int:
-    return (n + unit - 1) // unit * unit
-
-
 def max_size(capacity: int) -> int:
     """Largest size a thin volume may grow to: capacity + 10% qcow2 overhead,
-    rounded up to a MiB (SPEC §4)."""
+    rounded up to a MiB. The one max-size rule: SPM validation and HSM
+    sizing both use it (mailbox/PROTOCOL.md, "Sizing")."""
     return round_up((capacity * (100 + QCOW2_OVERHEAD_PERCENT) + 99) // 100, MiB)
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 from rich.console import Console
 from rich.live import Live
+from xtnd.common import stats
 from xtnd.mailbox.hsm import HSMConfig
 from xtnd.mailbox.spm import SPMConfig
 from xtnd.tools import inspect as inspect_cmd
@@ -52,8 +53,8 @@ def run_demo(hosts: int, duration: float, rate: float, storage: str, console: Co
         "hosts": hosts,
         "requests": len(latencies),
         "failures": failures,
-        "p50_ms": round(bench.percentile(latencies, 50), 2),
-        "p99_ms": round(bench.percentile(latencies, 99), 2),
+        "p50_ms": round(stats.percentile(latencies, 50), 2),
+        "p99_ms": round(stats.percentile(latencies, 99), 2),
         "max_ms": round(latencies[-1], 2) if latencies else math.nan,
     }
     console.print(
@@ -79,5 +80,3 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--rate", type=float, default=5.0, help="requests per second per host")
     p.add_argument("--storage", choices=["file", "loop"], default="loop", help="mailbox storage")
     p.set_defaults(func=_cmd_demo)
-
-

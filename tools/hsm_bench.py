@@ -41,7 +41,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from xtnd.hsm.metrics import ExtendRecord, percentile
+from xtnd.common.stats import percentile
+from xtnd.hsm.metrics import ExtendRecord
 
 MiB = 1024**2
 GiB = 1024**3

@@ -89,9 +89,14 @@ def _spm_main(box: Mailbox, config: SPMConfig, conn: Connection) -> None:
     while True:
         cmd = conn.recv()
         if cmd == "stats":
-            conn.send({"reads": inbox.counters.reads + outbox.counters.reads,
-                       "writes": inbox.counters.writes + outbox.counters.writes, "active": spm.active,
-                       **spm.stats})
+            conn.send(
+                {
+                    "reads": inbox.counters.reads + outbox.counters.reads,
+                    "writes": inbox.counters.writes + outbox.counters.writes,
+                    "active": spm.active,
+                    **spm.stats,
+                }
+            )
         elif cmd == "waves":
             # (seconds, requests, messages) of the waves since last asked.
             conn.send([spm.waves.popleft() for _ in range(len(spm.waves))])
@@ -99,11 +104,6 @@ def _spm_main(box: Mailbox, config: SPMConfig, conn: Connection) -> None:
             spm.stop()
             conn.send("stopped")
             return
-
-
-def percentile(values: list[float], pct: float) -> float:
-    """Nearest-rank percentile; NaN when there is nothing to rank."""
-    return stats.percentile(values, pct) if values else math.nan
 
 
 class Cluster:
@@ -133,11 +133,16 @@ class Cluster:
             host_ids = list(range(1 + n, hosts + 1, procs))
             parent, child = _mp.Pipe()
             if lean:
-                p = _mp.Process(target=lean_main, args=(box.inbox, box.outbox, host_ids, child), name="lean-hosts",
-                                daemon=True)
+                p = _mp.Process(
+                    target=lean_main, args=(box.inbox, box.outbox, host_ids, child), name="lean-hosts", daemon=True
+                )
             else:
-                p = _mp.Process(target=hsm_main, args=(box.inbox, box.outbox, host_ids, hsm_config, child),
-                                name=f"hsm-{n}", daemon=True)
+                p = _mp.Process(
+                    target=hsm_main,
+                    args=(box.inbox, box.outbox, host_ids, hsm_config, child),
+                    name=f"hsm-{n}",
+                    daemon=True,
+                )
             p.start()
             self.hsms.append(p)
             self.hsm_conns.append(parent)
@@ -265,12 +270,12 @@ def run_bench(
         "max_hosts": max_hosts,
         "clients": clients,
         "hsm_processes": len(cluster.hsms),
-        "p50_ms": round(percentile(ms, 50), 2),
-        "p99_ms": round(percentile(ms, 99), 2),
+        "p50_ms": round(stats.percentile(ms, 50), 2),
+        "p99_ms": round(stats.percentile(ms, 99), 2),
         "max_ms": round(ms[-1], 2) if ms else math.nan,
         "spm_waves": len(wave_ms),
-        "spm_wave_p50_ms": round(percentile(wave_ms, 50), 2),
-        "spm_wave_p99_ms": round(percentile(wave_ms, 99), 2),
+        "spm_wave_p50_ms": round(stats.percentile(wave_ms, 50), 2),
+        "spm_wave_p99_ms": round(stats.percentile(wave_ms, 99), 2),
         "spm_wave_max_ms": round(wave_ms[-1], 2) if wave_ms else math.nan,
         "spm_cpu_idle_pct": round(100 * (c1 - c0) / idle_wall, 2),
         "spm_cpu_busy_pct": round(100 * (c3 - c2) / busy_wall, 2),

@@ -26,7 +26,7 @@ APT_PACKAGES=(
     python3-prometheus-client python3-matplotlib systemd
     # The Debian package's dependencies (its test installs it with apt),
     # and what builds and checks it.
-    python3-construct python3-libvirt python3-pyudev python3-rich
+    python3-construct python3-libvirt python3-rich
     dpkg-dev lintian
 )
 

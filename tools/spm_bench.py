@@ -38,13 +38,14 @@ from typing import Any
 
 from xtnd import lvm, storage
 from xtnd.common import cmd
+from xtnd.common.stats import percentile
 from xtnd.mailbox import codec
 from xtnd.mailbox.directio import DirectFile
 from xtnd.mailbox.hsm import HSMConfig, HSMMailbox
 from xtnd.mailbox.spm import SPMConfig, SPMMailbox
 from xtnd.spm.domains import DomainRegistry
 from xtnd.spm.extend import ExtendService
-from xtnd.spm.metrics import Metrics, percentile
+from xtnd.spm.metrics import Metrics
 from xtnd.storage import constants as c
 
 log = logging.getLogger("xtnd.spm.bench")

@@ -99,3 +99,13 @@ def test_sizes_are_consistent(capacity: int, physical: int, chunk_mb: int, utili
         # Every extend below max size makes progress.
         assert new > physical
     assert 1 <= sizing.threshold(physical, config, replicating) <= max(1, physical)
+
+
+def test_one_max_size_rule() -> None:
+    """The HSM sizes with the rule the SPM validates with (storage.max_size)."""
+    from xtnd import storage
+    from xtnd.spm.domains import CachedLV
+
+    assert sizing.max_size is storage.max_size
+    lv = CachedLV("v", "VOLUME", size=MiB, capacity=10 * GiB + 1, extent_size=MiB)
+    assert lv.max_size == sizing.max_size(10 * GiB + 1)

@@ -2,7 +2,8 @@
 
 With Type=notify, systemd passes a datagram socket in $NOTIFY_SOCKET
 (a path, or an abstract name starting with '@'). Outside systemd the
-variable is unset and notify() does nothing.
+variable is unset and notify() does nothing. The one helper both daemons
+use (READY, STOPPING, STATUS and the watchdog pings).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import logging
 import os
 import socket
 
-log = logging.getLogger("xtnd.hsm")
+log = logging.getLogger("xtnd.sdnotify")
 
 
 def notify(state: str) -> bool:
