@@ -1,6 +1,6 @@
 """One record per completed extend, its completion log line, and the metrics.
 
-The completion line is a stable key=value form for scripts (SPEC §5):
+The completion line is a stable key=value form for scripts (mailbox/PROTOCOL.md §5):
 
     extend-complete vm=NAME drive=vda domain=UUID volume=UUID old_mb=N
     new_mb=N trigger=threshold|enospc|stats|retry|load|recheck wait_ms=N

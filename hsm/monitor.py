@@ -25,7 +25,7 @@ extend waits for the SPM; the stats pass has its own thread
 ("xtnd-hsm-stats"). One job at a time owns a drive (Tracked.busy); a trigger
 arriving meanwhile is remembered and handled when that job ends.
 
-An extend: fresh stats for the VM, sizing decision (SPEC §4), request via
+An extend: fresh stats for the VM, sizing decision (mailbox/PROTOCOL.md §4), request via
 the mailbox, refresh of this host's mapping and verification of the new
 size, threshold re-armed on the indexed target, resume if and only if the
 VM is paused because this drive ran out of space (never a VM paused by its

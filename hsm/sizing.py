@@ -1,4 +1,4 @@
-"""How big a thin volume should be, and when to ask for more (SPEC §4).
+"""How big a thin volume should be, and when to ask for more (mailbox/PROTOCOL.md §4).
 
 A qcow2 image on a thin LV grows by `chunk` at a time. The HSM asks for the
 next chunk while `watermark` bytes are still free, early enough that the

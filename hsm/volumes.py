@@ -1,7 +1,7 @@
 """Refreshing a volume on this host after the SPM extended it.
 
 The SPM changes LVM metadata only; every host using the volume must grow
-its own mapping (SPEC §4): `lvchange --refresh` with device-mapper, a new
+its own mapping (mailbox/PROTOCOL.md §4): `lvchange --refresh` with device-mapper, a new
 loop size limit without it (xtnd.lvm.activation); the LV's new size and
 segments are read through the HSM's LVM shell (one lvs of a few ms, not a
 new process). The size that counts is

@@ -3,7 +3,7 @@
 One thread ("mailbox-hsm") owns this host's inbox block and reads this
 host's outbox block. Callers only touch the request queue, under a lock.
 
-Slot handshake (SPEC §2), per request:
+Slot handshake (mailbox/PROTOCOL.md §2), per request:
 
     QUEUED   waiting for one of the 63 slots
     SENT     request written to slot i (then an event block); waiting for

@@ -1,6 +1,6 @@
 """Block storage domains: one LVM VG per domain, named by its UUID.
 
-Layout (SPEC §3): special LVs ids, leases, inbox, outbox; volumes are LVs
+Layout (mailbox/PROTOCOL.md §3): special LVs ids, leases, inbox, outbox; volumes are LVs
 named by the volume UUID. Domain metadata is kept in VG tags and volume
 metadata in LV tags (constants.TAG_*), so one ``vgs``/``lvs`` answers every
 question and no separate metadata area can disagree with LVM.

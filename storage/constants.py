@@ -1,4 +1,4 @@
-"""Storage domain layout and sizing constants (SPEC §3, §4), in one place."""
+"""Storage domain layout and sizing constants (mailbox/PROTOCOL.md §3, §4), in one place."""
 
 from __future__ import annotations
 
@@ -49,7 +49,7 @@ DEFAULT_EXTENT_SIZE = 128 * MiB
 METADATA_SIZE = 128 * MiB
 METADATA_COPIES = 2
 
-# Thin qcow2 volumes start at one chunk (SPEC §4, vdsm default chunk_mb).
+# Thin qcow2 volumes start at one chunk (mailbox/PROTOCOL.md §4, vdsm default chunk_mb).
 DEFAULT_CHUNK = 2560 * MiB
 # Room for qcow2 metadata on top of the virtual size.
 QCOW2_OVERHEAD_PERCENT = 10

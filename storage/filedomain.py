@@ -10,7 +10,7 @@ Layout, under ROOT/<domain uuid>/:
     volumes/<uuid>.meta      json: capacity, format, image
 
 File volumes grow by themselves: extend_volume() succeeds without doing
-anything (SPEC §3) and there is nothing to activate.
+anything (mailbox/PROTOCOL.md §3) and there is nothing to activate.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 vdsm has no way to see what its mailbox holds; this tool decodes live inbox
 and outbox devices (read only, O_DIRECT) or copies of them, and tells for
-every slot index where its extend handshake stands (SPEC §2). Malformed
+every slot index where its extend handshake stands (mailbox/PROTOCOL.md §2). Malformed
 bytes never make it fail: they are shown, in hex, with the reason.
 
     xtnd mailbox dump --inbox PATH --outbox PATH [--host N]... [--busy] [--max-hosts N] [--json]

@@ -2,7 +2,7 @@
 
 Pure logic for the inspection tool: no I/O. A slot index of a host is a
 conversation between the host's inbox slot (written by the HSM) and the
-outbox slot of the same index (written by the SPM). SPEC §2 walks it
+outbox slot of the same index (written by the SPM). mailbox/PROTOCOL.md §2 walks it
 through six steps; looking at both slots at one instant tells which step
 the conversation has reached:
 

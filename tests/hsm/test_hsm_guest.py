@@ -282,7 +282,8 @@ def test_vg_full_resumes_when_space_added(
         if add_space == "vgextend" and pool.domain.runner.driverloaded is False:
             pytest.skip(
                 "without device-mapper LVs are mapped by loop devices, which cannot map the two-segment LV "
-                "that lvextend makes on a new PV (TESTBED.md); pvresize of a grown LUN covers this host"
+                "that lvextend makes on a new PV (tests/README.md, LVM without device-mapper); "
+                "pvresize of a grown LUN covers this host"
             )
         disk = pool.thin_volume(initial=16 * MiB)
         with hsmrig.spm_daemon(pool, spm_host), running(pool.config(chunk_mb=16), libvirt_events) as r:

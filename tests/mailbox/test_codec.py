@@ -1,4 +1,4 @@
-"""Wire format: SPEC §2 vectors, round trips, and fuzzing of every decoder."""
+"""Wire format: mailbox/PROTOCOL.md §2 vectors, round trips, and fuzzing of every decoder."""
 
 from __future__ import annotations
 

@@ -5,7 +5,7 @@ older versions writes no event block, so the SPM only finds its requests
 by the periodic full scan; its SPM writes the clean echo on every scan
 that sees a clean message (not only when it is new), answers with a
 regenerated message rather than an echo of the bytes, and scans on a
-timer. The emulations below follow that behaviour, written from SPEC §2.
+timer. The emulations below follow that behaviour, written from mailbox/PROTOCOL.md §2.
 """
 
 from __future__ import annotations

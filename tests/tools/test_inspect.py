@@ -20,7 +20,7 @@ VOLUME = uuid.UUID("d772f1c6-3ebb-43c3-a42e-73fcd8255a5f")
 OTHER = uuid.UUID("6b1e2a47-31f4-4d0e-9a8b-2c4f5e6d7a80")
 EVENT = uuid.UUID("0f0e0d0c-0b0a-4908-8706-050403020100")
 
-# SPEC §2 test vector: the bytes a vdsm HSM writes for domain DOMAIN,
+# mailbox/PROTOCOL.md §2 test vector: the bytes a vdsm HSM writes for domain DOMAIN,
 # volume VOLUME, 2560 MiB.
 VDSM_REQUEST = bytes.fromhex(
     "3178746e64e15ffe65548a18b3e04a54e55ec8db8a5f5a25d8fc732ea4c343bb"
