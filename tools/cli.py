@@ -19,6 +19,7 @@ import sys
 MAILBOX_COMMANDS = [
     "xtnd.tools.inspect",
     "xtnd.tools.mailbox_bench",
+    "xtnd.tools.mailbox_demo",
 ]
 
 # Top-level subcommands ("xtnd demo", "xtnd spm", ...).

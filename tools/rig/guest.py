@@ -182,11 +182,13 @@ class Workload:
     offset_mb: int = 0
     verify: bool = True
     hold: bool = False  # stay up when done (XTND-HOLD) until the test stops it
+    seconds: int = 0  # stop writing after this long, even before write_mb (0: no limit)
 
     def cmdline(self) -> str:
         return (
             f"xtnd.write_mb={self.write_mb} xtnd.chunk_mb={self.chunk_mb} xtnd.rate={self.rate} "
             f"xtnd.offset_mb={self.offset_mb} xtnd.verify={int(self.verify)} xtnd.hold={int(self.hold)}"
+            f" xtnd.seconds={self.seconds}"
         )
 
 
@@ -213,7 +215,11 @@ def domain_xml(
     ET.SubElement(os_, "kernel").text = rig.kernel
     ET.SubElement(os_, "initrd").text = rig.initrd
     # panic=-1 and on_reboot=destroy: a crashing guest ends instead of looping.
-    ET.SubElement(os_, "cmdline").text = f"console=ttyS0 panic=-1 loglevel=4 {workload.cmdline()}"
+    # no_timer_check: on a loaded host TCG runs so slowly that the kernel's
+    # IO-APIC timer check fails and it panics at boot ("IO-APIC + timer
+    # doesn't work").
+    cmdline = f"console=ttyS0 panic=-1 loglevel=4 no_timer_check {workload.cmdline()}"
+    ET.SubElement(os_, "cmdline").text = cmdline
     features = ET.SubElement(dom, "features")
     ET.SubElement(features, "acpi")
     for event in ("on_poweroff", "on_reboot", "on_crash"):
@@ -340,9 +346,10 @@ def guest(
     workload: Workload,
     workdir: str,
     memory_mib: int = 96,
+    prefix: str = DOMAIN_PREFIX,
 ) -> Iterator[Guest]:
     """A defined (not started) guest, removed on exit."""
-    g = Guest.define(conn, rig, disk_path, workload, workdir, memory_mib)
+    g = Guest.define(conn, rig, disk_path, workload, workdir, memory_mib, prefix)
     try:
         yield g
     finally:

@@ -8,6 +8,9 @@
 #   xtnd.write_mb=N    MiB to write (default 64)
 #   xtnd.chunk_mb=N    MiB per dd write/verify unit (default 1)
 #   xtnd.rate=N        limit writing to about N MiB/s (default 0: no limit)
+#   xtnd.seconds=N     stop writing after about N seconds, even before
+#                      write_mb (default 0: no limit); what was written is
+#                      verified
 #   xtnd.offset_mb=N   start writing at this offset of /dev/vda (default 0)
 #   xtnd.verify=0|1    read back and check (default 1)
 #   xtnd.hold=0|1      stay up when done instead of powering off (default 0);
@@ -40,6 +43,7 @@ rate=0
 offset_mb=0
 verify=1
 hold=0
+seconds=0
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
     xtnd.write_mb=*) write_mb=${arg#*=} ;;
@@ -48,6 +52,7 @@ for arg in $(cat /proc/cmdline); do
     xtnd.offset_mb=*) offset_mb=${arg#*=} ;;
     xtnd.verify=*) verify=${arg#*=} ;;
     xtnd.hold=*) hold=${arg#*=} ;;
+    xtnd.seconds=*) seconds=${arg#*=} ;;
     esac
 done
 
@@ -80,10 +85,14 @@ make_chunk() {
     yes "$(printf 'xtnd-mb-%012d-%09d' "$1" "$chunk_mb")" | head -c $chunk_bytes
 }
 
-echo "XTND-START write_mb=$write_mb chunk_mb=$chunk_mb rate=$rate offset_mb=$offset_mb"
+echo "XTND-START write_mb=$write_mb chunk_mb=$chunk_mb rate=$rate offset_mb=$offset_mb seconds=$seconds"
 : >/tmp/sums
+started=$(date +%s)
 i=0
 while [ $i -lt $nchunks ]; do
+    if [ "$seconds" -gt 0 ] && [ $(($(date +%s) - started)) -ge "$seconds" ]; then
+        break
+    fi
     mb=$((offset_mb + i * chunk_mb))
     make_chunk $mb >/tmp/chunk
     sum=$(md5sum </tmp/chunk)
@@ -98,7 +107,7 @@ while [ $i -lt $nchunks ]; do
     [ $delay_us -gt 0 ] && usleep $delay_us
 done
 rm -f /tmp/chunk
-echo "XTND-WRITE-DONE mb=$((nchunks * chunk_mb))"
+echo "XTND-WRITE-DONE mb=$((i * chunk_mb))"
 
 if [ "$verify" = 1 ]; then
     i=0
