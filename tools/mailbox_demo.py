@@ -80,5 +80,3 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p.add_argument("--rate", type=float, default=5.0, help="requests per second per host")
     p.add_argument("--storage", choices=["file", "loop"], default="loop", help="mailbox storage")
     p.set_defaults(func=_cmd_demo)
-
-
