@@ -154,6 +154,11 @@ class HSM:
             return False, f"the stats loop has not gone round for {age:.0f}s"
         return True, ""
 
+    @property
+    def mailbox_files(self) -> tuple[DirectFile, DirectFile]:
+        """Inbox and outbox (their I/O counters, for benchmarks)."""
+        return self._inbox, self._outbox
+
     def stop(self) -> None:
         log.info("hsm stopping")
         # Jobs end before the connection they use closes: no new ones, then

@@ -46,8 +46,8 @@ from xtnd.hsm.metrics import ExtendRecord
 
 MiB = 1024**2
 GiB = 1024**3
-TARGET_THRESHOLD_MS = 200
-TARGET_ENOSPC_MS = 500
+TARGET_THRESHOLD_MS = 40
+TARGET_ENOSPC_MS = 50
 
 log = logging.getLogger("xtnd.hsm.bench")
 
@@ -146,7 +146,7 @@ class Bench:
 
     def run_guest(
         self, pool: Any, chunk_mb: int, utilization: int, workload: Any, initial_mb: int
-    ) -> tuple[list[ExtendRecord], str, float]:
+    ) -> tuple[list[ExtendRecord], str, float, dict[str, Any]]:
         """One guest on a fresh volume under a fresh HSM; records, name, write seconds."""
         from xtnd.hsm.daemon import HSM
 
@@ -159,6 +159,7 @@ class Bench:
 
         disk = pool.thin_volume(initial=initial_mb * MiB)
         config = pool.config(chunk_mb=chunk_mb, utilization_percent=utilization)
+        config.lvm.shell = self.args.lvm == "shell"
         hsm = HSM(config, event_loop=self.events, on_extend=on_extend)
         hsm.start()
         try:
@@ -173,8 +174,9 @@ class Bench:
                 name = g.name
         finally:
             hsm.stop()
+            costs = _costs(hsm, pool.uuid, len(records))
             self._remove(pool, disk)
-        return records, name, elapsed
+        return records, name, elapsed, costs
 
     def _remove(self, pool: Any, link: str) -> None:
         """Free the volume so the next one is again the VG's last LV (one segment)."""
@@ -190,7 +192,7 @@ class Bench:
         chunk = 8
         self.say(f"threshold: chunk {chunk} MiB, guest writing {chunk * n} MiB at 4 MiB/s")
         workload = self.guest.Workload(write_mb=chunk * n, rate=4, verify=False)
-        records, name, _ = self.run_guest(pool, chunk, 20, workload, initial_mb=chunk)
+        records, name, _, costs = self.run_guest(pool, chunk, 20, workload, initial_mb=chunk)
         crossed = [r for r in records if r.trigger == "threshold"]
         refreshed = [r.t_refreshed - r.t_event for r in crossed]
         return {
@@ -199,6 +201,7 @@ class Bench:
             "paused": self.lifecycle.count(name),
             "refreshed_ms": _summary(refreshed),
             "phases_ms": _phases(crossed),
+            "per_extend": costs,
             "target_p50_ms": TARGET_THRESHOLD_MS,
         }
 
@@ -207,7 +210,7 @@ class Bench:
         chunk = 4
         self.say(f"enospc: chunk {chunk} MiB with no headroom, guest writing {chunk * n} MiB")
         workload = self.guest.Workload(write_mb=chunk * n, verify=True)
-        records, name, _ = self.run_guest(pool, chunk, 100, workload, initial_mb=chunk)
+        records, name, _, costs = self.run_guest(pool, chunk, 100, workload, initial_mb=chunk)
         resumed = [r for r in records if r.resumed]
         return {
             "chunk_mb": chunk,
@@ -216,6 +219,7 @@ class Bench:
             "running_again_ms": _summary([r.total for r in resumed]),
             "phases_ms": _phases(resumed),
             "libvirt_pause_ms": _summary(self.lifecycle.pauses.get(name, [])),
+            "per_extend": costs,
             "target_p50_ms": TARGET_ENOSPC_MS,
         }
 
@@ -227,7 +231,7 @@ class Bench:
             write_mb = max(12, chunk * 6)
             self.say(f"rate: chunk {chunk} MiB, guest writing {write_mb} MiB at {rate or 'max'} MiB/s")
             workload = self.guest.Workload(write_mb=write_mb, rate=rate, verify=False)
-            records, name, elapsed = self.run_guest(pool, chunk, self.args.rate_utilization, workload, initial_mb=4)
+            records, name, elapsed, _ = self.run_guest(pool, chunk, self.args.rate_utilization, workload, initial_mb=4)
             paused = self.lifecycle.count(name)
             achieved = write_mb / elapsed if elapsed > 0 else 0.0
             tried.append(
@@ -253,7 +257,7 @@ def _run(args: argparse.Namespace) -> int:
             print(msg, flush=True)
 
     os.makedirs("/var/tmp/xtnd-bench", exist_ok=True)
-    result: dict[str, Any] = {"spm": args.spm}
+    result: dict[str, Any] = {"spm": args.spm, "lvm": args.lvm, "load_before": _loadavg()}
     with tempfile.TemporaryDirectory(dir="/var/tmp/xtnd-bench") as workdir:
         os.chmod(workdir, 0o755)  # QEMU runs as another user: it opens the volume links in here
         bench = Bench(args, workdir, say)
@@ -266,6 +270,7 @@ def _run(args: argparse.Namespace) -> int:
                     result["rate"] = bench.rate(pool)
                 result["estimate"] = _estimate(result, args)
                 result["duration_s"] = round(time.monotonic() - started, 1)
+                result["load_after"] = _loadavg()
         finally:
             bench.close()
     if args.json:
@@ -274,6 +279,30 @@ def _run(args: argparse.Namespace) -> int:
     else:
         _print(result)
     return 0
+
+
+def _loadavg() -> list[float]:
+    with open("/proc/loadavg") as f:
+        return [float(x) for x in f.read().split()[:3]]
+
+
+def _costs(hsm: Any, domain: Any, extends: int) -> dict[str, Any]:
+    """The HSM's side of one extend against the floor: LVM commands (count
+    and mean cost, from the runner's history) and mailbox O_DIRECT I/Os."""
+    n = max(extends, 1)
+    runner = hsm.volumes.domain(domain).runner
+    counts = runner.history.counts()
+    durations: dict[str, list[float]] = {}
+    for r in runner.history.records():
+        durations.setdefault(r.argv[1], []).append(r.duration)
+    inbox, outbox = hsm.mailbox_files
+    return {
+        "lvm_commands": {k: round(v / n, 2) for k, v in sorted(counts.items())},
+        "lvm_mean_ms": {k: round(1000 * sum(v) / len(v), 2) for k, v in sorted(durations.items())},
+        "lvm_through": "shell" if runner.shell is not None else "processes",
+        "mailbox_reads": round(inbox.counters.reads / n + outbox.counters.reads / n, 2),
+        "mailbox_writes": round(inbox.counters.writes / n + outbox.counters.writes / n, 2),
+    }
 
 
 def _estimate(result: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -308,11 +337,13 @@ def _print(result: dict[str, Any]) -> None:
     print(_line("refreshed", t["refreshed_ms"]))
     for phase in ("wait", "extend", "refresh"):
         print(_line(phase, t["phases_ms"][phase]))
+    print(_floor(t["per_extend"]))
     print(f"\nENOSPC pause -> running again (ms), chunk {e['chunk_mb']} MiB, {e['resumed']} resumes:")
     print(_line("running again", e["running_again_ms"]))
     for phase in ("wait", "extend", "refresh", "resume"):
         print(_line(phase, e["phases_ms"][phase]))
     print(_line("libvirt pause", e["libvirt_pause_ms"]))
+    print(_floor(e["per_extend"]))
     if "rate" in result:
         r = result["rate"]
         print(f"\nguest write rate vs pauses, chunk {r['chunk_mb']} MiB at {r['utilization_percent']}% utilization:")
@@ -327,7 +358,18 @@ def _print(result: dict[str, Any]) -> None:
             f"  estimate at chunk {est['chunk_mb']} MiB, {est['utilization_percent']}%: "
             f"{est['max_rate_mbs']} MiB/s (headroom / p99 latency)"
         )
-    print(f"\n{result['duration_s']} s (SPM: {result['spm']})")
+    print(
+        f"\n{result['duration_s']} s (SPM: {result['spm']}, HSM LVM: {result['lvm']}, "
+        f"load {result['load_before']} -> {result['load_after']})"
+    )
+
+
+def _floor(c: dict[str, Any]) -> str:
+    cmds = ", ".join(f"{k} {v} x {c['lvm_mean_ms'].get(k, 0)} ms" for k, v in c["lvm_commands"].items())
+    return (
+        f"  per extend on the HSM: LVM ({c['lvm_through']}) {cmds or 'none'}; "
+        f"mailbox O_DIRECT {c['mailbox_reads']} reads, {c['mailbox_writes']} writes"
+    )
 
 
 def _rates(text: str) -> list[int]:
@@ -347,4 +389,7 @@ def register(sub: Any) -> None:
         "--rate-utilization", type=int, default=20, help="utilization_percent of the rate search (default 20)"
     )
     p.add_argument("--spm", choices=["daemon", "inprocess"], default="daemon", help="the SPM serving extends")
+    p.add_argument(
+        "--lvm", choices=["shell", "process"], default="shell", help="the HSM's LVM: [lvm] shell true or false"
+    )
     p.set_defaults(func=_run)
