@@ -13,6 +13,7 @@ from collections.abc import Iterator
 import pytest
 from xtnd import storage
 from xtnd.mailbox import codec, directio
+from xtnd.mailbox.hsm import HSMMailbox
 from xtnd.mailbox.spm import SPMConfig, SPMMailbox
 from xtnd.storage import constants as c
 from xtnd.tools import domain_cli
@@ -86,7 +87,20 @@ def test_block_domain_for_2000_hosts(pv4k: str, workdir: str) -> None:
 def test_file_domain_for_2000_hosts(workdir: str) -> None:
     domain = storage.create_file_domain(uuid.uuid4(), os.path.join(workdir, "sd"), master=True, max_hosts=HOSTS)
     assert domain.info().max_hosts == HOSTS
-    serve_first_and_last(domain.mailbox())
+    location = domain.mailbox()
+    serve_first_and_last(location)
+    # The daemons' classes with their threads: host 2000's HSM is served.
+    spm = SPMMailbox(directio.DirectFile(location.inbox), directio.DirectFile(location.outbox), HOSTS,
+                     SPMConfig(workers=2))
+    spm.register(codec.EXTEND_OPCODE, lambda req: req.message.size_mb + 1)
+    hsm = HSMMailbox(directio.DirectFile(location.inbox), directio.DirectFile(location.outbox), HOSTS)
+    spm.start()
+    hsm.start()
+    try:
+        assert hsm.submit(uuid.uuid4(), uuid.uuid4(), 1024 * MiB).result(timeout=30) == 1025 * MiB
+    finally:
+        hsm.stop()
+        spm.stop()
 
 
 def test_more_than_2000_hosts_refused(workdir: str) -> None:
