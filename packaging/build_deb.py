@@ -43,7 +43,7 @@ EXTRA_DEPENDS = [
     "sanlock",
     "qemu-utils",
 ]
-RECOMMENDS = ["python3-matplotlib", "libvirt-daemon-system"]
+RECOMMENDS = ["python3-matplotlib", "libvirt-daemon-system", "python3-numpy"]
 ENTRY = """#!/usr/bin/python3
 # xtnd command line (Debian package); the code is in the xtnd.* modules.
 import sys

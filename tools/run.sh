@@ -24,6 +24,8 @@ APT_PACKAGES=(
     linux-image-cloud-amd64
     python3-venv python3-dev gcc util-linux kmod
     python3-prometheus-client python3-matplotlib systemd
+    # The SPM sums inbox block checksums with it when 2000 hosts write at once.
+    python3-numpy
     # The Debian package's dependencies (its test installs it with apt),
     # and what builds and checks it.
     python3-construct python3-libvirt python3-rich
