@@ -92,17 +92,27 @@ def generated(what: str, *args: str) -> str:
     return subprocess.run(cmd, check=True, capture_output=True, text=True, cwd="/").stdout
 
 
+def package_data() -> dict[str, list[str]]:
+    """pyproject's [tool.setuptools.package-data]: package -> file names."""
+    with open(os.path.join(REPO, "pyproject.toml"), "rb") as f:
+        tool = tomllib.load(f)["tool"]["setuptools"]
+    return dict(tool.get("package-data", {}))
+
+
 def layout(root: str, version: str, proj: dict[str, object]) -> list[str]:
     """Fill root with the package's files; return the conffiles."""
     site = os.path.join(root, "usr/lib/python3/dist-packages")
+    data = package_data()
     for area in AREAS:
         for dirpath, dirnames, filenames in os.walk(os.path.join(REPO, area)):
             dirnames[:] = [d for d in dirnames if d != "__pycache__"]
             rel = os.path.relpath(dirpath, REPO)
+            package = "xtnd." + rel.replace("/", ".")
             for name in filenames:
-                if not name.endswith((".pyc", ".pyo")):  # modules and package data (tools/rig)
+                if name.endswith(".py") or name in data.get(package, []):
                     mode = 0o755 if name.endswith(".sh") else 0o644
                     copy(os.path.join(dirpath, name), os.path.join(site, "xtnd", rel, name), mode)
+    copy(os.path.join(HERE, "debian", "lintian-overrides"), os.path.join(root, "usr/share/lintian/overrides/xtnd"))
     meta = email.message.Message()
     meta["Metadata-Version"] = "2.1"
     meta["Name"] = "xtnd"

@@ -98,9 +98,10 @@ def test_contents(deb: str) -> None:
         "./usr/share/man/man1/xtnd.1.gz",
         "./usr/share/bash-completion/completions/xtnd",
         "./usr/share/xtnd/grafana/xtnd-dashboard.json",
+        "./usr/lib/python3/dist-packages/xtnd/tools/rig/guest_init.sh",  # package data (xtnd hsm bench)
     ):
         assert f" {path}\n" in listing or listing.endswith(f" {path}"), path
-    assert "__pycache__" not in listing and "/tests/" not in listing
+    assert "__pycache__" not in listing and "/tests/" not in listing and "tools/run.sh" not in listing
     depends = [d.strip() for d in field(deb, "Depends").split(",")]
     for pkg in ("python3-construct", "python3-libvirt", "python3-sanlock", "python3-rich",
                 "python3-prometheus-client", "lvm2", "sanlock", "qemu-utils"):  # fmt: skip
