@@ -20,13 +20,17 @@ CHUNK = 16 * MiB
 
 @pytest.fixture
 def domain(pvs: list[str]) -> storage.BlockDomain:
-    return storage.create_block_domain(uuid.uuid4(), pvs[:1], master=True, max_hosts=10, extent_size=EXTENT)
+    return storage.create_block_domain(
+        uuid.uuid4(), pvs[:1], master=True, max_hosts=10, extent_size=EXTENT, activation="loop"
+    )
 
 
 def test_create_two_pvs_progress(pvs: list[str]) -> None:
     lines: list[str] = []
     sd = uuid.uuid4()
-    domain = storage.create_block_domain(sd, pvs, master=False, extent_size=EXTENT, progress=lines.append)
+    domain = storage.create_block_domain(
+        sd, pvs, master=False, extent_size=EXTENT, progress=lines.append, activation="loop"
+    )
     assert any("sanlock lockspace" in line for line in lines)
     assert lines[-1] == f"domain {sd} created"
     info = domain.info()
@@ -45,17 +49,17 @@ def test_create_two_pvs_progress(pvs: list[str]) -> None:
 
 def test_create_exists(domain: storage.BlockDomain, pvs: list[str]) -> None:
     with pytest.raises(storage.DomainExists):
-        storage.create_block_domain(domain.uuid, pvs[:1], extent_size=EXTENT)
+        storage.create_block_domain(domain.uuid, pvs[:1], extent_size=EXTENT, activation="loop")
 
 
 def test_open(domain: storage.BlockDomain, pvs: list[str]) -> None:
-    opened = storage.open_domain(domain.uuid, pvs=pvs[:1])
+    opened = storage.open_domain(domain.uuid, pvs=pvs[:1], activation="loop")
     info = opened.info()
     assert info.master
     assert info.max_hosts == 10
     assert info.spm_lease_offset == MiB
     with pytest.raises(storage.DomainNotFound):
-        storage.open_domain(uuid.uuid4(), pvs=pvs[:1])
+        storage.open_domain(uuid.uuid4(), pvs=pvs[:1], activation="loop")
 
 
 def test_sanlock_areas(domain: storage.BlockDomain) -> None:
@@ -77,7 +81,7 @@ def test_sanlock_areas(domain: storage.BlockDomain) -> None:
 def test_io_timeout(pvs: list[str]) -> None:
     lines: list[str] = []
     domain = storage.create_block_domain(
-        uuid.uuid4(), pvs[:1], master=True, extent_size=EXTENT, io_timeout=3, progress=lines.append
+        uuid.uuid4(), pvs[:1], master=True, extent_size=EXTENT, io_timeout=3, progress=lines.append, activation="loop"
     )
     assert any("io_timeout 3 s" in line for line in lines)
     info = domain.info()
@@ -97,7 +101,7 @@ def test_default_io_timeout(domain: storage.BlockDomain) -> None:
 def test_bad_io_timeout_touches_nothing(pvs: list[str]) -> None:
     sd = uuid.uuid4()
     with pytest.raises(storage.InvalidArgument, match="io_timeout"):
-        storage.create_block_domain(sd, pvs[:1], extent_size=EXTENT, io_timeout=0)
+        storage.create_block_domain(sd, pvs[:1], extent_size=EXTENT, io_timeout=0, activation="loop")
     assert str(sd) not in lvm.vgs(lvm.Runner(pvs[:1]))
 
 
@@ -106,7 +110,7 @@ def test_spm_lease_leader(domain: storage.BlockDomain, pvs: list[str]) -> None:
     assert leader is not None
     assert (leader.lockspace, leader.resource, leader.owner_id, leader.held) == (str(domain.uuid), "SDM", 0, False)
     assert domain.info().special[c.LEASES] is None, "read through the PV, nothing activated"
-    other = storage.create_block_domain(uuid.uuid4(), pvs[1:], master=False, extent_size=EXTENT)
+    other = storage.create_block_domain(uuid.uuid4(), pvs[1:], master=False, extent_size=EXTENT, activation="loop")
     assert other.spm_lease_leader() is None, "not a master domain"
 
 
@@ -213,7 +217,7 @@ def test_failed_create_removes_vg(pvs: list[str]) -> None:
     # impossible extent size instead to fail half way (special LVs).
     sd = uuid.uuid4()
     with pytest.raises(lvm.LVMError):
-        storage.create_block_domain(sd, pvs[:1], extent_size=256 * MiB)
+        storage.create_block_domain(sd, pvs[:1], extent_size=256 * MiB, activation="loop")
     assert str(sd) not in lvm.vgs(lvm.Runner(pvs[:1]))
     assert not os.path.exists(f"/dev/{sd}")
 
@@ -293,7 +297,7 @@ def test_remove_stops_at_lost_fence(domain: storage.BlockDomain) -> None:
 
 
 def test_metadata_areas_and_no_autoactivation(pvs: list[str]) -> None:
-    domain = storage.create_block_domain(uuid.uuid4(), pvs, extent_size=EXTENT)
+    domain = storage.create_block_domain(uuid.uuid4(), pvs, extent_size=EXTENT, activation="loop")
     vg = lvm.vg_info(domain.runner, domain.vg)
     # No host maps the shared LVs at boot or when the PVs show up.
     assert not vg.autoactivation
@@ -348,12 +352,12 @@ def _lvcreate_batch(runner: lvm.Runner, vg: str, names: list[str], tags: tuple[s
 
 @pytest.mark.soak
 @pytest.mark.timeout(3600)
-def test_metadata_beyond_old_default(workdir: str, loop_only: None) -> None:
+def test_metadata_beyond_old_default(workdir: str, loop_mode: None) -> None:
     """More volumes than LVM's old 1 MiB metadata area can describe: the
     domain keeps working (create, extend, remove, activate)."""
     pv = loops.losetup(loops.make_file(os.path.join(workdir, "bigpv"), 8 * 1024**3))
     try:
-        domain = storage.create_block_domain(uuid.uuid4(), [pv], extent_size=MiB)
+        domain = storage.create_block_domain(uuid.uuid4(), [pv], extent_size=MiB, activation="loop")
         tags = (c.TAG_VOLUME, f"{c.TAG_CAPACITY}{100 * MiB}", f"{c.TAG_FORMAT}qcow2")
         created = 0
         # LVM reports free metadata space, not the text size: count growth.

@@ -32,7 +32,7 @@ def xtnd(*argv: str) -> int:
 
 
 @pytest.fixture
-def pv4k(workdir: str, loop_only: None) -> Iterator[str]:
+def pv4k(workdir: str, loop_mode: None) -> Iterator[str]:
     path = loops.make_file(os.path.join(workdir, "pv4k"), loops.PV_SIZE)
     device = loops.losetup(path, 4096)
     try:
@@ -63,10 +63,27 @@ def serve_first_and_last(location: storage.MailboxLocation) -> None:
 
 def test_block_domain_for_2000_hosts(pv4k: str, workdir: str) -> None:
     sd = str(uuid.uuid4())
-    cfg = ["--storage-config", os.path.join(workdir, "storage.json")]
-    assert xtnd("domain", "create", "--uuid", sd, "--pv", pv4k, "--master", "--max-hosts", str(HOSTS),
-                "--extent-size", "4M", *cfg) == 0
-    domain = storage.open_domain(uuid.UUID(sd), pvs=[pv4k])
+    config = storage.HostConfig(os.path.join(workdir, "storage.json"), activation="loop")
+    config.save()  # loop activation on any kernel
+    cfg = ["--storage-config", config.path]
+    assert (
+        xtnd(
+            "domain",
+            "create",
+            "--uuid",
+            sd,
+            "--pv",
+            pv4k,
+            "--master",
+            "--max-hosts",
+            str(HOSTS),
+            "--extent-size",
+            "4M",
+            *cfg,
+        )
+        == 0
+    )
+    domain = storage.open_domain(uuid.UUID(sd), pvs=[pv4k], activation="loop")
     try:
         info = domain.info()
         assert info.max_hosts == HOSTS

@@ -47,7 +47,13 @@ class Pool:
         self.workdir = workdir
         self.pvs = pvs
         self.domain = storage.create_block_domain(
-            uuidlib.uuid4(), pvs, master=True, max_hosts=max_hosts, extent_size=EXTENT, io_timeout=IO_TIMEOUT
+            uuidlib.uuid4(),
+            pvs,
+            master=True,
+            max_hosts=max_hosts,
+            extent_size=EXTENT,
+            io_timeout=IO_TIMEOUT,
+            activation="loop",
         )
         self.uuid = self.domain.uuid
         self.storage_config = os.path.join(workdir, "storage.json")
