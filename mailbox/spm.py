@@ -29,7 +29,6 @@ failover (safe: extends name absolute sizes).
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import queue
 import threading
@@ -43,52 +42,11 @@ from . import codec
 from .directio import Storage, StorageError
 from .inbox import InboxView, Reader
 from .outbox import OutboxImage
+from .spmtypes import Handler, NoReply, Request, SPMConfig
+
+__all__ = ["Handler", "NoReply", "Request", "SPMConfig", "SPMMailbox"]
 
 log = logging.getLogger("xtnd.mailbox.spm")
-
-
-class NoReply(Exception):
-    """Raised by a handler to leave a request unanswered: no reply is
-    written and the next SPM serves the request (e.g. while stopping)."""
-
-
-@dataclasses.dataclass
-class SPMConfig:
-    # How often the event block is read while mail is flowing (seconds).
-    event_interval: float = 0.002
-    # How often it is read when idle: bounds idle CPU and storage load
-    # (1 / idle_event_interval reads per second) and the extra latency of
-    # the first request after a quiet period.
-    idle_event_interval: float = 0.025
-    # Seconds after the last mail during which the SPM polls fast.
-    active_window: float = 3.0
-    # Full inbox scan even without a new event (seconds).
-    scan_interval: float = 2.0
-    # Worker threads running request handlers. 0 runs them inline in step()
-    # (for tests that drive the SPM step by step without threads).
-    workers: int = 8
-    # Blocks per inbox read: 512 (2 MiB) reads a 2000-host inbox in 4 reads,
-    # overlapped with the scan (see inbox.py); 250 hosts in one.
-    scan_chunk: int = 512
-    # Delay between retries after a storage error (seconds).
-    error_backoff: float = 1.0
-    # Minimum seconds between repeated log lines about the same bad input.
-    log_interval: float = 60.0
-
-
-@dataclasses.dataclass(frozen=True)
-class Request:
-    """A new request found in the inbox."""
-
-    host_id: int
-    slot: int
-    message: codec.Extend
-    raw: bytes
-    received: float
-
-
-# A handler returns the granted size in MiB; raising means failure (size 0).
-Handler = Callable[[Request], int]
 
 
 class SPMMailbox:
@@ -342,10 +300,17 @@ class SPMMailbox:
             self._batch.append(req)
 
     def _dispatch_batch(self) -> None:
-        """Hand the requests a scan found to the workers, counted at once."""
+        """Hand the requests a scan found to the workers, counted at once.
+
+        A scan that quiesce() overtook hands in nothing: those requests are
+        left to the next SPM, like the queued ones quiesce() drops.
+        """
         batch, self._batch = self._batch, []
         if batch:
             with self._lock:
+                if not self._intake:
+                    log.info("SPM mailbox takes no new requests dropped_found=%d", len(batch))
+                    return
                 self._active += len(batch)
             for req in batch:
                 self._work.put(req)

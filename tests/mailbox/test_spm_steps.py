@@ -173,3 +173,23 @@ def test_storage_error_does_not_kill(rig: Rig) -> None:
     rig.write_host(1, [request()])
     rig.spm.step()
     assert len(rig.calls) == 1
+
+
+def test_scan_overtaken_by_quiesce_hands_in_nothing() -> None:
+    """Requests a scan found after quiesce() are left for the next SPM."""
+    inbox, outbox = directio.MemoryStorage(AREA, "inbox"), directio.MemoryStorage(AREA, "outbox")
+    spm = SPMMailbox(inbox, outbox, MAX_HOSTS, SPMConfig(workers=1))
+    spm.register(codec.EXTEND_OPCODE, lambda req: req.message.size_mb)
+    spm.reset()
+    inbox.write(4096, codec.build_block([request()]))
+    inbox.write(0, codec.encode_event())
+    scan = spm._view.scan()
+    found = next(scan)  # the scan is under way...
+    assert len(found) == 1
+    assert spm.quiesce() == 0  # ...when the daemon stops taking requests
+    for host, i, raw in found:
+        spm._dispatch(host, i, raw, 0.0)
+    spm._dispatch_batch()
+    assert spm._work.empty()
+    assert spm._active == 0
+    assert spm.flush(timeout=1.0)  # nothing in flight: a clean stop waits for nothing
