@@ -112,21 +112,24 @@ def _read(path: str) -> str:
         return f.read().strip()
 
 
-def devices() -> list[LoopDevice]:
-    """Attached loop devices, from sysfs (a detached device has no loop/)."""
+def devices(offset: int | None = None) -> list[LoopDevice]:
+    """Attached loop devices, from sysfs (a detached device has no loop/);
+    only those at offset if given (checked first: the cheap test)."""
     found = []
     for sysdir in glob.glob("/sys/block/loop*/loop"):
         name = sysdir.split("/")[3]
         path = f"/dev/{name}"
         try:
+            dev_offset = int(_read(f"{sysdir}/offset"))
+            if offset is not None and dev_offset != offset:
+                continue
             backing_file = _read(f"{sysdir}/backing_file")
-            offset = int(_read(f"{sysdir}/offset"))
             sizelimit = int(_read(f"{sysdir}/sizelimit"))
         except (OSError, ValueError):
             continue  # detached while we looked
         info = _status(path)
         backing_id = _backing_id(info) if info is not None else None
-        found.append(LoopDevice(path, backing_file, offset, sizelimit, backing_id))
+        found.append(LoopDevice(path, backing_file, dev_offset, sizelimit, backing_id))
     return found
 
 
@@ -157,7 +160,7 @@ def find(backing_file: str, offset: int) -> list[LoopDevice]:
     backing = Backing(backing_file)
     if backing.id is None:
         return []
-    return [d for d in devices() if d.offset == offset and backing.under(d)]
+    return [d for d in devices(offset) if backing.under(d)]
 
 
 def logical_block_size(device: str) -> int:
