@@ -835,7 +835,7 @@ def _run(args: argparse.Namespace) -> int:
         for s, handler in old.items():
             signal.signal(s, handler)
     if demo is not None and demo.saved_logs:
-        print(f"xtnd demo: logs of the failed run: {demo.saved_logs}", file=sys.stderr)
+        print(f"xtnd demo: logs of this run: {demo.saved_logs}", file=sys.stderr)
     if error is not None:
         print(f"xtnd demo: {error}", file=sys.stderr)
         if left:
