@@ -54,8 +54,7 @@ from typing import NoReturn
 import sanlock
 from xtnd.common import cmd
 from xtnd.common.ratelimit import RateLimitedLog
-
-from . import sanlockutil
+from xtnd.storage import sanlockutil
 
 log = logging.getLogger("xtnd.spm.lease")
 

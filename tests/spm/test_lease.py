@@ -19,8 +19,7 @@ from collections.abc import Callable, Iterator
 import pytest
 from testlib.lease_agent import AgentError, LeaseAgent
 from xtnd.spm import lease as spm_lease
-from xtnd.spm import sanlockutil
-from xtnd.storage import sanlockdirect
+from xtnd.storage import sanlockdirect, sanlockutil
 from xtnd.tools.rig import loops, sanlockd
 from xtnd.tools.rig.wait import wait_for
 

@@ -1,7 +1,8 @@
 """What the local sanlock daemon knows, from the sanlock command line tool.
 
 (Formatting and reading sanlock areas on storage, which needs no daemon,
-is xtnd.storage.sanlockdirect.)
+is xtnd.storage.sanlockdirect. Used by the SPM lease and by the lockspace
+membership of both daemons.)
 
 - lockspace_status(): what the local daemon knows about the renewal of our
   host id. The Python binding does not expose it: get_hosts() reports our own
