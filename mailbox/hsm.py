@@ -130,6 +130,7 @@ class HSMMailbox:
         self._writing = False  # a write of the block is under way
         self._waker = Waker()  # submit() and stop() wake the mailbox thread
         self._stopping = False
+        self._halted = False  # halt(): the block may be another host's now
         self._thread: threading.Thread | None = None
         self.stats = {"submitted": 0, "joined": 0, "replies": 0, "failures": 0, "reoffers": 0, "errors": 0}
 
@@ -164,6 +165,23 @@ class HSMMailbox:
                 log.error("HSM mailbox thread did not stop in %.1fs", timeout)
                 return
         self._waker.close()
+
+    def halt(self) -> None:
+        """Stop without writing this host's block again, not even to clear
+        it: the host id is no longer ours, so the block may be another
+        host's. Pending requests fail with MailboxStopped; stop() still
+        joins the thread. Does not wait: a write already under way ends.
+        """
+        with self._cond:
+            self._halted = True
+            self._stopping = True
+            self._cond.notify_all()
+        self._waker.wake()
+        log.warning("HSM mailbox halted, no more writes host_id=%d", self.host_id)
+
+    @property
+    def halted(self) -> bool:
+        return self._halted
 
     def submit(self, domain: uuid.UUID, volume: uuid.UUID, size: int) -> Future[int]:
         """Ask the SPM to extend ``volume`` to ``size`` bytes (rounded up to MiB).
@@ -272,7 +290,7 @@ class HSMMailbox:
     def _flush(self) -> bool:
         """Write this host's block and an event if anything changed."""
         with self._cond:
-            if not self._dirty:
+            if not self._dirty or self._halted:
                 return False
             self._dirty = False
             self._writing = True
@@ -399,7 +417,8 @@ class HSMMailbox:
             if not req.future.done():
                 req.future.set_exception(MailboxStopped("mailbox stopped before the reply"))
         try:
-            self._inbox.write(self._offset, codec.EMPTY_BLOCK)
+            if not self._halted:
+                self._inbox.write(self._offset, codec.EMPTY_BLOCK)
         except StorageError as e:
             log.error("cannot clear host block on stop host_id=%d: %s", self.host_id, e)
         with self._cond:

@@ -276,3 +276,24 @@ def test_host_id_checks(file_areas: Areas) -> None:
         HSMMailbox(inbox, outbox, 0)
     with pytest.raises(ValueError):
         HSMMailbox(inbox, outbox, 1000)  # beyond the 1 MiB areas
+
+
+def test_halt_never_writes_the_block_again(cluster: Cluster) -> None:
+    """A host that lost its host id stops writing its block at once, not
+    even to clear it (another host may own it now); pending requests fail."""
+    hsm = cluster.hsm(host_id=3)
+    cluster.handler.release.clear()  # no SPM reply: the request stays pending
+    cluster.spm()
+    pending = hsm.submit(DOMAIN, uuid.uuid4(), GiB)
+    wait_for(lambda: cluster.handler.count() == 1, timeout=10)
+    inbox, _ = cluster.areas.open()
+    block = inbox.read(3 * codec.BLOCK_SIZE, codec.BLOCK_SIZE)
+    assert block != codec.EMPTY_BLOCK
+    hsm.halt()
+    with pytest.raises(MailboxStopped):
+        pending.result(timeout=10)
+    with pytest.raises(MailboxStopped):
+        hsm.submit(DOMAIN, uuid.uuid4(), GiB)
+    hsm.stop()
+    assert not hsm.alive
+    assert inbox.read(3 * codec.BLOCK_SIZE, codec.BLOCK_SIZE) == block, "halted mailbox wrote its block"
