@@ -2,13 +2,22 @@
 
     xtnd hsm --config /etc/xtnd/hsm.conf
 
-Start order: the master domain's mailbox (clears this host's inbox block,
-so requests of a previous run are forgotten; the monitor asks again for
-whatever is still short), the monitor's workers and stats thread, then
-the libvirt connection, whose connected() makes the monitor read every
-running VM. Stop: the monitor takes no new work, the mailbox stops (pending
-requests fail at once, so no worker waits for the SPM; the host block is
-cleared), the workers finish, then the connection and the event loop end.
+Start order: this host's id in the master domain's sanlock lockspace
+(xtnd.storage.lockspace: checked against the domain's max_hosts, joined
+with the io_timeout stored on disk, shared with the host's SPM, refused if
+another live host holds it), then the master domain's mailbox (clears this
+host's inbox block, so requests of a previous run are forgotten; the
+monitor asks again for whatever is still short), the monitor's workers and
+stats thread, then the libvirt connection, whose connected() makes the
+monitor read every running VM. Stop: the monitor takes no new work, the
+mailbox stops (pending requests fail at once, so no worker waits for the
+SPM; the host block is cleared), the workers finish, then the connection
+and the event loop end, and the host id is left (unless the SPM or another
+user of this host still needs it).
+
+If sanlock stops keeping the host id, the mailbox halts at once without
+writing the block again (another host may own it soon) and the daemon
+exits with EXIT_HOST_ID_LOST; systemd starts it again, and it joins anew.
 
 SIGTERM and SIGINT stop the daemon; systemd is told READY=1 once libvirt
 is connected (or after a short wait: a host whose libvirtd is down still
@@ -23,6 +32,7 @@ from __future__ import annotations
 import logging
 import signal
 import threading
+import time
 import uuid as uuidlib
 from collections.abc import Callable
 from types import FrameType
@@ -30,6 +40,7 @@ from typing import Any
 
 from xtnd import lvm
 from xtnd.common import sdnotify
+from xtnd.common.cmd import CommandError
 from xtnd.common.promhttp import MetricsServer
 from xtnd.common.watchdog import Watchdog
 from xtnd.hsm import control
@@ -38,14 +49,21 @@ from xtnd.hsm.libvirtconn import Connection, EventLoop
 from xtnd.hsm.metrics import ExtendRecord, HsmMetrics, Sources
 from xtnd.hsm.monitor import Monitor, MonitorConfig
 from xtnd.hsm.volumes import StorageVolumes
+from xtnd.lvm.errors import ActivationError, LVMError
 from xtnd.mailbox.directio import DirectFile
 from xtnd.mailbox.hsm import HSMMailbox
+from xtnd.storage import StorageError, lockspace
 
 log = logging.getLogger("xtnd.hsm")
 
 # Seconds without a round of the stats loop after which it counts as stuck
 # (at least; 10 x stats_interval when that is longer).
 STUCK_AFTER = 120.0
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_CONFIG = 2  # a refusal that a restart cannot fix (systemd: RestartPreventExitStatus)
+EXIT_HOST_ID_LOST = 3
 
 
 class HSM:
@@ -54,7 +72,11 @@ class HSM:
         config: Config,
         event_loop: EventLoop | None = None,
         on_extend: Callable[[ExtendRecord], None] | None = None,
+        hold_host_id: bool = True,
+        on_host_id_lost: Callable[[lockspace.MembershipLost], None] | None = None,
     ):
+        """hold_host_id=False: run without joining the lockspace (tests and
+        the bench, whose SPM is no sanlock user); a daemon always holds it."""
         config.validate()
         self.config = config
         self.metrics = HsmMetrics(config.host.host_id)
@@ -63,7 +85,12 @@ class HSM:
         self.event_loop = event_loop or EventLoop()
         shell = lvm.LvmShell("hsm-lvm") if config.lvm.shell else None
         self.volumes = StorageVolumes(config.host.storage_config, config.host.run_dir, shell)
-        location = self.volumes.domain(uuidlib.UUID(config.host.master_domain)).mailbox()
+        master = self.volumes.domain(uuidlib.UUID(config.host.master_domain))
+        # Raises MembershipRefused (max_hosts) before anything else is set up.
+        self.membership = lockspace.membership_for(master, config.host.host_id) if hold_host_id else None
+        self._on_host_id_lost = on_host_id_lost
+        self.host_id_watch: lockspace.MembershipWatch | None = None
+        location = master.mailbox()
         self._inbox = DirectFile(location.inbox)
         self._outbox = DirectFile(location.outbox)
         self.mailbox = HSMMailbox(self._inbox, self._outbox, config.host.host_id, config.mailbox_config())
@@ -127,7 +154,12 @@ class HSM:
 
     # Life cycle
 
-    def start(self) -> None:
+    def start(self, cancel: threading.Event | None = None) -> None:
+        """Raises lockspace.MembershipError if the host id cannot be held."""
+        if self.membership is not None:
+            self.membership.join(cancel)
+            self.host_id_watch = lockspace.MembershipWatch(self.membership, self._host_id_lost, name="hsm-host-id")
+            self.host_id_watch.start()
         if self._own_loop:
             self.event_loop.start()
         self.mailbox.start()
@@ -139,11 +171,19 @@ class HSM:
             self.config.thin.chunk_mb, self.config.thin.utilization_percent,
         )  # fmt: skip
 
+    def _host_id_lost(self, error: lockspace.MembershipLost) -> None:
+        self.mailbox.halt()
+        if self._on_host_id_lost is not None:
+            self._on_host_id_lost(error)
+
     def health(self) -> tuple[bool, str]:
         """For the systemd watchdog: do the threads doing the work still run,
         and has the stats loop gone round lately? A pass waits at most
         stats_interval between rounds; a libvirt call in it is bounded by
         libvirt's keepalive and job timeouts (tens of seconds)."""
+        watch = self.host_id_watch
+        if watch is not None and watch.lost is None and not watch.alive:
+            return False, "the host id watch thread is gone"
         if not self.monitor.alive:
             return False, "the monitor's stats thread is gone"
         if not self.mailbox.alive:
@@ -173,32 +213,53 @@ class HSM:
         self._outbox.close()
         if self.volumes.shell is not None:
             self.volumes.shell.close()
+        if self.host_id_watch is not None:
+            self.host_id_watch.stop()
+        if self.membership is not None:
+            self.membership.leave()
         log.info("hsm stopped")
 
 
 def run(config: Config, ready_timeout: float = 10.0) -> int:
     """Run until SIGTERM or SIGINT; the exit code."""
     stop = threading.Event()
+    lost: list[lockspace.MembershipLost] = []
 
     def on_signal(signo: int, _frame: FrameType | None) -> None:
         log.info("signal %s received", signal.Signals(signo).name)
         stop.set()
 
+    def on_lost(error: lockspace.MembershipLost) -> None:
+        lost.append(error)
+        stop.set()
+
     for signo in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signo, on_signal)
-    hsm = HSM(config)
     watchdog = Watchdog(sdnotify.notify)
+    try:
+        hsm = HSM(config, on_host_id_lost=on_lost)
+        with watchdog.covering("join"):
+            hsm.start(cancel=stop)  # nothing else runs if the join fails
+    except lockspace.MembershipRefused as e:
+        log.error("refusing to start: %s", e)
+        return EXIT_CONFIG
+    except (StorageError, LVMError, ActivationError, CommandError) as e:
+        log.error("cannot start: %s", e)
+        return EXIT_ERROR
     metrics = MetricsServer(config.metrics.listen, hsm.metrics.registry, "xtnd-hsm-metrics")
     sock = config.host.control_socket
     server = control.ControlServer(sock, control.ops(hsm), name="xtnd-hsm-control") if sock else None
-    hsm.start()
     metrics.start()
     if server is not None:
         server.start()
     try:
         with watchdog.covering("start"):
-            connected = hsm.connection.wait_connected(ready_timeout)
-        if not connected:
+            # Short waits: a stop (signal, lost host id) must not wait for libvirt.
+            deadline = time.monotonic() + ready_timeout
+            connected = False
+            while not (connected or stop.is_set()) and time.monotonic() < deadline:
+                connected = hsm.connection.wait_connected(min(0.2, ready_timeout))
+        if not connected and not stop.is_set():
             log.warning("not connected to libvirt after %.0f s; still trying", ready_timeout)
         sdnotify.notify("READY=1")
         # Event.wait with no timeout would block signal handlers until it
@@ -212,4 +273,7 @@ def run(config: Config, ready_timeout: float = 10.0) -> int:
                 server.stop()
             metrics.stop()
             hsm.stop()
-    return 0
+    if lost:
+        log.error("exiting: %s", lost[0])
+        return EXIT_HOST_ID_LOST
+    return EXIT_OK

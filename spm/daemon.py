@@ -4,7 +4,9 @@ Start-up order (nothing is served before the lease is held):
 
 1. open the master domain (activating ids, leases, inbox, outbox);
 2. join its lockspace with our host id (the local sanlock daemon then
-   renews our delta lease);
+   renews our delta lease), after checking the id against the domain's
+   max_hosts and [lease] io_timeout against the lockspace's; this host's
+   HSM shares the membership (xtnd.storage.lockspace);
 3. acquire the SPM lease through a registered sanlock connection, retrying
    every acquire_interval while another host holds it (a standby SPM waits
    here: after the holder dies its lease is free at once if its sanlock
@@ -61,6 +63,7 @@ from xtnd.common.watchdog import Watchdog
 from xtnd.mailbox import codec
 from xtnd.mailbox.directio import DirectFile
 from xtnd.mailbox.spm import SPMConfig, SPMMailbox
+from xtnd.storage.lockspace import MembershipError, MembershipRefused, membership_for
 
 from . import lease as spm_lease
 from .config import Config
@@ -75,6 +78,7 @@ log = logging.getLogger("xtnd.spm.daemon")
 
 EXIT_OK = 0
 EXIT_ERROR = 1
+EXIT_CONFIG = 2  # a refusal that a restart cannot fix (systemd: RestartPreventExitStatus)
 EXIT_LEASE_LOST = 3
 EXIT_ABANDONED = 4
 
@@ -253,9 +257,14 @@ class SpmDaemon:
         lockspace = master.lockspace()
         lease_loc = master.spm_lease()
         mbx = master.mailbox()
-        if cfg.spm.host_id > mbx.max_hosts:
-            log.error("host id above the domain's max hosts host_id=%d max_hosts=%d", cfg.spm.host_id, mbx.max_hosts)
-            return EXIT_ERROR
+        try:
+            # max_hosts and io_timeout as stored in the master domain.
+            membership = membership_for(master, cfg.spm.host_id, io_timeout=cfg.lease.io_timeout)
+        except MembershipRefused as e:
+            log.error("refusing to start: %s", e)
+            if self.opener.shell is not None:
+                self.opener.shell.close()
+            return EXIT_CONFIG
         self.lease = lease = spm_lease.SpmLease(
             lockspace.name,
             cfg.spm.host_id,
@@ -277,12 +286,19 @@ class SpmDaemon:
             log.info("joining lockspace lockspace=%s host_id=%d", lockspace.name, cfg.spm.host_id)
             sd_notify("STATUS=joining lockspace")
             with self.watchdog.covering("join"):
-                lease.join()
+                # Shared with this host's HSM (xtnd.storage.lockspace).
+                membership.join(self._stop)
             if not self._acquire(lease):
                 log.info("stopped before acquiring the lease reason=%s", self._stop_reason)
                 rc = EXIT_OK
             else:
                 rc = self._serve(lease, mbx)
+        except MembershipRefused as e:
+            log.error("refusing to start: %s", e)
+            rc = EXIT_CONFIG
+        except MembershipError as e:
+            log.error("cannot join the lockspace: %s", e)
+            rc = EXIT_ERROR
         finally:
             metrics.stop()
             if control:
@@ -290,6 +306,8 @@ class SpmDaemon:
             self._give_up(lease)
             if self.opener.shell is not None:
                 self.opener.shell.close()
+            # After the lease is released: this host's HSM may keep it.
+            membership.leave()
         return EXIT_LEASE_LOST if self._lost is not None else rc
 
     def _acquire(self, lease: spm_lease.SpmLease) -> bool:

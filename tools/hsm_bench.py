@@ -160,7 +160,8 @@ class Bench:
         disk = pool.thin_volume(initial=initial_mb * MiB)
         config = pool.config(chunk_mb=chunk_mb, utilization_percent=utilization)
         config.lvm.shell = self.args.lvm == "shell"
-        hsm = HSM(config, event_loop=self.events, on_extend=on_extend)
+        # The bench's SPM is in-process and no sanlock user: no host id to share.
+        hsm = HSM(config, event_loop=self.events, on_extend=on_extend, hold_host_id=False)
         hsm.start()
         try:
             hsm.connection.wait_connected(30)

@@ -73,7 +73,9 @@ class Running:
     def __init__(self, config: hsm_config.Config, events: EventLoop):
         self.records: list[ExtendRecord] = []
         self._cond = threading.Condition()
-        self.hsm = HSM(config, event_loop=events, on_extend=self._record)
+        # In-process: the pytest process is no client of the SPM host's sanlock
+        # daemon, so it cannot share its host id (the daemon tests below do).
+        self.hsm = HSM(config, event_loop=events, on_extend=self._record, hold_host_id=False)
 
     def _record(self, record: ExtendRecord) -> None:
         with self._cond:
@@ -338,10 +340,12 @@ def test_hsm_restarted_while_vm_paused(
     watched = {"NOTIFY_SOCKET": os.path.join(workdir, "notify"), "WATCHDOG_USEC": "1000000"}
 
     def start(n: int) -> tuple[subprocess.Popen[bytes], str]:
+        # On the SPM's simulated host: both hold the same host id through
+        # that host's sanlock daemon.
         path = os.path.join(workdir, f"hsm.{n}.log")
         env = {**os.environ, **(watched if n == 1 else {})}
         with open(path, "wb") as out:
-            return subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT, env=env), path
+            return spm_host.popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT), path
 
     def read(path: str) -> str:
         with open(path) as f:

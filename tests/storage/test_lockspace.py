@@ -1,0 +1,211 @@
+"""One host per host id: the HSM and SPM daemons hold theirs in the lockspace.
+
+Real sanlock daemons, one per simulated host in its own mount namespace,
+over a master block domain on a loop PV (lockspace io_timeout 1 s, so a
+join takes ~3 s); real ``xtnd hsm`` and ``xtnd spm`` processes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+
+import pytest
+from xtnd import lvm
+from xtnd.mailbox import codec
+from xtnd.mailbox.directio import DirectFile
+from xtnd.storage import lockspace, sanlockutil
+from xtnd.storage.model import LockspaceLocation
+from xtnd.tools.rig import loops
+from xtnd.tools.rig.sanlockd import SanlockDaemon
+from xtnd.tools.rig.spmd import Pool, SpmProcess
+from xtnd.tools.rig.wait import wait_for
+
+pytestmark = [pytest.mark.root, pytest.mark.timeout(180)]
+
+Hosts = Callable[[int], list[SanlockDaemon]]
+
+
+@pytest.fixture
+def pool(workdir: str, need_root: None) -> Iterator[Pool]:
+    if lvm.device_mapper_available():
+        pytest.skip("these tests map LVs with loop devices (no device-mapper)")
+    with loops.loop_pvs(workdir, count=1) as pvs:
+        p = Pool(workdir, pvs)  # max_hosts 10
+        try:
+            yield p
+        finally:
+            p.close()
+            try:
+                lvm.vgremove(p.domain.runner, p.domain.vg)
+            except lvm.LVMError:
+                pass
+
+
+class HsmProcess:
+    """``xtnd hsm --config FILE`` in a host's namespace, logging to a file."""
+
+    def __init__(self, host: SanlockDaemon, pool: Pool, host_id: int, name: str):
+        # Only [host] matters here ([lease] does not exist for the HSM); no
+        # metrics port, and a libvirt that is not there (the HSM keeps trying).
+        conf = os.path.join(pool.workdir, f"{name}.conf")
+        with open(conf, "w") as f:
+            f.write(
+                f"[host]\nhost_id = {host_id}\nmaster_domain = {pool.uuid}\n"
+                f"storage_config = {pool.storage_config}\nrun_dir = {os.path.join(pool.workdir, 'run')}\n"
+                "control_socket =\n"
+                "[metrics]\nlisten =\n"
+                f"[libvirt]\nuri = qemu:///system?socket={os.path.join(pool.workdir, 'no-libvirt.sock')}\n"
+            )
+        self.logfile = os.path.join(pool.workdir, f"{name}.log")
+        with open(self.logfile, "ab") as out:
+            argv = [sys.executable, "-m", "xtnd.tools.cli", "hsm", "--config", conf]
+            self.proc = host.popen(argv, stdout=out, stderr=subprocess.STDOUT)
+
+    def log(self) -> str:
+        with open(self.logfile, errors="replace") as f:
+            return f.read()
+
+    def wait_started(self, timeout: float = 60.0) -> None:
+        def started() -> bool:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"hsm exited rc={self.proc.returncode}:\n{self.log()[-3000:]}")
+            return "hsm started" in self.log()
+
+        wait_for(started, timeout=timeout, interval=0.05, what=f"hsm started in {self.logfile}")
+
+    def wait(self, timeout: float = 60.0) -> int:
+        return self.proc.wait(timeout)
+
+    def terminate(self, timeout: float = 60.0) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        return self.wait(timeout)
+
+
+def spm(pool: Pool, host: SanlockDaemon, host_id: int, name: str, **extra: str) -> SpmProcess:
+    config = pool.spm_config(host_id, name=f"{name}.conf", **extra)
+    return SpmProcess(host, config, os.path.join(pool.workdir, f"{name}.log"))
+
+
+def spaces(host: SanlockDaemon, location: LockspaceLocation) -> list[str]:
+    """The lockspace lines (s NAME:HOST_ID:...) the host's daemon lists."""
+    out = host.client("status").stdout
+    return [ln for ln in out.splitlines() if ln.startswith(f"s {location.name}:")]
+
+
+def holds_spm_lease(host: SanlockDaemon, location: LockspaceLocation) -> bool:
+    out = host.client("status").stdout
+    return any(ln.startswith(f"r {location.name}:SDM:") for ln in out.splitlines())
+
+
+def refusal(line_source: str) -> str:
+    """The one error line of a refused daemon (and that there is no traceback)."""
+    assert "Traceback" not in line_source, line_source
+    [line] = [ln for ln in line_source.splitlines() if "refusing to start" in ln]
+    return line
+
+
+def test_hsm_refuses_a_host_id_another_live_host_holds(pool: Pool, sanlock_hosts: Hosts) -> None:
+    """Host 1 runs an HSM with id 1, host 2 is a plain sanlock client (a
+    vdsm host of a mixed pool) with id 2: both hold their ids side by side.
+    An HSM on host 3 configured with id 1 or 2 is refused at once (exit 2),
+    naming the id and the sanlock host that holds it; host 1's HSM runs on."""
+    h1, h2, h3 = sanlock_hosts(3)
+    location = pool.domain.lockspace()
+    first = HsmProcess(h1, pool, 1, "hsm1")
+    arg = f"{location.name}:2:{location.path}:{location.offset}"
+    h2.client("add_lockspace", "-o", "1", "-s", arg)
+    first.wait_started()
+    assert len(spaces(h1, location)) == 1 and len(spaces(h2, location)) == 1
+
+    for host_id in (1, 2):
+        owner = lockspace.DeltaLease.read(location, host_id).owner
+        second = HsmProcess(h3, pool, host_id, f"hsm3-{host_id}")
+        assert second.wait(30) == 2, second.log()
+        line = refusal(second.log())
+        assert f"host id {host_id} " in line and owner in line, line
+        assert not spaces(h3, location)
+
+    assert first.proc.poll() is None
+    assert first.terminate() == 0, first.log()
+
+
+def test_spm_and_hsm_share_the_host_id_in_both_orders(pool: Pool, sanlock_hosts: Hosts) -> None:
+    """One host, one id: the HSM and the SPM start in either order, and
+    stopping either never drops the other's membership or the SPM lease;
+    the last one to stop leaves the lockspace."""
+    [host] = sanlock_hosts(1)
+    location = pool.domain.lockspace()
+
+    hsm = HsmProcess(host, pool, 1, "hsm-a")  # HSM first
+    hsm.wait_started()
+    assert len(spaces(host, location)) == 1
+    first = spm(pool, host, 1, "spm-a")
+    first.wait_serving()
+    assert first.terminate() == 0, first.log()
+    assert len(spaces(host, location)) == 1 and hsm.proc.poll() is None
+
+    second = spm(pool, host, 1, "spm-b")
+    second.wait_serving()
+    assert hsm.terminate() == 0, hsm.log()
+    assert "lockspace kept for its other users" in hsm.log()
+    assert holds_spm_lease(host, location) and len(spaces(host, location)) == 1
+
+    hsm = HsmProcess(host, pool, 1, "hsm-b")  # SPM first
+    hsm.wait_started()
+    assert "lockspace already joined by this host" in hsm.log()
+    assert second.terminate() == 0, second.log()
+    assert second.serving()[-1][0] == "stopped" and "lease lost" not in second.log()
+    assert len(spaces(host, location)) == 1
+    # Still renewed, as the HSM's own checks see it.
+    status = sanlockutil.parse_status(host.client("status", "-D").stdout, location.name, 1)
+    assert status is not None and status.trouble() is None and status.renewal_age <= 3, status
+    assert hsm.proc.poll() is None and "lost" not in hsm.log()
+    assert hsm.terminate() == 0, hsm.log()
+    assert "left lockspace" in hsm.log()
+    assert not spaces(host, location)
+
+
+def test_host_id_above_max_hosts_refused(pool: Pool, sanlock_hosts: Hosts) -> None:
+    [host] = sanlock_hosts(1)
+    hsm = HsmProcess(host, pool, 11, "hsm11")
+    assert hsm.wait(30) == 2, hsm.log()
+    assert "host id 11 is not in 1..10" in refusal(hsm.log())
+    proc = spm(pool, host, 11, "spm11")
+    assert proc.wait(30) == 2, proc.log()
+    assert "host id 11 is not in 1..10" in refusal(proc.log())
+    assert not spaces(host, pool.domain.lockspace())
+
+
+def test_spm_io_timeout_must_match_the_lockspace(pool: Pool, sanlock_hosts: Hosts) -> None:
+    """The pool's lockspace has io_timeout 1; an SPM configured with 2 would
+    renew at another pace than every other host expects."""
+    [host] = sanlock_hosts(1)
+    proc = spm(pool, host, 1, "spm-io", **{"lease.io_timeout": "2"})
+    assert proc.wait(30) == 2, proc.log()
+    line = refusal(proc.log())
+    assert re.search(r"io_timeout 2 differs from the io_timeout 1 of lockspace", line), line
+    assert not spaces(host, pool.domain.lockspace())
+
+
+def test_hsm_stops_writing_its_block_when_the_host_id_is_lost(pool: Pool, sanlock_hosts: Hosts) -> None:
+    """sanlock drops the HSM's host id (here: removed by hand). The HSM must
+    never write its mailbox block again, not even the usual clearing on
+    stop: the block may be another host's by now. It exits with 3."""
+    [host] = sanlock_hosts(1)
+    location = pool.domain.lockspace()
+    hsm = HsmProcess(host, pool, 1, "hsm-lost")
+    hsm.wait_started()
+    # What another host now owning id 1 would have written.
+    theirs = bytes(range(256)) * (codec.BLOCK_SIZE // 256)
+    with DirectFile(pool.domain.mailbox().inbox) as inbox:
+        inbox.write(1 * codec.BLOCK_SIZE, theirs)
+        host.client("rem_lockspace", "-s", f"{location.name}:1:{location.path}:{location.offset}")
+        assert hsm.wait(30) == 3, hsm.log()
+        assert re.search(r"host id 1 in lockspace \S+ lost: ", hsm.log()), hsm.log()
+        assert "Traceback" not in hsm.log()
+        assert inbox.read(1 * codec.BLOCK_SIZE, codec.BLOCK_SIZE) == theirs
