@@ -251,7 +251,7 @@ class Membership:
         for space in mine:
             if space["host_id"] != host_id:
                 raise OtherHostId(name, host_id, space["host_id"])
-        if mine:
+        if mine and self._added():
             log.info("lockspace already joined by this host lockspace=%s host_id=%d", name, host_id)
             return
         self._refuse_live_owner(cancel)
@@ -263,6 +263,8 @@ class Membership:
             )
         except sanlock.SanlockException as e:
             if e.errno == errno.EEXIST:
+                if not self._added():
+                    raise MembershipError(f"another process of this host failed to join lockspace {name}") from e
                 log.info("lockspace joined meanwhile by this host lockspace=%s host_id=%d", name, host_id)
                 return
             if e.errno == errno.EINVAL:
@@ -273,6 +275,15 @@ class Membership:
                 raise HostIdBusy(name, host_id, lease.owner) from e
             raise MembershipError(f"cannot join lockspace {name} as host id {host_id}: {e}") from e
         log.info("joined lockspace lockspace=%s host_id=%d elapsed=%.3f", name, host_id, self._clock() - start)
+
+    def _added(self) -> bool:
+        """Whether the daemon holds our id, once a sibling's join under way
+        (listed, still adding) has ended."""
+        loc = self.location
+        try:
+            return sanlock.inq_lockspace(self.name.encode(), self.host_id, loc.path, loc.offset, wait=True) is True
+        except sanlock.SanlockException as e:
+            raise MembershipError(f"cannot ask the sanlock daemon about lockspace {self.name}: {e}") from e
 
     def _refuse_other_id(self) -> None:
         for space in sanlock.get_lockspaces():

@@ -170,6 +170,23 @@ def test_spm_and_hsm_share_the_host_id_in_both_orders(pool: Pool, sanlock_hosts:
     assert not spaces(host, location)
 
 
+def test_spm_and_hsm_started_together(pool: Pool, sanlock_hosts: Hosts) -> None:
+    """Started at the same moment, one of them joins and the other waits for
+    that join to end (sanlock answers EEXIST while it is under way) before
+    it touches its mailbox block or the lease."""
+    [host] = sanlock_hosts(1)
+    location = pool.domain.lockspace()
+    hsm = HsmProcess(host, pool, 1, "hsm-t")
+    proc = spm(pool, host, 1, "spm-t")
+    proc.wait_serving()
+    hsm.wait_started()
+    logs = hsm.log() + proc.log()
+    assert logs.count("joined lockspace lockspace=") == 1, logs
+    assert len(spaces(host, location)) == 1
+    assert hsm.terminate() == 0 and proc.terminate() == 0
+    assert not spaces(host, location)
+
+
 def test_host_id_above_max_hosts_refused(pool: Pool, sanlock_hosts: Hosts) -> None:
     [host] = sanlock_hosts(1)
     hsm = HsmProcess(host, pool, 11, "hsm11")
