@@ -262,7 +262,10 @@ class Membership:
                 name.encode(), host_id, self.location.path, self.location.offset, iotimeout=self.io_timeout
             )
         except sanlock.SanlockException as e:
-            if e.errno == errno.EEXIST:
+            # A sibling's join under way: EEXIST, or another error while it
+            # is being added (seen: the add racing with the sibling's).
+            log.info("add_lockspace failed lockspace=%s host_id=%d errno=%s: %s", name, host_id, e.errno, e)
+            if e.errno == errno.EEXIST or self._sibling():
                 if not self._added():
                     raise MembershipError(f"another process of this host failed to join lockspace {name}") from e
                 log.info("lockspace joined meanwhile by this host lockspace=%s host_id=%d", name, host_id)
@@ -284,6 +287,14 @@ class Membership:
             return sanlock.inq_lockspace(self.name.encode(), self.host_id, loc.path, loc.offset, wait=True) is True
         except sanlock.SanlockException as e:
             raise MembershipError(f"cannot ask the sanlock daemon about lockspace {self.name}: {e}") from e
+
+    def _sibling(self) -> bool:
+        """Whether this host's daemon lists our id (held or being added)."""
+        try:
+            spaces = sanlock.get_lockspaces()
+        except sanlock.SanlockException as e:
+            raise MembershipError(f"cannot ask the sanlock daemon about lockspace {self.name}: {e}") from e
+        return any(s["lockspace"] == self.name.encode() and s["host_id"] == self.host_id for s in spaces)
 
     def _refuse_other_id(self) -> None:
         for space in sanlock.get_lockspaces():
@@ -315,6 +326,8 @@ class Membership:
                 raise MembershipError("cancelled while checking the host id's owner")
             now = DeltaLease.read(self.location, self.host_id)
             if now != first:
+                if self._sibling():
+                    return  # renewed by this host's daemon: a sibling joined meanwhile
                 raise HostIdBusy(self.name, self.host_id, now.owner)
         log.warning(
             "host id not renewed for %.0fs, sanlock decides lockspace=%s host_id=%d owner=%s",
