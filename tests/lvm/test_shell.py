@@ -225,10 +225,31 @@ def test_sysdir(tmp_path: object) -> None:
     with open(os.path.join(host, "lvm.conf"), "w") as f:
         f.write("devices {\n}\n")
     with open(os.path.join(host, "lvmlocal.conf"), "w") as f:
-        f.write("local {\n\tsystem_id = \"h1\"\n}\n")
+        f.write('local {\n\tsystem_id = "h1"\n}\n')
     mine = sysdir.prepare(os.path.join(path, "mine"), host_dir=host)
     assert os.readlink(os.path.join(mine, "lvm.conf")) == os.path.join(host, "lvm.conf")
     local = open(os.path.join(mine, "lvmlocal.conf")).read()
     assert local.startswith('local {\n\tsystem_id = "h1"') and "use_aio = 0" in local
     assert os.path.exists(os.path.join(mine, "profile", sysdir.SHELL_PROFILE + ".profile"))
     assert sysdir.prepare(mine, host_dir=host) == mine
+
+
+def test_read_only_runner_through_the_shell(
+    pvs: list[str], shell: lvm.LvmShell, shell_runner: lvm.Runner, vg: str
+) -> None:
+    """The HSM's read-only runner over a shell: LVM refuses metadata changes,
+    reads work, and nothing leaks into the next writable command of the same process."""
+    ro = lvm.Runner(pvs, shell=shell, read_only=True)
+    lvm.lvcreate(shell_runner, vg, "a", EXTENT)
+    with pytest.raises(lvm.LVMError):
+        lvm.lvcreate(ro, vg, "b", EXTENT)
+    with pytest.raises(lvm.LVMError):
+        lvm.lvextend(ro, vg, "a", 2 * EXTENT)
+    assert size_of(ro, vg, "a") == EXTENT
+    assert lvm.lvextend(shell_runner, vg, "a", 2 * EXTENT) == 2 * EXTENT
+    assert size_of(ro, vg, "a") == 2 * EXTENT
+    with pytest.raises(lvm.LVMError):
+        lvm.lvextend(ro, vg, "a", 3 * EXTENT)
+    assert [i.name for i in lvm.lvs(lvm.Runner(pvs), vg)] == ["a"]
+    assert size_of(shell_runner, vg, "a") == 2 * EXTENT
+    assert shell.starts == 1
