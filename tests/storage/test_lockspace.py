@@ -209,6 +209,28 @@ def test_spm_io_timeout_must_match_the_lockspace(pool: Pool, sanlock_hosts: Host
     assert not spaces(host, pool.domain.lockspace())
 
 
+def test_hsm_stops_writing_its_block_when_renewals_fail(pool: Pool, sanlock_hosts: Hosts) -> None:
+    """The ids area becomes unreadable for this host (its loop device now
+    answers only the first sector): sanlock cannot renew the delta lease,
+    and after 6 x io_timeout the HSM stops writing its block and exits 3,
+    well before another host could take the id (8 x io_timeout + 60 s)."""
+    [host] = sanlock_hosts(1)
+    location = pool.domain.lockspace()
+    hsm = HsmProcess(host, pool, 1, "hsm-renew")
+    hsm.wait_started()
+    theirs = bytes(range(255, -1, -1)) * (codec.BLOCK_SIZE // 256)
+    with DirectFile(pool.domain.mailbox().inbox) as inbox:
+        inbox.write(1 * codec.BLOCK_SIZE, theirs)
+        loops.fail_storage(location.path)
+        try:
+            assert hsm.wait(40) == 3, hsm.log()
+        finally:
+            loops.restore_storage(location.path)
+        assert re.search(r"host id 1 in lockspace \S+ lost: ", hsm.log()), hsm.log()
+        assert "Traceback" not in hsm.log()
+        assert inbox.read(1 * codec.BLOCK_SIZE, codec.BLOCK_SIZE) == theirs
+
+
 def test_hsm_stops_writing_its_block_when_the_host_id_is_lost(pool: Pool, sanlock_hosts: Hosts) -> None:
     """sanlock drops the HSM's host id (here: removed by hand). The HSM must
     never write its mailbox block again, not even the usual clearing on
@@ -226,3 +248,42 @@ def test_hsm_stops_writing_its_block_when_the_host_id_is_lost(pool: Pool, sanloc
         assert re.search(r"host id 1 in lockspace \S+ lost: ", hsm.log()), hsm.log()
         assert "Traceback" not in hsm.log()
         assert inbox.read(1 * codec.BLOCK_SIZE, codec.BLOCK_SIZE) == theirs
+
+
+# Pure logic, beside the real-stack tests above.
+
+
+def test_checks_name_the_values() -> None:
+    lockspace.check_host_id("ls", 10, 10)
+    with pytest.raises(lockspace.HostIdOutOfRange, match=r"host id 11 is not in 1\.\.10"):
+        lockspace.check_host_id("ls", 11, 10)
+    with pytest.raises(lockspace.HostIdOutOfRange):
+        lockspace.check_host_id("ls", 0, 10)
+    lockspace.check_io_timeout("ls", 10, 10)
+    with pytest.raises(lockspace.IoTimeoutMismatch, match="io_timeout 2 differs from the io_timeout 1"):
+        lockspace.check_io_timeout("ls", 2, 1)
+    for refusal_type in (lockspace.HostIdOutOfRange, lockspace.IoTimeoutMismatch, lockspace.HostIdBusy):
+        assert issubclass(refusal_type, lockspace.MembershipRefused)
+
+
+class _Flaky(lockspace.Membership):
+    """check() fails on the n-th call."""
+
+    def __init__(self, fail_at: int):
+        super().__init__(LockspaceLocation("ls", "/nonexistent", 0), 1, 1)
+        self.calls = 0
+        self.fail_at = fail_at
+
+    def check(self) -> None:
+        self.calls += 1
+        if self.calls >= self.fail_at:
+            raise lockspace.MembershipLost("ls", 1, "gone")
+
+
+def test_watch_reports_a_loss_once() -> None:
+    lost: list[lockspace.MembershipLost] = []
+    watch = lockspace.MembershipWatch(_Flaky(fail_at=2), lost.append)
+    assert watch.step()
+    assert not watch.step()
+    assert not watch.step()
+    assert [str(e) for e in lost] == ["host id 1 in lockspace ls lost: gone"]
