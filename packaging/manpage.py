@@ -94,9 +94,13 @@ def man(version: str) -> str:
         ".TP",
         "/run/xtnd/spm.sock, /run/xtnd/hsm.sock",
         "Control sockets (root only) used by \\fBxtnd status\\fR and \\fBlog\\-level\\fR.",
+        ".TP",
+        "/run/xtnd/lockspace/",
+        "Lock files by which the HSM and the SPM of this host share its host id in a lockspace.",
         ".SH EXIT STATUS",
         "0 on success; 2 for bad usage or an unusable configuration. \\fBxtnd status\\fR: 0 healthy, "
-        "1 degraded, 3 down. The SPM daemon: 3 lease lost, 4 extends abandoned at shutdown.",
+        "1 degraded, 3 down. The SPM daemon: 3 lease lost, 4 extends abandoned at shutdown. "
+        "The HSM daemon: 3 host id lost (its mailbox block is no longer written).",
         ".SH SEE ALSO",
         "\\fBsanlock\\fR(8), \\fBlvm\\fR(8), \\fBvirsh\\fR(1), \\fBsystemctl\\fR(1); /usr/share/doc/xtnd/README.md",
     ]
