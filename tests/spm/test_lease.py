@@ -274,17 +274,27 @@ def test_fence_sees_dropped_lease_at_once(joined: spm_lease.SpmLease) -> None:
 
 
 def test_fence_cost(joined: spm_lease.SpmLease) -> None:
-    """Figures only (no timing asserted): fence() against check()."""
+    """fence() right after check() costs one inquire, not a confirmation.
+
+    The bound asserted is the path taken, not a time: a fence within
+    status_max_age of a check reuses that check's renewal status (its time
+    and the proven validity do not move); only a check confirms anew. The
+    timings are logged for reading (speed belongs to benches).
+    """
     joined.acquire()
     joined.check()
     fences, checks = [], []
     for _ in range(30):
-        start = time.perf_counter()
+        checked = time.perf_counter()
         joined.check()
-        checks.append(time.perf_counter() - start)
+        checks.append(time.perf_counter() - checked)
+        confirmed = (joined.valid_until, joined._status_at)
         start = time.perf_counter()
-        joined.fence()
+        remaining = joined.fence()
         fences.append(time.perf_counter() - start)
+        if start - checked < joined.status_max_age:  # else a loaded machine made the status stale
+            assert (joined.valid_until, joined._status_at) == confirmed, "fence() confirmed anew"
+        assert remaining >= joined.fence_margin
     fences.sort()
     checks.sort()
     log.info(
