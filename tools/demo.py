@@ -744,8 +744,16 @@ class Demo:
             g.remove()
         if self.lifecycle is not None:
             self.lifecycle.close()
+        started: list[tuple[str, int]] = []
         if self.cluster is not None:
+            started = self.cluster.processes()
             problems += self.cluster.stop()
+        for what, pid in started:
+            # Reaped by stop(): a pid still there is no longer ours, unless it is a zombie of ours.
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+                if int(fields[1]) == os.getpid():
+                    problems.append(f"{what} (pid {pid})")
         if self.conn is not None:
             with contextlib.suppress(Exception):
                 self.conn.close()
@@ -842,6 +850,8 @@ def _run(args: argparse.Namespace) -> int:
     if demo is not None and demo.saved_logs:
         print(f"xtnd demo: logs of this run: {demo.saved_logs}", file=sys.stderr)
     if error is not None:
+        if demo is not None and demo.workdir and demo.saved_logs:
+            error = error.replace(demo.workdir, demo.saved_logs)
         print(f"xtnd demo: {error}", file=sys.stderr)
         if left:
             print(f"xtnd demo: left behind: {', '.join(left)}", file=sys.stderr)

@@ -369,6 +369,17 @@ class Cluster:
             self._lease_at = pv_location(leases, info, align, align)
         return sanlockdirect.read_resource_leader(str(self.master.uuid), c.SPM_LEASE, *self._lease_at)
 
+    def processes(self) -> list[tuple[str, int]]:
+        """(what, pid) of every process the cluster started: sanlock daemons, SPMs, HSMs."""
+        found = []
+        for host in self.hosts:
+            if host.sanlock.proc is not None:
+                found.append((f"host {host.host_id} sanlock daemon", host.sanlock.proc.pid))
+            for proc in (host.spm, host.hsm):
+                if proc is not None:
+                    found.append((f"host {host.host_id} xtnd {proc.command}", proc.pid))
+        return found
+
     # Tear down
 
     def stop(self) -> list[str]:
