@@ -83,10 +83,13 @@ def setup_logging(verbose: int, daemon: bool = False) -> None:
     else:
         handler.setFormatter(logging.Formatter(LOG_FORMAT))
     # Replace the handler an earlier call added (a daemon switches to the
-    # full format once its config is good); leave others' (pytest's) alone.
+    # full format once its config is good). Like logging.basicConfig, do
+    # nothing when someone else configured logging (pytest in-process).
     root = logging.getLogger()
     for old in [h for h in root.handlers if getattr(h, "xtnd_cli", False)]:
         root.removeHandler(old)
+    if root.handlers:
+        return
     handler.xtnd_cli = True  # type: ignore[attr-defined]
     root.addHandler(handler)
     root.setLevel(level)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import socket
 import stat
@@ -11,12 +10,12 @@ from collections.abc import Iterator
 from typing import Any
 
 import pytest
+from testlib.cli import xtnd
 from xtnd.spm.control import ControlClient, ControlError, ControlServer
 from xtnd.spm.domains import DomainRegistry
 from xtnd.spm.extend import ExtendService
 from xtnd.spm.lease import LeaseLost
 from xtnd.spm.ops import VolumeOps
-from xtnd.tools import domain_cli
 from xtnd.tools.rig.spmd import MiB, Pool
 
 
@@ -102,14 +101,6 @@ def test_peer_uid_checked(pool: Pool, workdir: str) -> None:
     finally:
         spm.server.stop()
     assert not os.path.exists(path)
-
-
-def xtnd(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="xtnd")
-    domain_cli.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    rc: int = args.func(args)
-    return rc
 
 
 def test_volume_cli_through_spm(

@@ -6,20 +6,12 @@ import os
 import uuid
 
 import pytest
+from testlib.cli import xtnd
 from xtnd import storage
 from xtnd.storage import sanlockdirect
 from xtnd.tools import domain_cli
 
 MiB = 1024**2
-
-
-def xtnd(*argv: str) -> int:
-    """Run "xtnd ARGV" with only the domain/volume commands registered."""
-    parser = argparse.ArgumentParser(prog="xtnd")
-    domain_cli.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    rc: int = args.func(args)
-    return rc
 
 
 @pytest.fixture

@@ -4,31 +4,22 @@ areas, and a mailbox whose SPM serves host ids 1 and 2000."""
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import uuid
 from collections.abc import Iterator
 
 import pytest
+from testlib.cli import xtnd
 from xtnd import storage
 from xtnd.mailbox import codec, directio
 from xtnd.mailbox.hsm import HSMMailbox
 from xtnd.mailbox.spm import SPMConfig, SPMMailbox
 from xtnd.storage import constants as c
-from xtnd.tools import domain_cli
 from xtnd.tools.rig import loops
 
 MiB = 1024**2
 HOSTS = 2000
-
-
-def xtnd(*argv: str) -> int:
-    parser = argparse.ArgumentParser(prog="xtnd")
-    domain_cli.register(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    rc: int = args.func(args)
-    return rc
 
 
 @pytest.fixture
@@ -107,8 +98,9 @@ def test_file_domain_for_2000_hosts(workdir: str) -> None:
     location = domain.mailbox()
     serve_first_and_last(location)
     # The daemons' classes with their threads: host 2000's HSM is served.
-    spm = SPMMailbox(directio.DirectFile(location.inbox), directio.DirectFile(location.outbox), HOSTS,
-                     SPMConfig(workers=2))
+    spm = SPMMailbox(
+        directio.DirectFile(location.inbox), directio.DirectFile(location.outbox), HOSTS, SPMConfig(workers=2)
+    )
     spm.register(codec.EXTEND_OPCODE, lambda req: req.message.size_mb + 1)
     hsm = HSMMailbox(directio.DirectFile(location.inbox), directio.DirectFile(location.outbox), HOSTS)
     spm.start()

@@ -84,6 +84,10 @@ def mistakes(r: Rig) -> list[tuple[str, list[str], list[str], dict[str, str]]]:
     bad_json = write(f"{d}/s1/storage.json", '{"domains": {')
     bad_entry = write(f"{d}/s2/storage.json", json.dumps({"domains": {"sd1": {"pvs": ["/dev/x"]}}}))
     no_master = write(f"{d}/s3/storage.json", json.dumps({"activation": "loop", "domains": {}}))
+    hsm_bad_storage = write(
+        f"{d}/c8/hsm.conf",
+        good_hsm.replace(r.storage, bad_json) + "control_socket =\n[metrics]\nlisten =\n",
+    )
     spm_no_master = write(
         f"{d}/c7/spm.conf",
         f"[spm]\nhost_id = 1\nmaster_domain = {other}\nstorage_config = {no_master}\ncontrol_socket =\n"
@@ -126,6 +130,7 @@ def mistakes(r: Rig) -> list[tuple[str, list[str], list[str], dict[str, str]]]:
             [d, "cannot read"],
             {},
         ),
+        ("hsm: storage.json not JSON", ["hsm", "--config", hsm_bad_storage], [bad_json, "not JSON"], {}),
         ("master not in storage.json", ["spm", "--config", spm_no_master], [other, "not found", no_master], {}),
         ("unknown domain", ["domain", "info", "--uuid", other, *st], [other, "not found"], {}),
         ("unknown volume", ["volume", "info", *new, *st], ["not found in storage domain", master], {}),
