@@ -21,6 +21,11 @@ Modules (import them by name, e.g. ``from xtnd.tools.rig import loops``):
   spm`` in a host's namespace, its log parsed).
 - hsmrig: pool() (a master block domain with prepared thin volumes and HSM
   configs), spm_daemon(), an in-process SPM with a Gate, NamespacedLibvirtd.
+- cluster: Cluster/ClusterSpec, a whole simulated cluster (what ``xtnd
+  demo`` runs): one block domain per host made by the real CLI, per host a
+  sanlock daemon, ``xtnd spm`` (first hosts) and ``xtnd hsm`` as processes
+  (DaemonProcess: log, wait_log, kill, stop), a prepared thin volume per
+  host; stop() removes it all, sweep() what a killed run left.
 
 Every child process gets PR_SET_PDEATHSIG(SIGKILL) (sanlockd.die_with_parent):
 nothing a rig starts survives the process that started it.
