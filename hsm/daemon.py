@@ -87,7 +87,9 @@ class HSM:
         self.volumes = StorageVolumes(config.host.storage_config, config.host.run_dir, shell)
         master = self.volumes.domain(uuidlib.UUID(config.host.master_domain))
         # Raises MembershipRefused (max_hosts) before anything else is set up.
-        self.membership = lockspace.membership_for(master, config.host.host_id) if hold_host_id else None
+        self.membership = (
+            lockspace.membership_for(master, config.host.host_id, exclusive="hsm") if hold_host_id else None
+        )
         self._on_host_id_lost = on_host_id_lost
         self.host_id_watch: lockspace.MembershipWatch | None = None
         location = master.mailbox()

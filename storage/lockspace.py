@@ -13,7 +13,10 @@ sanlock keeps one membership per daemon and lockspace, not per process:
 the HSM, the SPM and a ``xtnd volume`` command of one host share it (the
 second add_lockspace gets EEXIST), and one rem_lockspace drops it for all
 of them. So the users of a membership count themselves with a shared
-flock on ``<lock_dir>/<lockspace>:<host_id>.lock``:
+flock on ``<lock_dir>/<daemon>/<lockspace>:<host_id>.lock``, where
+<daemon> is the sanlock daemon's host name (a restarted daemon, which has
+no memberships left, starts a fresh count; simulated hosts of the tests,
+one daemon each, count apart):
 
 - join() takes the shared lock, then joins (EEXIST: already joined by a
   sibling, or left joined by a process that died; either way ours).
@@ -108,6 +111,17 @@ class OtherHostId(MembershipRefused):
         super().__init__(f"this host is already in lockspace {lockspace} as host id {joined}, not {host_id}")
 
 
+class AlreadyRunning(MembershipRefused):
+    def __init__(self, lockspace: str, host_id: int, role: str, pid: str):
+        self.lockspace = lockspace
+        self.host_id = host_id
+        self.role = role
+        self.pid = pid
+        super().__init__(
+            f"another {role} of this host already uses host id {host_id} in lockspace {lockspace}: pid {pid}"
+        )
+
+
 class MembershipLost(MembershipError):
     def __init__(self, lockspace: str, host_id: int, reason: str):
         self.lockspace = lockspace
@@ -151,26 +165,39 @@ class DeltaLease:
             ) from None
 
 
-def membership_for(domain: Domain, host_id: int, io_timeout: int | None = None, lock_dir: str = LOCK_DIR) -> Membership:
+def membership_for(
+    domain: Domain,
+    host_id: int,
+    io_timeout: int | None = None,
+    exclusive: str | None = None,
+    lock_dir: str = LOCK_DIR,
+) -> Membership:
     """The membership of host_id in domain's lockspace, checked against
     what the domain stores: max_hosts, and io_timeout if one is configured
-    (without one, the host joins with the io_timeout on disk)."""
+    (without one, the host joins with the io_timeout on disk). exclusive:
+    see Membership."""
     location = domain.lockspace()
     check_host_id(location.name, host_id, domain.mailbox().max_hosts)
     on_disk = sanlockdirect.lockspace_io_timeout(location.name, location.path, location.offset)
     if io_timeout is not None:
         check_io_timeout(location.name, io_timeout, on_disk)
-    return Membership(location, host_id, on_disk, lock_dir=lock_dir)
+    return Membership(location, host_id, on_disk, exclusive=exclusive, lock_dir=lock_dir)
 
 
 class Membership:
-    """One process's use of this host's membership; see the module doc."""
+    """One process's use of this host's membership; see the module doc.
+
+    exclusive: a role only one process of the host may play with this id
+    (the HSM: two of them would write one mailbox block, and sanlock cannot
+    tell them apart); join() refuses a second one, naming the first's pid.
+    """
 
     def __init__(
         self,
         location: LockspaceLocation,
         host_id: int,
         io_timeout: int,
+        exclusive: str | None = None,
         lock_dir: str = LOCK_DIR,
         max_renewal_age: float | None = None,
         clock: Callable[[], float] = time.monotonic,
@@ -178,12 +205,14 @@ class Membership:
         self.location = location
         self.host_id = host_id
         self.io_timeout = io_timeout
+        self.exclusive = exclusive
         self.lock_dir = lock_dir
         # As for the SPM lease: sanlock warns at 6 x io_timeout and gives up
         # at 8; another host may take the id later still (host_dead_seconds).
         self.max_renewal_age = 6.0 * io_timeout if max_renewal_age is None else max_renewal_age
         self._clock = clock
         self._lock_fd: int | None = None
+        self._role_fd: int | None = None
         self._confirmed = float("-inf")  # when check() last saw a good renewal
 
     def __repr__(self) -> str:
@@ -197,9 +226,8 @@ class Membership:
     def joined(self) -> bool:
         return self._lock_fd is not None
 
-    @property
-    def lock_path(self) -> str:
-        return os.path.join(self.lock_dir, f"{self.name}:{self.host_id}.lock")
+    def _lock_path(self, daemon: str, suffix: str = "") -> str:
+        return os.path.join(self.lock_dir, daemon, f"{self.name}:{self.host_id}{suffix}.lock")
 
     # Joining
 
@@ -212,18 +240,45 @@ class Membership:
         """
         if self._lock_fd is not None:
             return
-        self._lock_fd = self._lock_shared(cancel)
         try:
-            self._join(cancel)
+            daemon = sanlockutil.daemon_name()
+        except (cmd.CommandError, ValueError) as e:
+            raise MembershipError(f"cannot ask the sanlock daemon its host name: {e}") from e
+        os.makedirs(os.path.join(self.lock_dir, daemon), mode=0o700, exist_ok=True)
+        if self.exclusive is not None:
+            self._role_fd = self._lock_role(self._lock_path(daemon, f".{self.exclusive}"), self.exclusive)
+        try:
+            self._lock_fd = self._lock_shared(self._lock_path(daemon), cancel)
+            try:
+                self._join(cancel)
+            except BaseException:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+                raise
         except BaseException:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+            self._unlock_role()
             raise
         self._confirmed = self._clock()
 
-    def _lock_shared(self, cancel: threading.Event | None) -> int:
-        os.makedirs(self.lock_dir, exist_ok=True)
-        fd = os.open(self.lock_path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    def _lock_role(self, path: str, role: str) -> int:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise AlreadyRunning(self.name, self.host_id, role, pid) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        return fd
+
+    def _unlock_role(self) -> None:
+        if self._role_fd is not None:
+            os.close(self._role_fd)
+            self._role_fd = None
+
+    def _lock_shared(self, path: str, cancel: threading.Event | None) -> int:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         deadline = self._clock() + LOCK_TIMEOUT
         wait = cancel or threading.Event()
         try:
@@ -235,9 +290,9 @@ class Membership:
                     pass
                 # Only a last user removing the lockspace holds it exclusively.
                 if self._clock() >= deadline:
-                    raise MembershipError(f"{self.lock_path} held exclusively for {LOCK_TIMEOUT:.0f}s")
+                    raise MembershipError(f"{path} held exclusively for {LOCK_TIMEOUT:.0f}s")
                 if wait.wait(0.05):
-                    raise MembershipError(f"cancelled while waiting for {self.lock_path}")
+                    raise MembershipError(f"cancelled while waiting for {path}")
         except BaseException:
             os.close(fd)
             raise
@@ -341,6 +396,7 @@ class Membership:
         fd, self._lock_fd = self._lock_fd, None
         if fd is None:
             return
+        self._unlock_role()  # after the last write of our block, before it is anyone's
         try:
             try:
                 # Not atomic: the shared lock is dropped first. Fine: we are

@@ -112,3 +112,13 @@ def lockspace_status(
     """Ask the local daemon; raise CommandError if it does not answer."""
     out = cmd.run([sanlock, "client", "status", "-D"], timeout=timeout)
     return parse_status(out.decode("utf-8", "replace"), lockspace, host_id)
+
+
+def daemon_name(sanlock: str = SANLOCK, timeout: float = STATUS_TIMEOUT) -> str:
+    """The local daemon's host name (our_host_name): the owner its delta
+    leases carry on disk. New at every daemon start unless configured."""
+    out = cmd.run([sanlock, "client", "status", "-D"], timeout=timeout).decode("utf-8", "replace")
+    for line in out.splitlines():
+        if line.startswith("daemon "):
+            return line.split(None, 1)[1].strip()
+    raise ValueError("sanlock status names no daemon")

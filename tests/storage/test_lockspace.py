@@ -130,6 +130,13 @@ def test_hsm_refuses_a_host_id_another_live_host_holds(pool: Pool, sanlock_hosts
         assert f"host id {host_id} " in line and owner in line, line
         assert not spaces(h3, location)
 
+    # A second HSM on the same host with the same id: sanlock cannot tell
+    # it from the first (one daemon, one membership); xtnd refuses it.
+    twin = HsmProcess(h1, pool, 1, "hsm1-twin")
+    assert twin.wait(30) == 2, twin.log()
+    line = refusal(twin.log())
+    assert f"another hsm of this host already uses host id 1 in lockspace {location.name}: pid " in line, line
+
     assert first.proc.poll() is None
     assert first.terminate() == 0, first.log()
 
