@@ -243,7 +243,7 @@ class Membership:
         try:
             daemon = sanlockutil.daemon_name()
         except (cmd.CommandError, ValueError) as e:
-            raise MembershipError(f"cannot ask the sanlock daemon its host name: {e}") from e
+            raise MembershipError(f"cannot reach the sanlock daemon (is it running?): {e}") from e
         os.makedirs(os.path.join(self.lock_dir, daemon), mode=0o700, exist_ok=True)
         if self.exclusive is not None:
             self._role_fd = self._lock_role(self._lock_path(daemon, f".{self.exclusive}"), self.exclusive)

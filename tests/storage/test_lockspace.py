@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from xtnd import lvm
@@ -21,7 +22,7 @@ from xtnd.mailbox.directio import DirectFile
 from xtnd.storage import lockspace, sanlockutil
 from xtnd.storage.model import LockspaceLocation
 from xtnd.tools.rig import loops
-from xtnd.tools.rig.sanlockd import SanlockDaemon
+from xtnd.tools.rig.sanlockd import RUN_DIR, SanlockDaemon
 from xtnd.tools.rig.spmd import Pool, SpmProcess
 from xtnd.tools.rig.wait import wait_for
 
@@ -46,10 +47,19 @@ def pool(workdir: str, need_root: None) -> Iterator[Pool]:
                 pass
 
 
+class NoSanlock:
+    """A host whose sanlock daemon is not running: its own empty /run/sanlock."""
+
+    def popen(self, cmd: list[str], **kwargs: Any) -> subprocess.Popen[bytes]:
+        script = f'mount -t tmpfs -o mode=0755 xtnd-no-sanlock {RUN_DIR} && exec "$@"'
+        argv = ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "sh", *cmd]
+        return subprocess.Popen(argv, **kwargs)
+
+
 class HsmProcess:
     """``xtnd hsm --config FILE`` in a host's namespace, logging to a file."""
 
-    def __init__(self, host: SanlockDaemon, pool: Pool, host_id: int, name: str):
+    def __init__(self, host: SanlockDaemon | NoSanlock, pool: Pool, host_id: int, name: str):
         # Only [host] matters here ([lease] does not exist for the HSM); no
         # metrics port, and a libvirt that is not there (the HSM keeps trying).
         conf = os.path.join(pool.workdir, f"{name}.conf")
@@ -192,6 +202,16 @@ def test_spm_and_hsm_started_together(pool: Pool, sanlock_hosts: Hosts) -> None:
     assert len(spaces(host, location)) == 1
     assert hsm.terminate() == 0 and proc.terminate() == 0
     assert not spaces(host, location)
+
+
+def test_hsm_without_sanlock_daemon(pool: Pool) -> None:
+    """No sanlock daemon: the HSM cannot hold its id, says so in one line
+    and exits 1 (systemd retries: sanlock may still be starting)."""
+    hsm = HsmProcess(NoSanlock(), pool, 1, "hsm-nosanlock")
+    assert hsm.wait(30) == 1, hsm.log()
+    assert "Traceback" not in hsm.log()
+    [line] = [ln for ln in hsm.log().splitlines() if "cannot start" in ln]
+    assert "sanlock" in line, line
 
 
 def test_host_id_above_max_hosts_refused(pool: Pool, sanlock_hosts: Hosts) -> None:
