@@ -3,8 +3,11 @@
 Every LVM command xtnd runs (process or shell) reads its configuration from
 here instead of /etc/lvm:
 
-- lvm.conf is a symlink to the host's, so the host's settings still apply;
-- lvmlocal.conf is the host's plus ``global { use_aio = 0 }``. LVM reads
+- lvm.conf is the host's without its comment lines: the same settings,
+  but a shell parses it again for every command (``--config`` makes LVM
+  reload its configuration), and Debian's is ~110 KB of comments;
+- lvmlocal.conf is the host's (also without comments) plus
+  ``global { use_aio = 0 }``. LVM reads
   devices through a Linux AIO context and destroys it at the end of every
   command; io_destroy(2) waits for an RCU grace period, which on a busy
   2-core host is 30-50 ms: most of an lvextend. Synchronous O_DIRECT I/O
@@ -74,6 +77,16 @@ def _read(path: str) -> str:
         return ""
 
 
+def settings(text: str) -> str:
+    """An LVM config file without its comment and blank lines.
+
+    Only whole lines starting with '#' go: a '#' after a setting may be
+    inside a quoted string (a filter regex), so those lines are kept whole.
+    """
+    lines = [line for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return "".join(line + "\n" for line in lines)
+
+
 def prepare(path: str = DEFAULT_DIR, host_dir: str = HOST_DIR) -> str:
     """Create or update the directory at path; return path.
 
@@ -82,16 +95,10 @@ def prepare(path: str = DEFAULT_DIR, host_dir: str = HOST_DIR) -> str:
     """
     with _lock:
         os.makedirs(os.path.join(path, "profile"), mode=0o755, exist_ok=True)
-        host_conf = os.path.join(host_dir, "lvm.conf")
-        link = os.path.join(path, "lvm.conf")
-        if os.path.exists(host_conf):
-            if not os.path.islink(link) or os.readlink(link) != host_conf:
-                tmp = f"{link}.tmp.{os.getpid()}.{threading.get_ident()}"
-                os.symlink(host_conf, tmp)
-                os.rename(tmp, link)
-        elif not os.path.exists(link):
-            _replace(link, "")
-        local = _read(os.path.join(host_dir, "lvmlocal.conf")) + _LOCAL_SETTINGS
+        conf = settings(_read(os.path.join(host_dir, "lvm.conf")))
+        if _read(os.path.join(path, "lvm.conf")) != conf:
+            _replace(os.path.join(path, "lvm.conf"), conf)
+        local = settings(_read(os.path.join(host_dir, "lvmlocal.conf"))) + _LOCAL_SETTINGS
         if _read(os.path.join(path, "lvmlocal.conf")) != local:
             _replace(os.path.join(path, "lvmlocal.conf"), local)
         profile = os.path.join(path, "profile", f"{SHELL_PROFILE}.profile")

@@ -223,13 +223,20 @@ def test_sysdir(tmp_path: object) -> None:
     host = os.path.join(path, "host")
     os.makedirs(host)
     with open(os.path.join(host, "lvm.conf"), "w") as f:
-        f.write("devices {\n}\n")
+        f.write("# comment\ndevices {\n\t# filter = []\n\n\tfilter = [ \"r|#|\", # kept\n\t\"a|.*|\" ]\n}\n")
     with open(os.path.join(host, "lvmlocal.conf"), "w") as f:
         f.write('local {\n\tsystem_id = "h1"\n}\n')
     mine = sysdir.prepare(os.path.join(path, "mine"), host_dir=host)
-    assert os.readlink(os.path.join(mine, "lvm.conf")) == os.path.join(host, "lvm.conf")
+    conf = open(os.path.join(mine, "lvm.conf")).read()
+    assert conf == 'devices {\n\tfilter = [ "r|#|", # kept\n\t"a|.*|" ]\n}\n'
+    # LVM reads the same settings from both.
+    env = {**os.environ, "LVM_SYSTEM_DIR": host}
+    host_view = subprocess.run(["lvmconfig", "devices/filter"], env=env, capture_output=True, text=True)
+    env["LVM_SYSTEM_DIR"] = mine
+    mine_view = subprocess.run(["lvmconfig", "devices/filter"], env=env, capture_output=True, text=True)
+    assert host_view.stdout == mine_view.stdout and "r|#|" in mine_view.stdout
     local = open(os.path.join(mine, "lvmlocal.conf")).read()
-    assert local.startswith('local {\n\tsystem_id = "h1"') and "use_aio = 0" in local
+    assert local.startswith('local {\n\tsystem_id = "h1"\n}\n') and "use_aio = 0" in local
     assert os.path.exists(os.path.join(mine, "profile", sysdir.SHELL_PROFILE + ".profile"))
     assert sysdir.prepare(mine, host_dir=host) == mine
 
