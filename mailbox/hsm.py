@@ -36,6 +36,7 @@ from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 
+from xtnd.common import history
 from xtnd.common.waker import Waker
 
 from . import codec
@@ -204,6 +205,7 @@ class HSMMailbox:
             self._by_key[key] = req
             self._queue.append(req)
             self.stats["submitted"] += 1
+        history.record("sent", host=self.host_id, volume=str(msg.volume), size_mb=msg.size_mb)
         self._waker.wake()
         log.debug("submit domain=%s volume=%s size_mb=%d", domain, volume, msg.size_mb)
         return req.future
@@ -394,6 +396,8 @@ class HSMMailbox:
         with self._cond:
             self._by_key.pop(req.key, None)
         elapsed = self._clock() - req.submitted
+        history.record("taken", host=self.host_id, volume=str(req.msg.volume), size_mb=req.msg.size_mb,
+                       granted=size_mb)
         if size_mb == 0:
             self.stats["failures"] += 1
             log.warning("extend failed domain=%s volume=%s size_mb=%d elapsed=%.3f", req.msg.domain, req.msg.volume,

@@ -35,6 +35,7 @@ import threading
 import time
 from collections.abc import Callable
 
+from xtnd.common import faults, history
 from xtnd.common.ratelimit import RateLimitedLog
 from xtnd.common.waker import Waker
 
@@ -291,6 +292,7 @@ class SPMMailbox:
             return
         self.stats["requests"] += 1
         self._wave_requests += 1
+        history.record("seen", host=host, slot=i, volume=str(msg.volume), size_mb=msg.size_mb)
         req = Request(host, i, msg, raw, now)
         if self.config.workers == 0:
             with self._lock:
@@ -329,9 +331,13 @@ class SPMMailbox:
                 log.info("request withdrawn, dropping reply host_id=%d slot=%d", req.host_id, req.slot)
                 continue
             self._put_reply(req.host_id, req.slot, raw)
+            if history.enabled():
+                history.record("reply", host=req.host_id, slot=req.slot, volume=str(req.message.volume),
+                               size_mb=req.message.size_mb, granted=getattr(codec.decode(raw), "size_mb", 0))
 
     def _write_dirty(self) -> None:
         if self._image.dirty:
+            faults.point("spm.before_outbox_write")
             self.stats["outbox_writes"] += self._image.flush(self._outbox)
         with self._flushed:
             if self._written != self._taken:

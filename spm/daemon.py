@@ -55,7 +55,7 @@ import uuid as uuidlib
 from typing import Any
 
 from xtnd import lvm, storage
-from xtnd.common import cmd
+from xtnd.common import cmd, history
 from xtnd.common.control import set_log_level
 from xtnd.common.promhttp import MetricsServer
 from xtnd.common.sdnotify import notify as sd_notify
@@ -96,6 +96,12 @@ def _flush_logs() -> None:
 
 def _stamp() -> str:
     return f"mono={time.monotonic():.6f} wall={time.time():.6f}"
+
+
+def _generation(lease: spm_lease.SpmLease, host_id: int) -> int:
+    """Our lease generation as sanlock's owners show it (history only)."""
+    owners = lease._owners()  # one read, only when recording a history
+    return next((o.generation for o in owners if o.host_id == host_id), 0)
 
 
 def managed_domains(config: Config, hostcfg: storage.HostConfig) -> list[uuidlib.UUID]:
@@ -230,6 +236,7 @@ class SpmDaemon:
             return  # another thread is leaving already
         reap_children("lease lost")
         log.info("serving stopped host_id=%d reason=lease-lost %s", self.config.spm.host_id, _stamp())
+        history.record("stopped", host=self.config.spm.host_id, reason="lease-lost")
         _flush_logs()
         os._exit(EXIT_LEASE_LOST)
 
@@ -347,6 +354,8 @@ class SpmDaemon:
         self.metrics.watch("outbox", outbox.counters.snapshot)
         mailbox.register(codec.EXTEND_OPCODE, service.handle)
         lease.fence()
+        if history.enabled():
+            history.record("serving", host=cfg.spm.host_id, generation=_generation(lease, cfg.spm.host_id))
         log.info("serving started host_id=%d lockspace=%s %s", cfg.spm.host_id, lease.lockspace, _stamp())
         mailbox.start()
         self.role = "serving"
@@ -374,9 +383,11 @@ class SpmDaemon:
             self._leaving.acquire()
             reap_children("shutdown_grace passed")
             log.info("serving stopped host_id=%d reason=%s %s", cfg.spm.host_id, self._stop_reason, _stamp())
+            history.record("stopped", host=cfg.spm.host_id, reason="abandoned")
             _flush_logs()
             os._exit(EXIT_ABANDONED)
         log.info("serving stopped host_id=%d reason=%s %s", cfg.spm.host_id, self._stop_reason, _stamp())
+        history.record("stopped", host=cfg.spm.host_id, reason=self._stop_reason)
         log.info("stats %s mailbox=%s", self.metrics.summary(), mailbox.stats)
         watchdog.stop(timeout=10)
         inbox.close()

@@ -33,7 +33,7 @@ import uuid as uuidlib
 from collections.abc import Callable, Iterator
 
 from xtnd import lvm
-from xtnd.common import logfmt
+from xtnd.common import faults, history, logfmt
 from xtnd.common.units import round_up
 from xtnd.mailbox.spm import NoReply, Request
 from xtnd.storage import constants as c
@@ -232,6 +232,8 @@ class ExtendService:
         if lvx is not None:
             phases["lvextend"] = lvx
         self.metrics.finished(result, total, lvx, phases, kind)
+        history.record("done", host=req.host_id, slot=req.slot, volume=str(msg.volume), size_mb=msg.size_mb,
+                       result=result, granted=granted, reason=reason)
         level = logging.INFO if result in ("extended", "noop") else logging.WARNING
         log.log(
             level,
@@ -291,9 +293,13 @@ class ExtendService:
         t.fenced = True
         self.fence()
         t.fence = self._clock() - start
+        faults.point("spm.before_lvextend")
         start = self._clock()
+        history.record("lvm_start", cmd="lvextend", vg=block.vg, lv=lv.name, size=target)
+        ok = False
         try:
             new_size = lvm.lvextend(block.runner, block.vg, lv.name, target, self._alloc)
+            ok = True
         except lvm.NotEnoughFreeExtents as e:
             raise ExtendFailed(
                 f"no free space in domain {domain}: needed={e.needed} free={e.free} extents", "no_space"
@@ -306,5 +312,7 @@ class ExtendService:
             raise ExtendFailed(f"lvextend failed: {e}", "lvextend") from None
         finally:
             t.lvextend = self._clock() - start
+            history.record("lvm_done", cmd="lvextend", vg=block.vg, lv=lv.name, size=target, ok=ok)
+        faults.point("spm.after_lvextend")
         managed.update_size(volume, new_size)
         return "extended", new_size // MiB
