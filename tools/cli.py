@@ -27,6 +27,7 @@ TOP_COMMANDS = [
     "xtnd.tools.domain_cli",
     "xtnd.tools.demo",
     "xtnd.tools.hsm_cli",
+    "xtnd.tools.inject_cli",
     "xtnd.tools.spm_cli",
     "xtnd.tools.stats_cli",
     "xtnd.tools.status_cli",

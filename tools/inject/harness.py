@@ -1,0 +1,296 @@
+"""The throw-away rig of ``xtnd inject`` and the trial runner.
+
+One Rig per scenario run: a loop-device PV under /var/tmp with a master
+block domain (xtnd.tools.rig.spmd.Pool), one real sanlock daemon per SPM
+host in its own mount namespace, real ``xtnd spm`` processes, HSM mailbox
+clients in this process (the real HSM mailbox code, on real O_DIRECT
+files). Every trial gets its own volumes and history file; the SPMs and
+clients a trial starts are stopped at its end, the rig at the end of the
+run, also on Ctrl-C, SIGTERM or an exception (children also die with this
+process: PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid as uuidlib
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future
+from typing import Any
+
+from xtnd import lvm
+from xtnd.common import history
+from xtnd.mailbox.hsm import HSMMailbox
+from xtnd.tools.inject import checker
+from xtnd.tools.rig import loops, sanlockd
+from xtnd.tools.rig.spmd import EXTENT, MiB, Pool, SpmProcess
+from xtnd.tools.rig.wait import wait_for
+
+log = logging.getLogger("xtnd.inject")
+
+WORK_BASE = "/var/tmp/xtnd-inject"
+
+
+class SetupError(Exception):
+    """The rig cannot be built here (not root, sanlock missing, ...)."""
+
+
+def progress(text: str) -> None:
+    print(f"inject: {text}", file=sys.stderr, flush=True)
+
+
+@dataclasses.dataclass
+class Spm:
+    """A real ``xtnd spm`` process of the rig."""
+
+    name: str
+    host_id: int
+    proc: SpmProcess
+    killed: bool = False
+
+    @property
+    def pid(self) -> int:
+        return self.proc.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.proc.poll() is None
+
+
+class Trial:
+    """One trial of a scenario: its volumes, processes and history."""
+
+    def __init__(self, rig: Rig, index: int, seed: int):
+        self.rig = rig
+        self.index = index
+        self.rng = random.Random(seed)
+        self.dir = os.path.join(rig.workdir, f"trial{index}")
+        os.makedirs(self.dir)
+        self.history = os.path.join(self.dir, "history.jsonl")
+        self.spms: list[Spm] = []
+        self.clients: list[HSMMailbox] = []
+        self.processes: list[subprocess.Popen[bytes]] = []
+        self.volumes: list[uuidlib.UUID] = []
+        self.sizes_before: dict[str, int] = {}
+        self.violations: list[str] = []
+        self.may_die: set[str] = set()
+        self.bound = 60.0
+        history.enable(self.history, "harness")
+
+    @property
+    def pool(self) -> Pool:
+        return self.rig.pool
+
+    def phase(self, text: str) -> None:
+        progress(f"{self.rig.scenario} trial {self.index + 1}: {text}")
+
+    def fail(self, text: str) -> None:
+        self.violations.append(text)
+
+    def expect(self, cond: bool, text: str) -> None:
+        if not cond:
+            self.fail(text)
+
+    def inject(self, what: str) -> None:
+        self.phase(f"inject {what}")
+        history.record("inject", what=what)
+
+    # Pieces
+
+    def volume(self, capacity: int = 100 * MiB, size: int = 8 * MiB) -> uuidlib.UUID:
+        vol = self.pool.create_volume(capacity=capacity, size=size)
+        self.volumes.append(vol)
+        self.sizes_before[str(vol)] = self.pool.lv_size(vol)
+        return vol
+
+    def spm(self, host: int, env: dict[str, str] | None = None, wait: bool = True,
+            config: dict[str, str] | None = None) -> Spm:
+        """Start ``xtnd spm`` as SPM host ``host`` (1 or 2); wait until it
+        serves unless ``wait`` is False (a standby)."""
+        name = f"spm{host}" + (f".{sum(s.host_id == host for s in self.spms)}" if any(
+            s.host_id == host for s in self.spms) else "")
+        extra: dict[str, Any] = dict(config or {})  # "section.option" -> value
+        conf = self.pool.spm_config(host, name=f"{name}.conf", **extra)
+        full_env = {history.ENV: self.history, history.ENV_NAME: name, **(env or {})}
+        proc = SpmProcess(self.rig.hosts[host - 1], conf, os.path.join(self.dir, f"{name}.log"), env=full_env)
+        spm = Spm(name, host, proc)
+        self.spms.append(spm)
+        if wait:
+            proc.wait_serving(timeout=120)
+        return spm
+
+    def client(self, host_id: int, reoffer_timeout: float = 60.0) -> HSMMailbox:
+        hsm = self.pool.hsm(host_id=host_id, reoffer_timeout=reoffer_timeout)
+        hsm.start()
+        self.clients.append(hsm)
+        return hsm
+
+    def client_process(self, host_id: int, asks: list[tuple[uuidlib.UUID, int]],
+                       name: str = "") -> subprocess.Popen[bytes]:
+        """An HSM client in its own process (xtnd.tools.inject.client)."""
+        name = name or f"hsm{host_id}"
+        mbx = self.rig.mailbox
+        argv = [sys.executable, "-m", "xtnd.tools.inject.client", mbx.inbox, mbx.outbox, str(host_id),
+                str(self.pool.uuid), *(f"{v}:{s}" for v, s in asks)]
+        env = {**os.environ, history.ENV: self.history, history.ENV_NAME: name}
+        with open(os.path.join(self.dir, f"{name}.log"), "ab") as logf:
+            proc = subprocess.Popen(argv, env=env, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
+                                    preexec_fn=sanlockd.die_with_parent)
+        self.processes.append(proc)
+        return proc
+
+    def kill_process(self, proc: subprocess.Popen[bytes], name: str) -> None:
+        history.record("killed", target=proc.pid, name=name, signal="SIGKILL")
+        proc.kill()
+        proc.wait()
+
+    def terminate(self, spm: Spm, timeout: float = 30.0) -> int:
+        """SIGTERM (a stop on purpose, not a death); its exit code."""
+        spm.killed = True
+        history.record("signal", target=spm.pid, name=spm.name, signal="SIGTERM")
+        spm.proc.proc.send_signal(signal.SIGTERM)
+        return spm.proc.wait(timeout=timeout)
+
+    def kill(self, spm: Spm, sig: signal.Signals = signal.SIGKILL) -> None:
+        spm.killed = sig == signal.SIGKILL
+        history.record("killed" if spm.killed else "signal", target=spm.pid, name=spm.name, signal=sig.name)
+        spm.proc.proc.send_signal(sig)
+        if spm.killed:
+            spm.proc.proc.wait()
+
+    def burst(self, hosts: list[int], volumes_per_host: int, steps: int) -> dict[Any, Future[int]]:
+        """Each host asks steps growing sizes for its own volumes, all at once."""
+        futures: dict[Any, Future[int]] = {}
+        for host in hosts:
+            hsm = self.client(host)
+            vols = [self.volume() for _ in range(volumes_per_host)]
+            for step in range(1, steps + 1):
+                for vol in vols:
+                    size = 8 * MiB + step * EXTENT
+                    futures[(host, vol, size)] = hsm.submit(self.pool.uuid, vol, size)
+        return futures
+
+    def wait_answers(self, futures: dict[Any, Future[int]], timeout: float | None = None) -> int:
+        """Wait for every future (bounded); returns how many were answered."""
+        deadline = time.monotonic() + (timeout or self.bound)
+        answered = 0
+        for fut in futures.values():
+            try:
+                fut.exception(timeout=max(0.0, deadline - time.monotonic()))
+                answered += 1
+            except TimeoutError:
+                pass
+        return answered
+
+    def wait_taken(self, count: int, timeout: float = 60.0) -> None:
+        """Wait until ``count`` answers were taken by this trial's clients."""
+        wait_for(lambda: sum(c.stats["replies"] + c.stats["failures"] for c in self.clients) >= count,
+                 timeout=timeout, interval=0.01, what=f"{count} answers")
+
+    # End of trial
+
+    def finish(self) -> checker.TrialResult:
+        for hsm in self.clients:
+            hsm.stop(timeout=5)
+        for proc in self.processes:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+        for spm in self.spms:
+            if not spm.killed and not spm.alive():
+                history.record("died", target=spm.pid, name=spm.name, rc=spm.proc.proc.returncode)
+        for spm in self.spms:
+            if spm.alive():
+                try:
+                    spm.proc.proc.send_signal(signal.SIGCONT)
+                    rc = spm.proc.terminate(timeout=30)
+                except AssertionError:
+                    spm.proc.proc.kill()
+                    spm.proc.proc.wait()
+                    rc = -9
+                if rc != 0:
+                    history.record("died", target=spm.pid, name=spm.name, rc=rc)
+        sizes = {}
+        for vol in self.volumes:
+            try:
+                sizes[str(vol)] = (self.sizes_before[str(vol)], self.pool.lv_size(vol))
+            except lvm.LVMError as e:
+                self.fail(f"cannot read size of {vol}: {e}")
+        history.disable()
+        result = checker.check(history.read(self.history), bound=self.bound, extent=EXTENT, sizes=sizes,
+                               may_die=self.may_die)
+        result.violations[:0] = self.violations
+        return result
+
+
+class Rig:
+    """Loop PV, master domain, sanlock daemons; torn down on exit."""
+
+    def __init__(self, scenario: str, sanlock_hosts: int = 2):
+        self.scenario = scenario
+        self.nhosts = sanlock_hosts
+        self.hosts: list[sanlockd.SanlockDaemon] = []
+        self._stack = contextlib.ExitStack()
+        self.workdir = ""
+        self.pool: Pool
+
+    def __enter__(self) -> Rig:
+        why = sanlockd.missing()
+        if why:
+            raise SetupError(f"cannot build the rig: {why}")
+        if lvm.device_mapper_available():
+            raise SetupError("the rig maps LVs with loop devices; this machine has device-mapper")
+        try:
+            os.makedirs(WORK_BASE, exist_ok=True)
+            # Loop devices left by a harness that died outright.
+            loops.detach_stale(lambda b: b.startswith(WORK_BASE + "/") and not os.path.exists(b))
+            self.workdir = os.path.join(WORK_BASE, f"{self.scenario}-{uuidlib.uuid4().hex[:8]}")
+            os.makedirs(self.workdir)
+            self._stack.callback(shutil.rmtree, self.workdir, True)
+            self._stack.callback(lambda: loops.detach_stale(lambda b: b.startswith(self.workdir + "/")))
+            pvs = self._stack.enter_context(loops.loop_pvs(self.workdir, count=1))
+            self.pool = Pool(self.workdir, pvs)
+            self._stack.callback(self._remove_pool)
+            # Looked up once: scenarios may hold the VG lock later.
+            self.mailbox = self.pool.domain.mailbox()
+            for i in range(self.nhosts):
+                daemon = sanlockd.SanlockDaemon(f"inject-host{i + 1}", self.workdir)
+                self._stack.callback(daemon.stop)
+                self.hosts.append(daemon.start())
+        except BaseException:
+            self._stack.close()
+            raise
+        return self
+
+    def _remove_pool(self) -> None:
+        self.pool.close()
+        with contextlib.suppress(lvm.LVMError):
+            lvm.vgremove(self.pool.domain.runner, self.pool.domain.vg)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """SIGTERM tears the rig down like Ctrl-C does."""
+
+    def handler(signo: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    old = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+TrialFunc = Callable[[Trial], None]
