@@ -42,6 +42,7 @@ def run_scenario(name: str, trials: int, seed: int) -> dict[str, Any]:
     totals = {"sent": 0, "answered": 0, "refused": 0, "lost": 0, "wrong_extends": 0, "overlapping_spms": 0}
     recoveries: list[float] = []
     failures: list[str] = []
+    logs: list[str] = []
     harness.progress(f"{name}: building the rig")
     with harness.Rig(name) as rig:
         for i in range(trials):
@@ -63,6 +64,10 @@ def run_scenario(name: str, trials: int, seed: int) -> dict[str, Any]:
             trial.phase(f"{verdict} sent={result.sent} answered={result.answered} lost={result.lost}"
                         + (f" first violation: {result.violations[0]}" if result.violations else ""))
             failures += [f"trial {i + 1}: {v}" for v in result.violations]
+            if result.violations:
+                kept = harness.keep(trial)
+                harness.progress(f"{name} trial {i + 1}: logs and history kept in {kept}")
+                logs.append(kept)
     report: dict[str, Any] = {"scenario": name, "trials": trials, **totals}
     report["recovery_p50"] = round(statistics.median(recoveries), 3) if recoveries else None
     report["recovery_max"] = round(max(recoveries), 3) if recoveries else None
@@ -70,6 +75,7 @@ def run_scenario(name: str, trials: int, seed: int) -> dict[str, Any]:
     if failures:
         report["reason"] = failures[0]
         report["violations"] = failures[:50]
+        report["logs"] = logs
     return report
 
 

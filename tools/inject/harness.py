@@ -38,6 +38,8 @@ from xtnd.tools.rig.wait import wait_for
 log = logging.getLogger("xtnd.inject")
 
 WORK_BASE = "/var/tmp/xtnd-inject"
+# Sparse; LVM keeps 256 MiB of it for metadata areas.
+PV_SIZE = 1024**3
 
 
 class SetupError(Exception):
@@ -63,6 +65,33 @@ class Spm:
 
     def alive(self) -> bool:
         return self.proc.proc.poll() is None
+
+
+def descendants(pid: int) -> list[int]:
+    """Every living process below pid (children, grandchildren, ...)."""
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        parent = todo.pop()
+        kids = []
+        try:
+            # Each thread has its own list: workers start LVM commands too.
+            for task in os.listdir(f"/proc/{parent}/task"):
+                with open(f"/proc/{parent}/task/{task}/children") as f:
+                    kids += [int(k) for k in f.read().split()]
+        except OSError:
+            continue
+        found += kids
+        todo += kids
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][:1] != "Z"
+    except OSError:
+        return False
 
 
 class Trial:
@@ -190,6 +219,14 @@ class Trial:
                 pass
         return answered
 
+    def events(self, ev: str) -> list[dict[str, Any]]:
+        return [e for e in history.read(self.history) if e["ev"] == ev]
+
+    def wait_event(self, ev: str, count: int = 1, timeout: float = 30.0) -> None:
+        """Wait until the history holds ``count`` events ``ev``."""
+        wait_for(lambda: len(self.events(ev)) >= count, timeout=timeout, interval=0.02,
+                 what=f"{count} {ev} event(s) in the history")
+
     def wait_taken(self, count: int, timeout: float = 60.0) -> None:
         """Wait until ``count`` answers were taken by this trial's clients."""
         wait_for(lambda: sum(c.stats["replies"] + c.stats["failures"] for c in self.clients) >= count,
@@ -225,10 +262,21 @@ class Trial:
             except lvm.LVMError as e:
                 self.fail(f"cannot read size of {vol}: {e}")
         history.disable()
+        # Free the trial's space for the next trial (the SPMs are stopped).
+        for vol in self.volumes:
+            with contextlib.suppress(lvm.LVMError):
+                lvm.lvremove(self.pool.domain.runner, self.pool.domain.vg, str(vol))
         result = checker.check(history.read(self.history), bound=self.bound, extent=EXTENT, sizes=sizes,
                                may_die=self.may_die)
         result.violations[:0] = self.violations
         return result
+
+
+def keep(trial: Trial) -> str:
+    """Copy a failed trial's logs and history out of the rig (removed at its end)."""
+    dest = os.path.join(WORK_BASE, "failed", f"{os.path.basename(trial.rig.workdir)}-trial{trial.index + 1}")
+    shutil.copytree(trial.dir, dest, dirs_exist_ok=True)
+    return dest
 
 
 class Rig:
@@ -256,7 +304,7 @@ class Rig:
             os.makedirs(self.workdir)
             self._stack.callback(shutil.rmtree, self.workdir, True)
             self._stack.callback(lambda: loops.detach_stale(lambda b: b.startswith(self.workdir + "/")))
-            pvs = self._stack.enter_context(loops.loop_pvs(self.workdir, count=1))
+            pvs = self._stack.enter_context(loops.loop_pvs(self.workdir, count=1, size=PV_SIZE))
             self.pool = Pool(self.workdir, pvs)
             self._stack.callback(self._remove_pool)
             # Looked up once: scenarios may hold the VG lock later.
