@@ -9,7 +9,7 @@ speaks the protocol for all hosts at once, doing the same handshake
   replies do: 2000 hosts cost one write, not 2000 serial ones, so the
   client is not slower than the SPM it measures; then one event;
 - it polls the block of the first host still waiting, reads the span of
-  all waiting hosts in one read when that one is answered (or every 10 ms),
+  all waiting hosts in one read when that one is answered (or every 50 ms),
   and backs off as an HSM does (HSMConfig's poll_min, poll_growth,
   poll_max), so its polling does not starve the SPM of CPU and storage on
   a small machine.
@@ -30,8 +30,9 @@ from xtnd.mailbox.outbox import runs
 
 BLOCK = codec.BLOCK_SIZE
 HEAD = codec.MESSAGE_HEAD_SIZE
-# Seconds between reads of every waiting host's block (see _wait).
-FULL_POLL = 0.01
+# Seconds between reads of every waiting host's block when the first
+# waiting host's stays unanswered (see _wait).
+FULL_POLL = 0.05
 
 
 class LeanHosts:
@@ -67,8 +68,12 @@ class LeanHosts:
 
         A poll reads the block of the first host still waiting; the span of
         all waiting hosts is read when that block got an answer, or every
-        FULL_POLL seconds: on a small machine, reading 8 MiB every
-        millisecond would compete with the SPM for the storage it measures.
+        FULL_POLL seconds: on a small machine, reading 8 MiB every few
+        milliseconds would compete with the SPM for the storage it
+        measures. The SPM writes the replies it has in ascending host
+        order and its workers answer in the order it found the requests,
+        so each of its writes answers the first waiting host; FULL_POLL only
+        bounds how late a reply out of that order is seen.
         """
         waiting = {h: set(range(len(msgs))) for h, msgs in expect.items()}
         latencies: list[float] = []
