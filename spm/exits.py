@@ -30,9 +30,11 @@ REAP_FIRST_REPORT = 1.0
 REAP_LOG_INTERVAL = 10.0
 
 
-def reap_children(reason: str, log_interval: float = REAP_LOG_INTERVAL) -> None:
-    """No new child from now on; kill the live ones; return once all are dead."""
-    cmd.CHILDREN.close(reason)
+def reap_children(reason: str, log_interval: float = REAP_LOG_INTERVAL, close: bool = True) -> None:
+    """No new child from now on (unless not close); kill the live ones;
+    return once all are dead."""
+    if close:
+        cmd.CHILDREN.close(reason)
     killed = cmd.CHILDREN.kill()
     if not killed:
         return

@@ -31,14 +31,16 @@ from .filedomain import FileDomain, create_file_domain
 from .hostconfig import HostConfig
 from .model import (
     DomainInfo,
+    Fence,
     Format,
     LeaseLocation,
     LockspaceLocation,
     MailboxLocation,
     VolumeInfo,
     max_size,
+    no_fence,
 )
-from .spmowner import check_no_other_spm
+from .spmowner import check_no_other_spm, find_master
 
 __all__ = [
     "BlockDomain",
@@ -46,6 +48,7 @@ __all__ = [
     "DomainExists",
     "DomainInfo",
     "DomainNotFound",
+    "Fence",
     "FileDomain",
     "Format",
     "HostConfig",
@@ -64,6 +67,8 @@ __all__ = [
     "check_no_other_spm",
     "create_block_domain",
     "create_file_domain",
+    "find_master",
     "max_size",
+    "no_fence",
     "open_domain",
 ]

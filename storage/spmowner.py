@@ -61,6 +61,15 @@ def check_no_other_spm(domain: Domain, config: HostConfig) -> None:
         log.info("no master domain found, nothing to check domain=%s", domain.uuid)
 
 
+def find_master(domain: BlockDomain, config: HostConfig) -> BlockDomain | None:
+    """The master domain of domain's pool: domain itself, else the first
+    master domain among the block domains of config; None if none is."""
+    for candidate in _candidates(domain, config):
+        if candidate.spm_lease_leader() is not None:
+            return candidate
+    return None
+
+
 def _candidates(domain: BlockDomain, config: HostConfig) -> Iterator[BlockDomain]:
     """domain, then the other block domains of config
     (spm_lease_leader() is None for a non-master)."""

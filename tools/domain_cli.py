@@ -32,17 +32,22 @@ took over); it is dangerous: use it only when no SPM runs anywhere.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import re
 import sys
 import uuid as uuidlib
+from collections.abc import Iterator
 from typing import Any, Protocol
 
 from xtnd import lvm, storage
 from xtnd.common.cmd import CommandError
-from xtnd.spm import control
+from xtnd.hsm import config as hsm_config
+from xtnd.spm import borrow, control
+from xtnd.spm import config as spm_config
+from xtnd.spm.borrow import CannotTakeLease
 from xtnd.spm.control import ControlClient, volume_from_dict
 from xtnd.storage import constants as c
 from xtnd.storage import sanlockdirect
@@ -52,8 +57,11 @@ log = logging.getLogger("xtnd.tools.domain")
 
 _UNITS = {"": 1, "b": 1, "k": c.KiB, "m": c.MiB, "g": c.GiB, "t": 1024 * c.GiB}
 
-# Exit code when another host is the SPM (SpmLeaseHeld).
+# Exit code when another host is the SPM (SpmLeaseHeld), or the SPM lease
+# cannot be taken for the command (CannotTakeLease).
 EXIT_NOT_SPM = 2
+SPM_CONFIG = spm_config.DEFAULT_PATH
+HSM_CONFIG = "/etc/xtnd/hsm.conf"
 
 
 def parse_size(text: str) -> int:
@@ -141,15 +149,15 @@ class LocalBackend:
 
     def create_volume(self, args: argparse.Namespace) -> storage.VolumeInfo:
         domain = self._open(args, args.domain, writable=True)
-        self._refuse_if_spm_elsewhere(domain, "create", args.uuid)
-        return domain.create_volume(
-            args.uuid, args.capacity, args.format, initial_size=args.initial_size, image=args.image
-        )
+        with self._as_spm(args, domain, "create") as fence:
+            return domain.create_volume(
+                args.uuid, args.capacity, args.format, initial_size=args.initial_size, image=args.image, fence=fence
+            )
 
     def remove_volume(self, args: argparse.Namespace) -> None:
         domain = self._open(args, args.domain, writable=True)
-        self._refuse_if_spm_elsewhere(domain, "remove", args.uuid)
-        domain.remove_volume(args.uuid)
+        with self._as_spm(args, domain, "remove") as fence:
+            domain.remove_volume(args.uuid, fence=fence)
 
     def volume_info(self, args: argparse.Namespace) -> storage.VolumeInfo:
         return self._open(args, args.domain).volume_info(args.uuid)
@@ -157,15 +165,55 @@ class LocalBackend:
     def list_volumes(self, args: argparse.Namespace) -> list[storage.VolumeInfo]:
         return self._open(args, args.domain).list_volumes()
 
-    def _refuse_if_spm_elsewhere(self, domain: storage.Domain, op: str, volume: uuidlib.UUID) -> None:
+    @contextlib.contextmanager
+    def _as_spm(self, args: argparse.Namespace, domain: storage.Domain, op: str) -> Iterator[storage.Fence]:
+        """Hold the pool's SPM lease around a block volume command; yield its fence."""
         if not self.check_spm:
-            log.warning("SPM lease not checked (--local) op=%s domain=%s volume=%s", op, domain.uuid, volume)
+            log.info("SPM lease not taken (--local) op=%s domain=%s volume=%s", op, domain.uuid, args.uuid)
+            yield storage.no_fence
+            return
+        if not isinstance(domain, storage.BlockDomain):
+            yield storage.no_fence  # file volumes are files, not LVM metadata
             return
         try:
+            # Reading the lease from storage refuses at once, naming the SPM.
             storage.check_no_other_spm(domain, self.config)
         except storage.SpmLeaseHeld as e:
-            log.warning("refused op=%s domain=%s volume=%s owner_host_id=%d", op, domain.uuid, volume, e.host_id)
+            log.warning("refused op=%s domain=%s volume=%s owner_host_id=%d", op, domain.uuid, args.uuid, e.host_id)
             raise
+        master = storage.find_master(domain, self.config)
+        if master is None:
+            raise CannotTakeLease(
+                f"no master domain of domain {domain.uuid} in {self.config.path}: cannot take the SPM lease"
+            )
+        host_id = _host_id(args)
+        with borrow.spm_lease(master, host_id) as lease:
+            log.info("SPM lease taken op=%s domain=%s volume=%s host_id=%d", op, domain.uuid, args.uuid, host_id)
+            yield lease.fence
+
+
+def _host_id(args: argparse.Namespace) -> int:
+    """This host's id: --host-id, else [spm] host_id or the HSM's [host] host_id."""
+    if args.host_id:
+        return int(args.host_id)
+    for path, read in ((SPM_CONFIG, _spm_host_id), (HSM_CONFIG, _hsm_host_id)):
+        if os.path.exists(path):
+            try:
+                return read(path)
+            except (ValueError, OSError) as e:
+                raise CannotTakeLease(f"cannot read this host's id from {path}: {e}") from None
+    raise CannotTakeLease(
+        f"cannot take the SPM lease: this host's id is unknown (give --host-id, or set it in {SPM_CONFIG} or "
+        f"{HSM_CONFIG})"
+    )
+
+
+def _spm_host_id(path: str) -> int:
+    return spm_config.load(path).spm.host_id
+
+
+def _hsm_host_id(path: str) -> int:
+    return hsm_config.load(path).host.host_id
 
 
 class SpmBackend(LocalBackend):
@@ -259,7 +307,7 @@ def _run(func: Any, args: argparse.Namespace) -> int:
         return 1
     try:
         func(_backend(args), args)
-    except storage.SpmLeaseHeld as e:
+    except (storage.SpmLeaseHeld, CannotTakeLease) as e:
         print(f"xtnd: error: {e} (--local skips this check: only when no SPM runs anywhere)", file=sys.stderr)
         return EXIT_NOT_SPM
     except (storage.StorageError, lvm.LVMError, lvm.ActivationError, CommandError, OSError) as e:
@@ -314,6 +362,13 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 
 def _local(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--host-id",
+        type=int,
+        metavar="N",
+        help=f"this host's id, to take the SPM lease when no SPM daemon runs here (default: [spm] host_id of "
+        f"{SPM_CONFIG}, else [host] host_id of {HSM_CONFIG})",
+    )
     p.add_argument(
         "--local",
         action="store_true",

@@ -43,14 +43,14 @@ def test_block_domain(pvs: list[str], config: str, capsys: pytest.CaptureFixture
     assert xtnd("domain", "info", "--uuid", sd, "--json", *cfg) == 0
     info = json.loads(capsys.readouterr().out)
     assert (info["kind"], info["master"], info["pvs"]) == ("block", True, [pvs[0]])
-    assert (
-        xtnd("volume", "create", "--domain", sd, "--uuid", vol, "--capacity", "100M", "--initial-size", "8M", *cfg) == 0
-    )
+    # --local: no sanlock here (taking the SPM lease: test_spmowner.py).
+    create = ["volume", "create", "--domain", sd, "--uuid", vol, "--capacity", "100M", "--initial-size", "8M"]
+    assert xtnd(*create, "--local", *cfg) == 0
     capsys.readouterr()
     assert xtnd("volume", "list", "--domain", sd, "--json", *cfg) == 0
     [listed] = json.loads(capsys.readouterr().out)
     assert (listed["uuid"], listed["format"], listed["size"], listed["max_size"]) == (vol, "qcow2", 8 * MiB, 110 * MiB)
-    assert xtnd("volume", "remove", "--domain", sd, "--uuid", vol, *cfg) == 0
+    assert xtnd("volume", "remove", "--domain", sd, "--uuid", vol, "--local", *cfg) == 0
     capsys.readouterr()
     assert xtnd("volume", "info", "--domain", sd, "--uuid", vol, *cfg) == 1
     assert "not found" in capsys.readouterr().err

@@ -50,7 +50,9 @@ def rig() -> Iterator[Rig]:
             env = {**os.environ, "XTND_SPM_SOCKET": os.path.join(path, "no-spm.sock")}
             for argv in (
                 ["domain", "create", "--uuid", sd, "--pv", pv, "--master", "--extent-size", "4M"],
-                ["volume", "create", "--domain", sd, "--uuid", vol, "--capacity", "64M", "--initial-size", "8M"],
+                # --local: bootstrap, no sanlock daemon for this rig.
+                ["volume", "create", "--domain", sd, "--uuid", vol, "--capacity", "64M", "--initial-size", "8M"]
+                + ["--local"],
             ):
                 subprocess.run([XTND, *argv, "--storage-config", storage], check=True, capture_output=True, env=env)
             yield Rig(path, storage, sd, vol, pv)
@@ -68,7 +70,10 @@ def write(path: str, text: str) -> str:
 
 
 def mistakes(r: Rig) -> list[tuple[str, list[str], list[str], dict[str, str]]]:
-    """(name, argv, facts the one line must name, extra env)."""
+    """(name, argv, facts the one line must name, extra env).
+
+    Volume creates run with --local: no sanlock daemon here to take the SPM
+    lease with (tests/storage/test_spmowner.py covers that)."""
     d = r.dir
     master = r.domain
     other = str(uuid.uuid4())
@@ -137,19 +142,19 @@ def mistakes(r: Rig) -> list[tuple[str, list[str], list[str], dict[str, str]]]:
         ("unknown volume", ["volume", "info", *new, *st], ["not found in storage domain", master], {}),
         (
             "volume exists",
-            ["volume", "create", *vol, "--capacity", "64M", "--initial-size", "8M", *st],
+            ["volume", "create", *vol, "--capacity", "64M", "--initial-size", "8M", "--local", *st],
             [r.volume, "already exists"],
             {},
         ),
         (
             "full VG",
-            ["volume", "create", *new, "--capacity", "10G", *st],
+            ["volume", "create", *new, "--capacity", "10G", "--local", *st],
             [f"domain {master} has", "free extents", "a qcow2 volume starts at one chunk, 640 extents (2.5 GiB)"],
             {},
         ),
         (
             "raw bigger than VG",
-            ["volume", "create", *new, "--capacity", "4G", "--format", "raw", *st],
+            ["volume", "create", *new, "--capacity", "4G", "--format", "raw", "--local", *st],
             ["a raw volume takes its whole capacity, 1024 extents (4.0 GiB)"],
             {},
         ),
@@ -161,7 +166,7 @@ def mistakes(r: Rig) -> list[tuple[str, list[str], list[str], dict[str, str]]]:
         ),
         (
             "zero initial size",
-            ["volume", "create", *new, "--capacity", "1G", "--initial-size", "0", *st],
+            ["volume", "create", *new, "--capacity", "1G", "--initial-size", "0", "--local", *st],
             ["initial size must be positive"],
             {},
         ),

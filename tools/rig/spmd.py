@@ -202,14 +202,15 @@ LVM_LOCK_DIR = "/run/lock/lvm"
 
 
 @contextlib.contextmanager
-def vg_locked(vg: str) -> Iterator[None]:
+def vg_locked(vg: str, shared: bool = False) -> Iterator[None]:
     """Hold LVM's own lock of vg (flock on its lock file): every LVM command
-    that writes vg metadata waits until the block ends. Lets a test keep
-    extends in flight for as long as it needs, without sleeping."""
+    that writes vg metadata waits until the block ends (and, unless shared,
+    every one that reads it). Lets a test keep extends in flight for as
+    long as it needs, without sleeping."""
     os.makedirs(LVM_LOCK_DIR, exist_ok=True)
     fd = os.open(os.path.join(LVM_LOCK_DIR, f"V_{vg}"), os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        fcntl.flock(fd, fcntl.LOCK_SH if shared else fcntl.LOCK_EX)
         yield
     finally:
         os.close(fd)
