@@ -9,8 +9,8 @@ stored in the lockspace), acquire the SPM lease through a registered
 sanlock connection, run, release. Every write is fenced with the lease
 (lease.fence()); children are dead before the release (exits.py).
 
-The lockspace is left again only if this command joined it: a membership
-the host already had (its HSM, an earlier SPM) is not ours to drop.
+The host's membership of the lockspace is shared with its HSM and SPM
+(xtnd.storage.lockspace): the command leaves it only as its last user.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ import logging
 from collections.abc import Iterator
 
 from xtnd import storage
-from xtnd.storage import sanlockdirect
+from xtnd.storage import lockspace
 
 from .exits import reap_children
 from .lease import LeaseBusy, LeaseError, SpmLease
@@ -44,17 +44,17 @@ def spm_lease(master: storage.BlockDomain, host_id: int) -> Iterator[SpmLease]:
     try:
         ls = master.lockspace()
         loc = master.spm_lease()
-        io_timeout = sanlockdirect.lockspace_io_timeout(ls.name, ls.path, ls.offset)
+        # Checked against the domain; joins with the io_timeout on disk.
+        membership = lockspace.membership_for(master, host_id)
     except (storage.StorageError, OSError) as e:
         raise CannotTakeLease(f"cannot take the SPM lease of {where}: {e}") from e
     lease = SpmLease(
-        ls.name, host_id, ls.path, loc.path, offset=loc.offset, resource=loc.resource, io_timeout=io_timeout
+        ls.name, host_id, ls.path, loc.path, offset=loc.offset, resource=loc.resource, io_timeout=membership.io_timeout
     )
-    joined = False
     try:
         try:
-            log.info("taking the SPM lease lockspace=%s host_id=%d io_timeout=%d", ls.name, host_id, io_timeout)
-            joined = lease.join()
+            log.info("taking the SPM lease lockspace=%s host_id=%d", ls.name, host_id)
+            membership.join()
             lease.acquire()
         except LeaseBusy as e:
             owner = e.owners[0] if e.owners else None
@@ -63,6 +63,8 @@ def spm_lease(master: storage.BlockDomain, host_id: int) -> Iterator[SpmLease]:
             raise storage.SpmLeaseHeld(master.uuid, owner.host_id, owner.generation) from e
         except LeaseError as e:
             raise CannotTakeLease(f"cannot take the SPM lease of {where}: {e.reason}") from e
+        except lockspace.MembershipError as e:
+            raise CannotTakeLease(f"cannot take the SPM lease of {where}: {e}") from e
         try:
             yield lease
         finally:
@@ -72,8 +74,5 @@ def spm_lease(master: storage.BlockDomain, host_id: int) -> Iterator[SpmLease]:
             reap_children("releasing the SPM lease", close=False)
     finally:
         lease.close()
-        if joined:
-            try:
-                lease.leave()
-            except LeaseError as e:
-                log.warning("cannot leave lockspace lockspace=%s host_id=%d: %s", ls.name, host_id, e)
+        # Shared with this host's HSM or SPM: left only by its last user.
+        membership.leave()

@@ -170,10 +170,8 @@ class SpmLease:
 
     # Lockspace
 
-    def join(self) -> bool:
-        """Acquire our host id in the lockspace; blocks until done.
-
-        False if this host was a member already (nothing done)."""
+    def join(self) -> None:
+        """Acquire our host id in the lockspace; blocks until done."""
         start = self._clock()
         try:
             sanlock.add_lockspace(self._ls, self.host_id, self.ids_path, iotimeout=self.io_timeout)
@@ -182,11 +180,10 @@ class SpmLease:
                 raise LeaseError(f"cannot join lockspace {self.lockspace} as host {self.host_id}: {e}") from e
             # A previous SPM process left it joined: the daemon keeps it.
             log.info("already in lockspace lockspace=%s host_id=%d", self.lockspace, self.host_id)
-            return False
+            return
         log.info(
             "joined lockspace lockspace=%s host_id=%d elapsed=%.3f", self.lockspace, self.host_id, self._clock() - start
         )
-        return True
 
     def leave(self) -> None:
         """Release our host id; fails if the lease is still held."""
