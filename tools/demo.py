@@ -57,6 +57,7 @@ from collections.abc import Iterator
 from types import FrameType
 from typing import Any
 
+from rich import box
 from rich.console import Console, Group
 from rich.live import Live
 from rich.panel import Panel
@@ -148,6 +149,8 @@ class State:
         self.events: collections.deque[tuple[float, str]] = collections.deque(maxlen=200)
         self.guests: dict[str, GuestState] = {}
         self.hsm: dict[int, dict[str, Any]] = {}
+        # host -> the last status of its guest's drive (kept after the guest stops).
+        self.drives: dict[int, dict[str, Any]] = {}
         self.spm: dict[int, dict[str, Any]] = {}
         self.lease: tuple[int, int] | None = None  # owner host id, generation
         self.killed: tuple[int, float] | None = None  # host, monotonic
@@ -203,6 +206,8 @@ class Poller(threading.Thread):
                 info = None
             with st.lock:
                 st.hsm[host.host_id] = info or {}
+                if info and info.get("drives"):
+                    st.drives[host.host_id] = info["drives"][0]
             if host.spm is not None:
                 spm: dict[str, Any] = {"role": "killed" if host.spm.killed_at else "down"}
                 if host.spm.alive():
@@ -327,12 +332,14 @@ def _mib(n: int | None) -> str:
 
 
 def view(state: State, duration: float, failover_at: float | None) -> Group:
+    """One screen (~30 lines): hosts with their volume, last extends, events."""
     st = state
     with st.lock:
         now = time.monotonic()
-        hosts = Table(title="hosts", expand=True, title_justify="left")
-        for col in ("host", "role", "SPM daemon", "HSM", "in flight", "extends", "guest"):
+        hosts = Table(box=box.SIMPLE_HEAD, expand=True, pad_edge=False)
+        for col in ("host", "role", "xtnd spm", "in flight", "extends", "guest", "allocation / physical"):
             hosts.add_column(col)
+        hosts.add_column("capacity", justify="right")
         guests = {g.host: g for g in st.guests.values()}
         for hid in range(1, st.hosts + 1):
             spm = st.spm.get(hid)
@@ -340,39 +347,27 @@ def view(state: State, duration: float, failover_at: float | None) -> Group:
             spm_role = spm.get("role", "-") if spm else "-"
             role = "SPM" if spm_role == "serving" else "standby" if spm_role == "standby" else "HSM"
             style = "bold green" if role == "SPM" else "yellow" if role == "standby" else ""
-            if spm_role == "killed":
-                style = "red"
             g = guests.get(hid)
+            d = st.drives.get(hid)
+            volume = Text("-")
+            if d is not None:
+                volume = Text(_bar(d["allocation"], d["physical"], 16), style="cyan")
+                volume.append(f" {_mib(d['allocation'])} / {_mib(d['physical'])}", style="")
+            in_flight = hsm.get("in_flight", "-") if hsm else "HSM down"
             hosts.add_row(
                 f"host {hid}",
                 Text(role, style=style),
-                Text(spm_role, style="red" if spm_role == "killed" else ""),
-                "up" if hsm else "down",
-                str(hsm.get("in_flight", "-")),
+                Text(spm_role, style="bold red" if spm_role == "killed" else ""),
+                str(in_flight),
                 str(sum(1 for e in st.extends if e.host == hid)),
                 Text(g.state if g else "-", style="bold red" if g and g.paused_since else ""),
+                volume,
+                _mib(d["capacity"]) if d else "-",
             )
-        lease = (
-            f"SPM lease: held by host {st.lease[0]}, generation {st.lease[1]}" if st.lease else "SPM lease: free"
-        )
-        volumes = Table(title="volumes (allocation / physical / capacity)", expand=True, title_justify="left")
-        for col in ("host", "vm", "state", "allocation", "", "physical", "capacity"):
-            volumes.add_column(col)
-        for hid in range(1, st.hosts + 1):
-            for d in st.hsm.get(hid, {}).get("drives", []):
-                volumes.add_row(
-                    f"host {hid}",
-                    d["vm"][len(DOMAIN_PREFIX) :] if d["vm"].startswith(DOMAIN_PREFIX) else d["vm"],
-                    d["state"],
-                    Text(_bar(d["allocation"], d["physical"]), style="cyan"),
-                    _mib(d["allocation"]),
-                    _mib(d["physical"]),
-                    _mib(d["capacity"]),
-                )
-        extends = Table(title="last extends (ms)", expand=True, title_justify="left")
-        for col in ("ago", "host", "trigger", "MiB", *PHASES):
+        extends = Table(box=box.SIMPLE_HEAD, expand=True, pad_edge=False)
+        for col in ("ago", "host", "trigger", "MiB", *(f"{p} ms" for p in PHASES)):
             extends.add_column(col, justify="right")
-        for e in st.extends[-6:][::-1]:
+        for e in st.extends[-5:][::-1]:
             extends.add_row(
                 f"{now - e.at:.0f}s",
                 str(e.host),
@@ -380,18 +375,19 @@ def view(state: State, duration: float, failover_at: float | None) -> Group:
                 f"{e.old_mb}→{e.new_mb}",
                 *(f"{e.phases_ms[p]:.0f}" for p in PHASES),
             )
-        events = Text("\n".join(f"{t - st.t0:6.1f}s  {text}" for t, text in list(st.events)[-8:]))
+        events = Text("\n".join(f"{t - st.t0:6.1f}s  {text}" for t, text in list(st.events)[-7:]))
         elapsed = now - st.t0
         head = f"[bold]xtnd demo[/]  {st.phase}  {elapsed:.0f}s / ~{duration:.0f}s of writing"
         if failover_at is not None and st.killed is None:
             head += f"   SPM failover in {max(0.0, failover_at - now):.0f}s"
         pauses = sum(len(g.pauses) for g in st.guests.values())
-        head += f"   extends {len(st.extends)}  pauses {pauses}"
+        head += f"   extends {len(st.extends)}  ENOSPC pauses {pauses}"
+        lease = f"held by host {st.lease[0]}, generation {st.lease[1]}" if st.lease else "free"
+        head += f"\n[bold]SPM lease:[/] {lease}"
     return Group(
         Text.from_markup(head),
-        Text(lease, style="bold"),
         hosts,
-        volumes,
+        Text("last extends (HSM extend-complete lines)", style="bold"),
         extends,
         Panel(events, title="events", title_align="left"),
     )
