@@ -267,11 +267,12 @@ class SpmDaemon:
         try:
             # max_hosts and io_timeout as stored in the master domain.
             membership = membership_for(master, cfg.spm.host_id, io_timeout=cfg.lease.io_timeout)
-        except MembershipRefused as e:
-            log.error("refusing to start: %s", e)
+        except MembershipError as e:
+            refused = isinstance(e, MembershipRefused)
+            log.error("%s: %s", "refusing to start" if refused else "cannot start", e)
             if self.opener.shell is not None:
                 self.opener.shell.close()
-            return EXIT_CONFIG
+            return EXIT_CONFIG if refused else EXIT_ERROR
         self.lease = lease = spm_lease.SpmLease(
             lockspace.name,
             cfg.spm.host_id,

@@ -178,7 +178,10 @@ def membership_for(
     see Membership."""
     location = domain.lockspace()
     check_host_id(location.name, host_id, domain.mailbox().max_hosts)
-    on_disk = sanlockdirect.lockspace_io_timeout(location.name, location.path, location.offset)
+    try:
+        on_disk = sanlockdirect.lockspace_io_timeout(location.name, location.path, location.offset)
+    except LeaseAreaError as e:
+        raise MembershipError(f"cannot read the io_timeout of lockspace {location.name}: {e}") from e
     if io_timeout is not None:
         check_io_timeout(location.name, io_timeout, on_disk)
     return Membership(location, host_id, on_disk, exclusive=exclusive, lock_dir=lock_dir)
@@ -244,6 +247,7 @@ class Membership:
             daemon = sanlockutil.daemon_name()
         except (cmd.CommandError, ValueError) as e:
             raise MembershipError(f"cannot reach the sanlock daemon (is it running?): {e}") from e
+        daemon = daemon.replace("/", "_")  # a configured name is one path component here
         os.makedirs(os.path.join(self.lock_dir, daemon), mode=0o700, exist_ok=True)
         if self.exclusive is not None:
             self._role_fd = self._lock_role(self._lock_path(daemon, f".{self.exclusive}"), self.exclusive)
@@ -365,6 +369,12 @@ class Membership:
 
     def _refuse_live_owner(self, cancel: threading.Event | None) -> None:
         """HostIdBusy if another host renews our id's delta lease."""
+        try:
+            self._watch_owner(cancel)
+        except LeaseAreaError as e:
+            raise MembershipError(f"cannot read the delta lease of host id {self.host_id}: {e}") from e
+
+    def _watch_owner(self, cancel: threading.Event | None) -> None:
         first = DeltaLease.read(self.location, self.host_id)
         if not first.timestamp:
             return

@@ -214,6 +214,21 @@ def test_hsm_without_sanlock_daemon(pool: Pool) -> None:
     assert "sanlock" in line, line
 
 
+def test_unreadable_lockspace_fails_in_one_line(pool: Pool, sanlock_hosts: Hosts) -> None:
+    """The ids area holds no lockspace (wiped): neither daemon can know the
+    io_timeout to join with; both exit 1 with one line, no traceback."""
+    [host] = sanlock_hosts(1)
+    location = pool.domain.lockspace()
+    with DirectFile(location.path) as ids:
+        ids.write(0, bytes(1024 * 1024))
+    hsm = HsmProcess(host, pool, 1, "hsm-wiped")
+    proc = spm(pool, host, 1, "spm-wiped")
+    for rc, text in ((hsm.wait(30), hsm.log()), (proc.wait(30), proc.log())):
+        assert rc == 1 and "Traceback" not in text, text
+        [line] = [ln for ln in text.splitlines() if "cannot start" in ln]
+        assert f"cannot read the io_timeout of lockspace {location.name}" in line, line
+
+
 def test_host_id_above_max_hosts_refused(pool: Pool, sanlock_hosts: Hosts) -> None:
     [host] = sanlock_hosts(1)
     hsm = HsmProcess(host, pool, 11, "hsm11")
