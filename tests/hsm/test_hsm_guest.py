@@ -276,11 +276,12 @@ def test_vg_full_resumes_when_space_added(
     rig: guest.Rig,
     libvirt_events: EventLoop,
 ) -> None:
-    """A 128 MiB PV holds the special LVs (56 MiB) and at most 68 MiB of
+    """A 128 MiB PV with 1 MiB metadata areas (the 128 MiB production ones
+    would not fit) holds the special LVs (56 MiB) and at most ~66 MiB of
     volume: the guest writing 80 MiB pauses, the SPM refuses every extend,
     the HSM keeps retrying with backoff; once space is added the next retry
     succeeds and the VM resumes with no other action."""
-    with hsmrig.pool(workdir, pv_size=128 * MiB) as pool:
+    with hsmrig.pool(workdir, pv_size=128 * MiB, metadata_size=1 * MiB) as pool:
         if add_space == "vgextend" and pool.domain.runner.driverloaded is False:
             pytest.skip(
                 "without device-mapper LVs are mapped by loop devices, which cannot map the two-segment LV "

@@ -117,8 +117,12 @@ class Pool:
 
 
 @contextlib.contextmanager
-def pool(workdir: str, pv_size: int = 512 * MiB) -> Iterator[Pool]:
-    """A master block domain on one loop PV; everything removed after."""
+def pool(workdir: str, pv_size: int = 512 * MiB, metadata_size: int = 0) -> Iterator[Pool]:
+    """A master block domain on one loop PV; everything removed after.
+
+    metadata_size (bytes, 0 for the production default) sizes the PV's LVM
+    metadata areas: tests that fill a small PV ask for small ones.
+    """
     with loops.loop_pvs(workdir, count=1, size=pv_size) as pvs:
         sd = uuid.uuid4()
         # Short sanlock io timeout: joining takes ~3 s instead of ~20 s.
@@ -130,6 +134,7 @@ def pool(workdir: str, pv_size: int = 512 * MiB) -> Iterator[Pool]:
             extent_size=EXTENT,
             activation="loop",
             io_timeout=spmd.IO_TIMEOUT,
+            **({"metadata_size": metadata_size} if metadata_size else {}),
         )
         host = xstorage.HostConfig(os.path.join(workdir, "storage.json"), activation="loop")
         host.add_block(sd, pvs)
