@@ -32,6 +32,7 @@ from xtnd.hsm import links
 from xtnd.mailbox import codec
 from xtnd.mailbox.directio import DirectFile
 from xtnd.mailbox.spm import Request, SPMConfig, SPMMailbox
+from xtnd.storage import constants as storage_constants
 from xtnd.tools.rig import loops, spmd
 from xtnd.tools.rig.sanlockd import SanlockDaemon
 from xtnd.tools.rig.wait import Timeout
@@ -134,7 +135,7 @@ def pool(workdir: str, pv_size: int = 512 * MiB, metadata_size: int = 0) -> Iter
             extent_size=EXTENT,
             activation="loop",
             io_timeout=spmd.IO_TIMEOUT,
-            **({"metadata_size": metadata_size} if metadata_size else {}),
+            metadata_size=metadata_size or storage_constants.METADATA_SIZE,
         )
         host = xstorage.HostConfig(os.path.join(workdir, "storage.json"), activation="loop")
         host.add_block(sd, pvs)
