@@ -171,8 +171,12 @@ def test_daemon_health_for_the_watchdog() -> None:
     monitor = SimpleNamespace(alive=True, heartbeat=now - 5, clock=lambda: now)
     mailbox = SimpleNamespace(alive=True)
     config = SimpleNamespace(monitor=SimpleNamespace(stats_interval=2.0))
-    hsm = SimpleNamespace(monitor=monitor, mailbox=mailbox, config=config)
+    watch = SimpleNamespace(lost=None, alive=True)
+    hsm = SimpleNamespace(monitor=monitor, mailbox=mailbox, config=config, host_id_watch=watch)
     assert daemon.HSM.health(hsm) == (True, "")  # type: ignore[arg-type]
+    watch.alive = False
+    assert daemon.HSM.health(hsm) == (False, "the host id watch thread is gone")  # type: ignore[arg-type]
+    watch.alive = True
     monitor.heartbeat = now - daemon.STUCK_AFTER - 1
     assert daemon.HSM.health(hsm) == (False, "the stats loop has not gone round for 121s")  # type: ignore[arg-type]
     monitor.heartbeat = now
