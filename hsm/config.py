@@ -23,82 +23,90 @@ from xtnd.mailbox.hsm import HSMConfig
 
 __all__ = ["ConfigError", "Config", "load", "show"]
 
-_opt = option
-
 
 @dataclasses.dataclass
 class HostSection:
-    host_id: int = _opt(
+    host_id: int = option(
         0, "This host's mailbox host id (1..max_hosts of the master domain).", ini.in_range(1, 2000), required=True
     )
-    master_domain: str = _opt("", "UUID of the pool's master domain, which holds the mailbox.", ini.uuid, required=True)
-    storage_config: str = _opt("/etc/xtnd/storage.json", "Where this host finds its storage domains (PVs, roots).")
-    run_dir: str = _opt(links.RUN_DIR, "Folder of prepared volume links: drives under it are monitored.")
-    workers: int = _opt(
+    master_domain: str = option(
+        "", "UUID of the pool's master domain, which holds the mailbox.", ini.uuid, required=True
+    )
+    storage_config: str = option("/etc/xtnd/storage.json", "Where this host finds its storage domains (PVs, roots).")
+    run_dir: str = option(links.RUN_DIR, "Folder of prepared volume links: drives under it are monitored.")
+    workers: int = option(
         4, "Threads running extends (each waits on the SPM, then refreshes and resumes).", ini.in_range(1, 256)
     )
-    control_socket: str = _opt(
+    control_socket: str = option(
         "/run/xtnd/hsm.sock", "Unix socket for `xtnd status` and log levels (root only); empty disables."
     )
 
 
 @dataclasses.dataclass
 class ThinSection:
-    chunk_mb: int = _opt(2560, "Size of one extend in MiB (doubled while a disk is replicated).", ini.at_least(1))
-    utilization_percent: int = _opt(20, "Extend when less than (100 - this)% of a chunk is free.", ini.in_range(0, 100))
+    chunk_mb: int = option(2560, "Size of one extend in MiB (doubled while a disk is replicated).", ini.at_least(1))
+    utilization_percent: int = option(
+        20, "Extend when less than (100 - this)% of a chunk is free.", ini.in_range(0, 100)
+    )
 
 
 @dataclasses.dataclass
 class MonitorSection:
-    stats_interval: float = _opt(2.0, "Seconds between bulk stats passes (one libvirt call for all VMs).", ini.positive)
-    extend_timeout: float = _opt(120.0, "Seconds to wait for the SPM's reply before counting a failure.", ini.positive)
+    stats_interval: float = option(
+        2.0, "Seconds between bulk stats passes (one libvirt call for all VMs).", ini.positive
+    )
+    extend_timeout: float = option(
+        120.0, "Seconds to wait for the SPM's reply before counting a failure.", ini.positive
+    )
 
 
 @dataclasses.dataclass
 class RetrySection:
-    backoff_initial: float = _opt(1.0, "Seconds before the first retry of a failed extend.", ini.positive)
-    backoff_max: float = _opt(
+    backoff_initial: float = option(1.0, "Seconds before the first retry of a failed extend.", ini.positive)
+    backoff_max: float = option(
         60.0, "Retries back off by doubling up to this many seconds, then keep going.", ini.positive
     )
 
 
 @dataclasses.dataclass
 class MailboxSection:
-    poll_min: float = _opt(HSMConfig.poll_min, "Seconds before the first outbox read after a request.", ini.positive)
-    poll_growth: float = _opt(
+    poll_min: float = option(HSMConfig.poll_min, "Seconds before the first outbox read after a request.", ini.positive)
+    poll_growth: float = option(
         HSMConfig.poll_growth, "Poll delay as a fraction of the time waited so far.", ini.non_negative
     )
-    poll_max: float = _opt(HSMConfig.poll_max, "Longest delay between outbox reads while waiting.", ini.positive)
-    reoffer_timeout: float = _opt(
+    poll_max: float = option(HSMConfig.poll_max, "Longest delay between outbox reads while waiting.", ini.positive)
+    reoffer_timeout: float = option(
         HSMConfig.reoffer_timeout, "Re-offer a request unanswered this long (seconds).", ini.positive
     )
-    clean_timeout: float = _opt(
+    clean_timeout: float = option(
         HSMConfig.clean_timeout, "Free a slot whose clean message is not echoed (seconds).", ini.positive
     )
-    error_backoff: float = _opt(HSMConfig.error_backoff, "Seconds between retries after a storage error.", ini.positive)
+    error_backoff: float = option(
+        HSMConfig.error_backoff, "Seconds between retries after a storage error.", ini.positive
+    )
 
 
 @dataclasses.dataclass
 class LibvirtSection:
-    uri: str = _opt("qemu:///system", "libvirt connection URI.")
-    reconnect_initial: float = _opt(
+    uri: str = option("qemu:///system", "libvirt connection URI.")
+    reconnect_initial: float = option(
         0.1, "Seconds before the first reconnect attempt after libvirtd went away.", ini.positive
     )
-    reconnect_max: float = _opt(5.0, "Reconnect attempts back off up to this many seconds.", ini.positive)
-    keepalive_interval: int = _opt(5, "Seconds between keepalive probes.", ini.at_least(1))
-    keepalive_count: int = _opt(3, "Unanswered probes before the connection counts as dead.", ini.at_least(1))
+    reconnect_max: float = option(5.0, "Reconnect attempts back off up to this many seconds.", ini.positive)
+    keepalive_interval: int = option(5, "Seconds between keepalive probes.", ini.at_least(1))
+    keepalive_count: int = option(3, "Unanswered probes before the connection counts as dead.", ini.at_least(1))
 
 
 @dataclasses.dataclass
 class LvmSection:
-    shell: bool = _opt(
+    shell: bool = option(
         True, "Run LVM (refresh reads) through one long-lived lvm shell process (false: one process per command)."
     )
 
 
 @dataclasses.dataclass
 class MetricsSection:
-    listen: str = _opt(
+    listen: str = option(
         "127.0.0.1:9711",
         "HOST:PORT serving Prometheus metrics at /metrics (plain HTTP: keep it local); empty disables.",
         ini.listen,
