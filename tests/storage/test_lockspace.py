@@ -329,3 +329,41 @@ def test_watch_reports_a_loss_once() -> None:
     assert not watch.step()
     assert not watch.step()
     assert [str(e) for e in lost] == ["host id 1 in lockspace ls lost: gone"]
+
+
+@pytest.mark.soak
+def test_random_stops_and_starts_keep_the_shared_id(pool: Pool, sanlock_hosts: Hosts) -> None:
+    """Many random stops and starts of the host's HSM and SPM: while either
+    runs the host holds its id, a running SPM never loses its lease, and
+    the last one to stop leaves the lockspace."""
+    import random
+
+    [host] = sanlock_hosts(1)
+    location = pool.domain.lockspace()
+    rng = random.Random(7)
+    hsm: HsmProcess | None = None
+    spm_proc: SpmProcess | None = None
+    for step in range(int(os.environ.get("XTND_LOCKSPACE_STEPS", "20"))):
+        if rng.random() < 0.5:
+            if hsm is None:
+                hsm = HsmProcess(host, pool, 1, f"soak-hsm-{step}")
+                hsm.wait_started()
+            else:
+                assert hsm.terminate() == 0, hsm.log()
+                hsm = None
+        else:
+            if spm_proc is None:
+                spm_proc = spm(pool, host, 1, f"soak-spm-{step}")
+                spm_proc.wait_serving()
+            else:
+                assert spm_proc.terminate() == 0, spm_proc.log()
+                assert "lease lost" not in spm_proc.log()
+                spm_proc = None
+        running = [p.proc for p in (hsm, spm_proc) if p is not None]
+        assert all(p.poll() is None for p in running)
+        assert len(spaces(host, location)) == (1 if running else 0), step
+        assert holds_spm_lease(host, location) == (spm_proc is not None), step
+    for proc in (hsm, spm_proc):
+        if proc is not None:
+            assert proc.terminate() == 0
+    assert not spaces(host, location)
