@@ -44,13 +44,6 @@ import zlib
 
 import construct as c
 
-try:
-    import numpy
-
-    _HAVE_NUMPY = True
-except ImportError:  # checksums_valid() sums block by block
-    _HAVE_NUMPY = False
-
 BLOCK_SIZE = 4096
 MESSAGE_SIZE = 64
 SLOTS_PER_BLOCK = BLOCK_SIZE // MESSAGE_SIZE
@@ -325,31 +318,6 @@ def stored_checksum(block: bytes | bytearray | memoryview) -> int:
 
 def checksum_valid(block: bytes | bytearray | memoryview) -> bool:
     return len(block) == BLOCK_SIZE and checksum(block) == stored_checksum(block)
-
-
-# Below this many blocks, checksums_valid() checks block by block.
-VECTOR_MIN_BLOCKS = 32
-
-
-def checksums_valid(area: bytes, offsets: list[int]) -> list[bool]:
-    """checksum_valid() of the whole blocks at ``offsets`` (multiples of
-    4096) of ``area``, a run of whole blocks.
-
-    When the SPM scans a wave from 2000 hosts, block by block costs ~4.5 us
-    each; with numpy (Debian's python3-numpy, optional) the sums of every
-    block of the area take one pass, ~4x faster. Without numpy, or for a
-    few blocks, the result is the same computed block by block.
-    """
-    usable = _HAVE_NUMPY and len(offsets) >= VECTOR_MIN_BLOCKS and len(area) % BLOCK_SIZE == 0
-    if not usable or any(o % BLOCK_SIZE for o in offsets):
-        return [checksum_valid(area[o : o + BLOCK_SIZE]) for o in offsets]
-    blocks = len(area) // BLOCK_SIZE
-    rows = numpy.frombuffer(area, numpy.uint8).reshape(blocks, BLOCK_SIZE)
-    sums: list[int] = rows[:, :CHECKSUM_OFFSET].sum(axis=1, dtype=numpy.int64).tolist()
-    stored: list[int] = numpy.ndarray(
-        (blocks,), dtype="<i4", buffer=area, offset=CHECKSUM_OFFSET, strides=(BLOCK_SIZE,)
-    ).tolist()
-    return [sums[o // BLOCK_SIZE] == stored[o // BLOCK_SIZE] for o in offsets]
 
 
 @dataclasses.dataclass(frozen=True)

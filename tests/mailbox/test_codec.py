@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import random
 import uuid
 
 import pytest
@@ -269,28 +268,3 @@ def test_encode_reply_validates() -> None:
         codec.encode_reply(VECTOR, -1)
     with pytest.raises(codec.MessageError):
         codec.encode_reply(codec.CLEAN_MESSAGE, 1)
-
-
-@pytest.mark.parametrize("numpy", [True, False], ids=["numpy", "pure"])
-@pytest.mark.parametrize("seed", range(5))
-def test_checksums_valid_matches_block_by_block(numpy: bool, seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    if numpy and not codec._HAVE_NUMPY:
-        pytest.skip("numpy not installed")
-    monkeypatch.setattr(codec, "_HAVE_NUMPY", numpy)
-    rng = random.Random(seed)
-    blocks = []
-    for n in range(80):
-        slots = [rng.randbytes(codec.MESSAGE_SIZE) for _ in range(rng.randint(0, 63))]
-        block = bytearray(codec.build_block(slots))
-        if n % 3 == 0:
-            block[rng.randrange(codec.BLOCK_SIZE)] ^= 1 << rng.randrange(8)  # torn or corrupt
-        if n % 7 == 0:
-            block[codec.CHECKSUM_OFFSET :] = b"\xff\xff\xff\xff"  # negative stored checksum
-        blocks.append(bytes(block))
-    area = b"".join(blocks)
-    offsets = sorted(rng.sample(range(80), 50))
-    expected = [codec.checksum_valid(blocks[i]) for i in offsets]
-    assert True in expected and False in expected
-    assert codec.checksums_valid(area, [i * codec.BLOCK_SIZE for i in offsets]) == expected
-    few = offsets[:3]
-    assert codec.checksums_valid(area, [i * codec.BLOCK_SIZE for i in few]) == expected[:3]

@@ -4,12 +4,13 @@ reads done by a reader thread."""
 from __future__ import annotations
 
 import logging
+import random
 import uuid
 
 import pytest
 from testlib.mailboxes import Areas
 from xtnd.common.ratelimit import RateLimitedLog
-from xtnd.mailbox import codec, directio
+from xtnd.mailbox import codec, directio, inbox
 from xtnd.mailbox.inbox import InboxView, Reader
 
 BLOCK = codec.BLOCK_SIZE
@@ -72,3 +73,28 @@ def test_reader_passes_errors_on(areas: Areas) -> None:
         assert list(reader.read_all([(BLOCK, BLOCK)])) == [bytes(BLOCK)]
     finally:
         reader.close()
+
+
+@pytest.mark.parametrize("numpy", [True, False], ids=["numpy", "pure"])
+@pytest.mark.parametrize("seed", range(5))
+def test_checksums_valid_matches_block_by_block(numpy: bool, seed: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    if numpy and not inbox._HAVE_NUMPY:
+        pytest.skip("numpy not installed")
+    monkeypatch.setattr(inbox, "_HAVE_NUMPY", numpy)
+    rng = random.Random(seed)
+    blocks = []
+    for n in range(80):
+        slots = [rng.randbytes(codec.MESSAGE_SIZE) for _ in range(rng.randint(0, 63))]
+        block = bytearray(codec.build_block(slots))
+        if n % 3 == 0:
+            block[rng.randrange(codec.BLOCK_SIZE)] ^= 1 << rng.randrange(8)  # torn or corrupt
+        if n % 7 == 0:
+            block[codec.CHECKSUM_OFFSET :] = b"\xff\xff\xff\xff"  # negative stored checksum
+        blocks.append(bytes(block))
+    area = b"".join(blocks)
+    offsets = sorted(rng.sample(range(80), 50))
+    expected = [codec.checksum_valid(blocks[i]) for i in offsets]
+    assert True in expected and False in expected
+    assert inbox.checksums_valid(area, [i * codec.BLOCK_SIZE for i in offsets]) == expected
+    few = offsets[:3]
+    assert inbox.checksums_valid(area, [i * codec.BLOCK_SIZE for i in few]) == expected[:3]
