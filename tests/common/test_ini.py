@@ -76,62 +76,57 @@ def test_inline_comments(workdir: str) -> None:
 
 
 SPM_BASE = f"[spm]\nhost_id = 1\nmaster_domain = {MASTER}\n"
-
-
-@pytest.mark.parametrize(
-    "extra, section, key, value, reason",
-    [
-        ("[spm]\nmaster_domain = abc\n", "spm", "master_domain", "abc", "not a UUID"),
-        ("[spm]\nhost_id = 2001\n", "spm", "host_id", "2001", "must be in 1..2000"),
-        ("[spm]\nhost_id = one\n", "spm", "host_id", "one", "not an integer"),
-        ("[spm]\ndomains = * xyz\n", "spm", "domains", "* xyz", "'xyz' is not a UUID"),
-        ("[spm]\nstats_interval = -1\n", "spm", "stats_interval", "-1", "must be >= 0"),
-        ("[lease]\nacquire_interval = 0\n", "lease", "acquire_interval", "0", "must be > 0"),
-        ("[lease]\nio_timeout = 0\n", "lease", "io_timeout", "0", "must be in 1..300"),
-        ("[mailbox]\nevent_interval = -0.5\n", "mailbox", "event_interval", "-0.5", "must be > 0"),
-        ("[mailbox]\nworkers = 0\n", "mailbox", "workers", "0", "must be in 1..256"),
-        ("[lvm]\nalloc = contigous\n", "lvm", "alloc", "contigous", "must be one of"),
-        ("[lvm]\ncommand_timeout = 40\n", "lvm", "command_timeout", "40", "below \\[spm\\] shutdown_grace"),
-        ("[metrics]\nlisten = nowhere\n", "metrics", "listen", "nowhere", "nowhere"),
-        ("[lvm]\nbogus = 1\n", "lvm", "bogus", "1", "unknown option"),
-    ],
-)
-def test_spm_errors_name_file_section_key_value(
-    workdir: str, extra: str, section: str, key: str, value: str, reason: str
-) -> None:
-    path = write(os.path.join(workdir, "spm.conf"), SPM_BASE)
-    drop_in = write(path + ".d/50-local.conf", extra)
-    with pytest.raises(ini.ConfigError, match=reason) as e:
-        spm_config.load(path)
-    assert (e.value.section, e.value.key, e.value.value) == (section, key, value)
-    assert e.value.file in (path, drop_in)
-    assert f"[{section}] {key} = {value!r}" in str(e.value)
-
-
 HSM_BASE = f"[host]\nhost_id = 2\nmaster_domain = {MASTER}\n"
 
 
+def load_spm(path: str) -> None:
+    spm_config.load(path)
+
+
+def load_hsm(path: str) -> None:
+    hsm_config.load(path).validate()
+
+
+DAEMONS = {"spm": (SPM_BASE, load_spm), "hsm": (HSM_BASE, load_hsm)}
+
+
 @pytest.mark.parametrize(
-    "extra, section, key, value, reason",
+    "daemon, extra, section, key, value, reason",
     [
-        ("[host]\nmaster_domain = abc\n", "host", "master_domain", "abc", "not a UUID"),
-        ("[host]\nworkers = 0\n", "host", "workers", "0", "must be in 1..256"),
-        ("[thin]\nutilization_percent = 101\n", "thin", "utilization_percent", "101", "must be in 0..100"),
-        ("[thin]\nchunk_mb = 0\n", "thin", "chunk_mb", "0", "must be >= 1"),
-        ("[monitor]\nstats_interval = -2\n", "monitor", "stats_interval", "-2", "must be > 0"),
-        ("[retry]\nbackoff_initial = 90\n", "retry", "backoff_initial", "90", "must not exceed backoff_max"),
-        ("[libvirt]\nkeepalive_count = 0\n", "libvirt", "keepalive_count", "0", "must be >= 1"),
-        ("[mailbox]\npoll_max = x\n", "mailbox", "poll_max", "x", "not a number"),
+        ("spm", "[spm]\nmaster_domain = abc\n", "spm", "master_domain", "abc", "not a UUID"),
+        ("spm", "[spm]\nhost_id = 2001\n", "spm", "host_id", "2001", "must be in 1..2000"),
+        ("spm", "[spm]\nhost_id = one\n", "spm", "host_id", "one", "not an integer"),
+        ("spm", "[spm]\ndomains = * xyz\n", "spm", "domains", "* xyz", "'xyz' is not a UUID"),
+        ("spm", "[spm]\nstats_interval = -1\n", "spm", "stats_interval", "-1", "must be >= 0"),
+        ("spm", "[lease]\nacquire_interval = 0\n", "lease", "acquire_interval", "0", "must be > 0"),
+        ("spm", "[lease]\nio_timeout = 0\n", "lease", "io_timeout", "0", "must be in 1..300"),
+        ("spm", "[mailbox]\nevent_interval = -0.5\n", "mailbox", "event_interval", "-0.5", "must be > 0"),
+        ("spm", "[mailbox]\nworkers = 0\n", "mailbox", "workers", "0", "must be in 1..256"),
+        ("spm", "[lvm]\nalloc = contigous\n", "lvm", "alloc", "contigous", "must be one of"),
+        ("spm", "[lvm]\ncommand_timeout = 40\n", "lvm", "command_timeout", "40", "below \\[spm\\] shutdown_grace"),
+        ("spm", "[metrics]\nlisten = nowhere\n", "metrics", "listen", "nowhere", "nowhere"),
+        ("spm", "[lvm]\nbogus = 1\n", "lvm", "bogus", "1", "unknown option"),
+        ("hsm", "[host]\nmaster_domain = abc\n", "host", "master_domain", "abc", "not a UUID"),
+        ("hsm", "[host]\nworkers = 0\n", "host", "workers", "0", "must be in 1..256"),
+        ("hsm", "[thin]\nutilization_percent = 101\n", "thin", "utilization_percent", "101", "must be in 0..100"),
+        ("hsm", "[thin]\nchunk_mb = 0\n", "thin", "chunk_mb", "0", "must be >= 1"),
+        ("hsm", "[monitor]\nstats_interval = -2\n", "monitor", "stats_interval", "-2", "must be > 0"),
+        ("hsm", "[retry]\nbackoff_initial = 90\n", "retry", "backoff_initial", "90", "must not exceed backoff_max"),
+        ("hsm", "[libvirt]\nkeepalive_count = 0\n", "libvirt", "keepalive_count", "0", "must be >= 1"),
+        ("hsm", "[mailbox]\npoll_max = x\n", "mailbox", "poll_max", "x", "not a number"),
     ],
 )
-def test_hsm_errors_name_file_section_key_value(
-    workdir: str, extra: str, section: str, key: str, value: str, reason: str
+def test_errors_name_file_section_key_value(
+    workdir: str, daemon: str, extra: str, section: str, key: str, value: str, reason: str
 ) -> None:
-    path = write(os.path.join(workdir, "hsm.conf"), HSM_BASE)
-    write(path + ".d/50-local.conf", extra)
+    base, load = DAEMONS[daemon]
+    path = write(os.path.join(workdir, f"{daemon}.conf"), base)
+    drop_in = write(path + ".d/50-local.conf", extra)
     with pytest.raises(ini.ConfigError, match=reason) as e:
-        hsm_config.load(path).validate()
+        load(path)
     assert (e.value.section, e.value.key, e.value.value) == (section, key, value)
+    assert e.value.file in (path, drop_in)
+    assert f"[{section}] {key} = {value!r}" in str(e.value)
 
 
 def test_unreadable_and_broken_files(workdir: str) -> None:
