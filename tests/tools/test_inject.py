@@ -7,13 +7,16 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 
 import pytest
 from xtnd import lvm
-from xtnd.tools.inject import scenarios
+from xtnd.tools.inject import harness, scenarios
 from xtnd.tools.rig import loops, sanlockd
+from xtnd.tools.rig.wait import wait_for
 
 XTND = [sys.executable, "-m", "xtnd.tools.cli"]
 
@@ -93,3 +96,71 @@ def test_all_trials() -> None:
     assert report["verdict"] == "pass", err[-3000:]
     assert rc == 0
     assert os.geteuid() == 0
+
+
+def _rig_dir(stderr: str) -> str:
+    for line in stderr.splitlines():
+        if ": rig in " in line:
+            return line.split(": rig in ", 1)[1].strip()
+    raise AssertionError(f"no rig line in:\n{stderr[-2000:]}")
+
+
+def _loops_under(path: str) -> list[str]:
+    return [dev for dev, backing in loops._loops().items() if backing.startswith(path + "/")]
+
+
+def test_interrupt_tears_the_rig_down(tmp_path: object) -> None:
+    """SIGINT (Ctrl-C) in the middle of a trial: exit 130, the rig's loop
+    devices, files and processes are gone."""
+    _need_rig()
+    err_path = os.path.join(str(tmp_path), "err")
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen([*XTND, "inject", "spm-kill"], stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        def started() -> bool:
+            with open(err_path) as f:
+                return "trial 1: inject" in f.read()
+
+        wait_for(started, timeout=120, interval=0.05, what="the trial to inject")
+        with open(err_path) as f:
+            rig = _rig_dir(f.read())
+        assert os.path.isdir(rig) and _loops_under(rig)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not os.path.exists(rig)
+    assert not _loops_under(rig)
+    with open(err_path) as f:
+        assert "Traceback" not in f.read()
+
+
+def test_rig_of_a_killed_harness_is_cleaned_up(tmp_path: object) -> None:
+    """A harness killed outright (SIGKILL) leaves its rig; the next run removes it."""
+    _need_rig()
+    os.makedirs(harness.WORK_BASE, exist_ok=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    rig = os.path.join(harness.WORK_BASE, f"test-stale-{os.getpid()}")
+    os.makedirs(rig)
+    with open(os.path.join(rig, harness.OWNER), "w") as f:
+        f.write(f"{dead.pid} 12345\n")
+    device = loops.losetup(loops.make_file(os.path.join(rig, "pv0"), 1024**2))
+    try:
+        assert rig in harness.clean_stale()
+        assert not os.path.exists(rig)
+        assert not _loops_under(rig)
+    finally:
+        loops.detach(device)
+    # A live harness's rig stays.
+    live = os.path.join(harness.WORK_BASE, f"test-live-{os.getpid()}")
+    os.makedirs(live)
+    with open(os.path.join(live, harness.OWNER), "w") as f:
+        f.write(f"{os.getpid()} {harness._start_time(os.getpid())}\n")
+    try:
+        assert live not in harness.clean_stale()
+        assert os.path.isdir(live)
+    finally:
+        shutil.rmtree(live)

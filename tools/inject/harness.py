@@ -29,6 +29,7 @@ from typing import Any
 
 from xtnd import lvm
 from xtnd.common import history
+from xtnd.lvm import loop as lvloop
 from xtnd.mailbox.hsm import HSMMailbox
 from xtnd.tools.inject import checker
 from xtnd.tools.rig import loops, sanlockd
@@ -156,6 +157,26 @@ class Trial:
             proc.wait_serving(timeout=120)
         return spm
 
+    def own_storage(self, host: int) -> str:
+        """A loop device of host ``host``'s own over the shared PV file, as
+        when a host reaches the SAN by its own paths: failing it
+        (loops.fail_storage) fails that host's I/O only. Give it to the
+        host's SPM as ``pvs``; detached at the end of the run."""
+        device = loops.attach_loop(os.path.join(self.rig.workdir, "pv0"))
+        self.rig.own_devices.append(device)
+        return device
+
+    def lv_devices(self, device: str, *lvs: str) -> list[str]:
+        """The loop devices mapping these LVs over ``device`` (a host's own PV path)."""
+        runner, vg = self.pool.domain.runner, self.pool.domain.vg
+        pe_start = lvm.vg_info(runner, vg).pvs[0].pe_start
+        found = []
+        for name in lvs:
+            info = lvm.lv_info(runner, vg, name)
+            offset = pe_start + info.segments[0].first_pe * info.extent_size
+            found += [d.path for d in lvloop.find(device, offset)]
+        return found
+
     def client(self, host_id: int, reoffer_timeout: float = 60.0) -> HSMMailbox:
         hsm = self.pool.hsm(host_id=host_id, reoffer_timeout=reoffer_timeout)
         hsm.start()
@@ -279,6 +300,44 @@ def keep(trial: Trial) -> str:
     return dest
 
 
+OWNER = "owner"
+
+
+def _start_time(pid: int) -> str:
+    """A process's start time (field 22 of /proc/PID/stat): pids are reused."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[-1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _under(path: str) -> Callable[[str], bool]:
+    return lambda backing: backing.startswith(path + "/")
+
+
+def clean_stale() -> list[str]:
+    """Tear down rigs of harnesses that died outright (SIGKILL, power cut of
+    the process): their loop devices, then their files. Returns their dirs."""
+    removed = []
+    for name in os.listdir(WORK_BASE):
+        path = os.path.join(WORK_BASE, name)
+        try:
+            with open(os.path.join(path, OWNER)) as f:
+                pid_text, _, started = f.read().strip().partition(" ")
+        except OSError:
+            continue  # not a rig (failed/ holds kept logs)
+        pid = int(pid_text) if pid_text.isdigit() else 0
+        if pid and _start_time(pid) == started:
+            continue  # its harness still runs
+        loops.detach_stale(_under(path))
+        shutil.rmtree(path, ignore_errors=True)
+        removed.append(path)
+    if removed:
+        log.warning("removed rigs of dead harnesses: %s", " ".join(removed))
+    return removed
+
+
 class Rig:
     """Loop PV, master domain, sanlock daemons; torn down on exit."""
 
@@ -286,6 +345,7 @@ class Rig:
         self.scenario = scenario
         self.nhosts = sanlock_hosts
         self.hosts: list[sanlockd.SanlockDaemon] = []
+        self.own_devices: list[str] = []
         self._stack = contextlib.ExitStack()
         self.workdir = ""
         self.pool: Pool
@@ -298,10 +358,12 @@ class Rig:
             raise SetupError("the rig maps LVs with loop devices; this machine has device-mapper")
         try:
             os.makedirs(WORK_BASE, exist_ok=True)
-            # Loop devices left by a harness that died outright.
-            loops.detach_stale(lambda b: b.startswith(WORK_BASE + "/") and not os.path.exists(b))
+            clean_stale()
             self.workdir = os.path.join(WORK_BASE, f"{self.scenario}-{uuidlib.uuid4().hex[:8]}")
             os.makedirs(self.workdir)
+            progress(f"{self.scenario}: rig in {self.workdir}")
+            with open(os.path.join(self.workdir, OWNER), "w") as f:
+                f.write(f"{os.getpid()} {_start_time(os.getpid())}\n")
             self._stack.callback(shutil.rmtree, self.workdir, True)
             self._stack.callback(lambda: loops.detach_stale(lambda b: b.startswith(self.workdir + "/")))
             pvs = self._stack.enter_context(loops.loop_pvs(self.workdir, count=1, size=PV_SIZE))
@@ -309,6 +371,7 @@ class Rig:
             self._stack.callback(self._remove_pool)
             # Looked up once: scenarios may hold the VG lock later.
             self.mailbox = self.pool.domain.mailbox()
+            self._stack.callback(self._detach_own)
             for i in range(self.nhosts):
                 daemon = sanlockd.SanlockDaemon(f"inject-host{i + 1}", self.workdir)
                 self._stack.callback(daemon.stop)
@@ -317,6 +380,15 @@ class Rig:
             self._stack.close()
             raise
         return self
+
+    def _detach_own(self) -> None:
+        """Hosts' own PV devices and the LV mappings over them."""
+        for device in self.own_devices:
+            loops.restore_storage(device)
+            for dev in lvloop.devices():
+                if lvloop.over(dev, device):
+                    loops.detach(dev.path)
+            loops.detach(device)
 
     def _remove_pool(self) -> None:
         self.pool.close()

@@ -15,6 +15,7 @@ inject --list`` prints them; README.md lists them too).
 from __future__ import annotations
 
 import dataclasses
+import os
 import signal
 import time
 import uuid as uuidlib
@@ -25,9 +26,10 @@ from xtnd.common import history
 from xtnd.mailbox import codec
 from xtnd.mailbox.directio import DirectFile
 from xtnd.mailbox.hsm import ExtendFailed
+from xtnd.spm.control import ControlClient
 from xtnd.storage import constants as c
 from xtnd.tools.inject.harness import Trial, alive, descendants
-from xtnd.tools.rig import spmd
+from xtnd.tools.rig import loops, spmd
 from xtnd.tools.rig.spmd import EXTENT, IO_TIMEOUT, MiB
 from xtnd.tools.rig.wait import wait_for
 
@@ -324,12 +326,119 @@ def old_vdsm(t: Trial) -> None:
         outbox.close()
 
 
+def mailbox_loss(t: Trial) -> None:
+    """The SPM's host loses its mailbox storage (inbox and outbox reads fail) during a burst; it returns after 3 s.
+
+    Must hold: the SPM keeps its lease (its lease storage still works) and
+    stays up, counting I/O errors; once the storage is back it answers
+    every request exactly once; the standby never serves.
+    """
+    device = t.own_storage(1)
+    spm1 = t.spm(1, config={f"domain {t.pool.uuid}.pvs": device})
+    _standby(t)
+    mailbox = t.lv_devices(device, c.INBOX, c.OUTBOX)
+    t.expect(len(mailbox) == 2, f"found {len(mailbox)} mailbox devices of host 1, expected 2")
+    control = ControlClient(os.path.join(t.pool.workdir, "spm1.sock"))
+    errors = control.call("stats")["mailbox"]["errors"]
+    t.inject("inbox and outbox of the SPM's host fail")
+    loops.fail_storage(*mailbox)
+    try:
+        # Sent while the SPM cannot read them; the fault lasts 3 s.
+        futures = t.burst([3, 4], volumes_per_host=2, steps=2)
+        time.sleep(3)
+    finally:
+        loops.restore_storage(*mailbox)
+    history.record("inject", what="mailbox storage back")
+    t.wait_answers(futures)
+    t.expect(spm1.alive(), f"the SPM exited rc={spm1.proc.proc.returncode} on mailbox I/O errors")
+    after = control.call("stats")["mailbox"]["errors"]
+    t.expect(after > errors, "the SPM saw no mailbox I/O error: the fault did not reach it")
+    t.expect(not t.spms[1].proc.serving(), "the standby served")
+
+
+def lease_loss(t: Trial) -> None:
+    """The SPM's host loses its lease storage (ids and leases reads fail) during a burst; it returns later.
+
+    Must hold: the SPM stops serving (exit 3, lease lost) before sanlock's
+    renewal-fail time (8 s here) and writes nothing after; the standby
+    takes the lease after host-dead time (~70 s); every request is
+    answered exactly once.
+    """
+    device = t.own_storage(1)
+    spm1 = t.spm(1, config={f"domain {t.pool.uuid}.pvs": device})
+    _standby(t)
+    t.bound = HOST_DEAD + 60
+    futures = t.burst([3, 4], volumes_per_host=2, steps=2)
+    t.wait_taken(1)
+    lease = t.lv_devices(device, c.IDS, c.LEASES)
+    t.expect(len(lease) == 2, f"found {len(lease)} lease devices of host 1, expected 2")
+    t.inject("ids and leases of the SPM's host fail")
+    failed = time.monotonic()
+    loops.fail_storage(*lease)
+    t.may_die.add(spm1.name)
+    try:
+        rc = spm1.proc.wait(timeout=8 * IO_TIMEOUT + 30)
+        took = time.monotonic() - failed
+        t.expect(rc in (3, -signal.SIGKILL), f"SPM exit code {rc}, expected 3 (lease lost)")
+        t.expect(took < 8 * IO_TIMEOUT, f"SPM stopped {took:.1f}s after its lease storage failed, "
+                 f"sanlock's renewal-fail time is {8 * IO_TIMEOUT}s")
+        t.phase(f"waiting up to {HOST_DEAD + 60}s for the standby")
+        t.spms[1].proc.wait_serving(timeout=HOST_DEAD + 60)
+    finally:
+        loops.restore_storage(*lease)
+    t.wait_answers(futures)
+
+
+def vg_full(t: Trial) -> None:
+    """The VG runs out of space during a burst, then space is freed (another LV removed).
+
+    Must hold: extends that do not fit are answered as failures with the
+    reason "no free space" (nothing extended partly, the SPM stays up);
+    once space is free the same requests are extended to the size asked.
+    """
+    vols = [t.volume() for _ in range(4)]
+    runner, vg = t.pool.domain.runner, t.pool.domain.vg
+    free = lvm.vg_info(runner, vg).free_extents
+    filler = uuidlib.uuid4()
+    # Room for 2 of the 4 volumes to grow by 3 extents each.
+    lvm.lvcreate(runner, vg, str(filler), (free - 6) * EXTENT)
+    try:
+        t.spm(1)
+        hsm = t.client(3)
+        target = 8 * MiB + 3 * EXTENT
+        t.inject("a burst into a nearly full VG")
+        futures = {v: hsm.submit(t.pool.uuid, v, target) for v in vols}
+        failed = []
+        for vol, fut in futures.items():
+            try:
+                fut.result(timeout=t.bound)
+            except ExtendFailed:
+                failed.append(vol)
+        t.expect(bool(failed), "every extend fitted: the VG was not full")
+        reasons = {str(e["volume"]): str(e["reason"]) for e in t.events("done") if e.get("reason")}
+        for vol in failed:
+            t.expect("no free space" in reasons.get(str(vol), ""), f"failure of {vol} without 'no free space'")
+            t.expect(t.pool.lv_size(vol) == 8 * MiB, f"{vol} changed although its extend failed")
+    finally:
+        lvm.lvremove(runner, vg, str(filler))
+    history.record("inject", what="space freed")
+    for vol in failed:
+        got = hsm.submit(t.pool.uuid, vol, target).result(timeout=t.bound)
+        t.expect(got >= target, f"{vol} granted {got // MiB} MiB after space was freed")
+    for vol in vols:
+        size = t.pool.lv_size(vol)
+        t.expect(size == target, f"{vol} is {size // MiB} MiB, expected {target // MiB}")
+
+
 SCENARIOS = [
     Scenario("spm-kill", spm_kill),
     Scenario("host-freeze", host_freeze, long=True),
     Scenario("spm-stop", spm_stop),
     Scenario("lvextend-hang", lvextend_hang),
     Scenario("hsm-kill", hsm_kill),
+    Scenario("lease-loss", lease_loss, long=True),
+    Scenario("mailbox-loss", mailbox_loss),
+    Scenario("vg-full", vg_full),
     Scenario("corrupt-inbox", corrupt_inbox),
     Scenario("refusals", refusals),
     Scenario("old-vdsm", old_vdsm),
