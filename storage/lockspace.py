@@ -356,7 +356,11 @@ class Membership:
         return any(s["lockspace"] == self.name.encode() and s["host_id"] == self.host_id for s in spaces)
 
     def _refuse_other_id(self) -> None:
-        for space in sanlock.get_lockspaces():
+        try:
+            spaces = sanlock.get_lockspaces()
+        except sanlock.SanlockException as e:
+            raise MembershipError(f"cannot ask the sanlock daemon about lockspace {self.name}: {e}") from e
+        for space in spaces:
             if space["lockspace"] == self.name.encode() and space["host_id"] != self.host_id:
                 raise OtherHostId(self.name, self.host_id, space["host_id"])
 
@@ -390,6 +394,8 @@ class Membership:
             if wait.wait(min(0.5, self.io_timeout / 2)):
                 raise MembershipError("cancelled while checking the host id's owner")
             now = DeltaLease.read(self.location, self.host_id)
+            if not now.timestamp:
+                return  # released meanwhile: free
             if now != first:
                 if self._sibling():
                     return  # renewed by this host's daemon: a sibling joined meanwhile

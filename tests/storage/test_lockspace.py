@@ -149,6 +149,11 @@ def test_hsm_refuses_a_host_id_another_live_host_holds(pool: Pool, sanlock_hosts
 
     assert first.proc.poll() is None
     assert first.terminate() == 0, first.log()
+    # Stopped cleanly, host 1 released the id: another host may use it now.
+    assert lockspace.DeltaLease.read(location, 1).timestamp == 0
+    moved = HsmProcess(h3, pool, 1, "hsm3-moved")
+    moved.wait_started()
+    assert moved.terminate() == 0, moved.log()
 
 
 def test_spm_and_hsm_share_the_host_id_in_both_orders(pool: Pool, sanlock_hosts: Hosts) -> None:
