@@ -40,7 +40,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from xtnd.common.cmd import CommandError, run
+from xtnd.common.cmd import CommandError, CommandTimeout, run
 
 from . import sysdir
 from .errors import LVMError, LVNotFound, VGNotFound
@@ -192,6 +192,17 @@ class Runner:
             else:
                 env = {**os.environ, "LVM_SYSTEM_DIR": self.system_dir} if self.system_dir else None
                 out = run(cmd, timeout=self.timeout, env=env).decode("utf-8", "replace")
+        except CommandTimeout as e:
+            duration = time.monotonic() - start
+            err = e.err.decode("utf-8", "replace")
+            self.history.add(cmd, e.rc, duration, err, started)
+            log.error(
+                "lvm command timed out cmd=%s timeout=%.1f; recent lvm commands:\n%s",
+                cmd,
+                e.timeout,
+                self.history.dump(),
+            )
+            raise LVMError(cmd, e.rc, err, f"LVM command timed out after {e.timeout:g}s and was killed") from None
         except CommandError as e:
             duration = time.monotonic() - start
             err = e.err.decode("utf-8", "replace")

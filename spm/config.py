@@ -121,6 +121,12 @@ class LvmSection:
     shell: bool = option(
         True, "Run LVM through one long-lived lvm shell process (false: one process per command)."
     )
+    open_retry_interval: float = option(
+        10.0,
+        "Seconds before a domain that could not be opened (PV missing or hung) is tried again; "
+        "its requests fail meanwhile, the other domains are served.",
+        ini.positive,
+    )
 
 
 @dataclasses.dataclass

@@ -87,6 +87,9 @@ EXIT_ABANDONED = 4
 # ms). A reply lost here is not lost for the HSM: the next SPM serves every
 # pending request again.
 REPLY_FLUSH_TIMEOUT = 5.0
+# At start, how long to wait for the managed domains to open before serving
+# the ones that did (the others go on opening in the background).
+OPEN_ALL_WAIT = 2.0
 
 
 def _flush_logs() -> None:
@@ -343,8 +346,14 @@ class SpmDaemon:
             lease, self._on_lost, cfg.lease.check_interval or None, cfg.lease.stall_timeout or None
         )
         watchdog.start()
-        registry = DomainRegistry(self.opener, managed_domains(cfg, self.hostcfg), cfg.lvm.volume_cache_ttl)
-        registry.open_all()
+        registry = DomainRegistry(
+            self.opener,
+            managed_domains(cfg, self.hostcfg),
+            cfg.lvm.volume_cache_ttl,
+            retry_interval=cfg.lvm.open_retry_interval,
+        )
+        # A domain whose storage hangs holds up neither the start nor the others.
+        registry.open_all(wait=min(OPEN_ALL_WAIT, cfg.lvm.command_timeout))
         service = ExtendService(registry, lease.fence, self._on_lost, self.metrics, alloc=cfg.lvm.alloc)
         inbox = DirectFile(mbx.inbox)
         self._outbox = outbox = GatedStorage(DirectFile(mbx.outbox))

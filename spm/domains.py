@@ -117,8 +117,32 @@ class DomainNotManaged(Exception):
         super().__init__(f"domain {uuid}: {reason}")
 
 
+# A domain that could not be opened is tried again at the first request
+# after this many seconds; requests meanwhile are refused at once.
+OPEN_RETRY_INTERVAL = 10.0
+# How long a request waits for another thread's open of the same domain
+# before it is refused (the open itself is bounded by command_timeout).
+OPEN_WAIT = 1.0
+
+
+@dataclasses.dataclass
+class _Opening:
+    """One attempt to open a domain: done is set when it ended."""
+
+    done: threading.Event = dataclasses.field(default_factory=threading.Event)
+    error: str = ""
+    ended: float = 0.0
+
+
 class DomainRegistry:
-    """Managed domains by UUID, opened on first use (and retried after a failure)."""
+    """Managed domains by UUID, opened on first use (and retried after a failure).
+
+    Opening runs without the registry's lock, so a domain whose storage is
+    missing or hangs (each LVM command is bounded by the opener's timeout)
+    never holds up requests for the others: a request for it waits at most
+    OPEN_WAIT for an open in progress, and after a failure is refused at
+    once until retry_interval has passed; the next request then tries again.
+    """
 
     def __init__(
         self,
@@ -126,13 +150,18 @@ class DomainRegistry:
         uuids: list[uuidlib.UUID],
         ttl: float,
         clock: Callable[[], float] = time.monotonic,
+        retry_interval: float = OPEN_RETRY_INTERVAL,
+        open_wait: float = OPEN_WAIT,
     ):
         self._opener = opener
         self.uuids = list(dict.fromkeys(uuids))
         self._ttl = ttl
         self._clock = clock
+        self._retry_interval = retry_interval
+        self._open_wait = open_wait
         self._lock = threading.Lock()
         self._open: dict[uuidlib.UUID, ManagedDomain] = {}
+        self._opening: dict[uuidlib.UUID, _Opening] = {}
 
     def get(self, uuid: uuidlib.UUID) -> ManagedDomain:
         """The managed domain; raises DomainNotManaged (unknown, or cannot be opened)."""
@@ -142,20 +171,74 @@ class DomainRegistry:
             managed = self._open.get(uuid)
             if managed is not None:
                 return managed
-            try:
-                domain = self._opener(uuid)
-            except (storage.StorageError, lvm.LVMError) as e:
-                raise DomainNotManaged(uuid, f"cannot open: {e}") from e
-            managed = self._open[uuid] = ManagedDomain(domain, self._ttl, self._clock)
-            log.info("domain opened domain=%s kind=%s", uuid, domain.kind)
+            attempt = self._opening.get(uuid)
+            mine = attempt is None or (
+                attempt.done.is_set() and self._clock() - attempt.ended >= self._retry_interval
+            )
+            if mine:
+                attempt = self._opening[uuid] = _Opening()
+        assert attempt is not None
+        if mine:
+            return self._try_open(uuid, attempt)
+        if not attempt.done.wait(self._open_wait):
+            raise DomainNotManaged(uuid, "still being opened (its storage is slow or missing), try again later")
+        with self._lock:
+            managed = self._open.get(uuid)
+        if managed is not None:
             return managed
+        left = max(0.0, self._retry_interval - (self._clock() - attempt.ended))
+        raise DomainNotManaged(uuid, f"cannot open: {attempt.error} (next try in {left:.0f}s)")
 
-    def open_all(self) -> None:
-        """Open every domain now; log (do not fail on) those that cannot be."""
-        for uuid in self.uuids:
-            try:
-                managed = self.get(uuid)
-                if managed.is_block:
-                    managed.reload()
-            except (DomainNotManaged, lvm.LVMError) as e:
-                log.error("cannot open managed domain domain=%s error=%s", uuid, e)
+    def _try_open(self, uuid: uuidlib.UUID, attempt: _Opening) -> ManagedDomain:
+        start = self._clock()
+        try:
+            domain = self._opener(uuid)
+        except (storage.StorageError, lvm.LVMError) as e:
+            attempt.error = str(e)
+            attempt.ended = self._clock()
+            attempt.done.set()
+            log.error(
+                "cannot open domain domain=%s duration=%.3f retry_in=%.0fs error=%s",
+                uuid,
+                attempt.ended - start,
+                self._retry_interval,
+                e,
+            )
+            raise DomainNotManaged(uuid, f"cannot open: {e}") from e
+        except BaseException as e:
+            attempt.error = f"{type(e).__name__}: {e}"
+            attempt.ended = self._clock()
+            attempt.done.set()
+            raise
+        managed = ManagedDomain(domain, self._ttl, self._clock)
+        with self._lock:
+            self._open[uuid] = managed
+            del self._opening[uuid]
+        attempt.done.set()
+        log.info("domain opened domain=%s kind=%s duration=%.3f", uuid, domain.kind, self._clock() - start)
+        return managed
+
+    def open_all(self, wait: float | None = None) -> None:
+        """Open every domain, each in its own thread; return when all are
+        open or failed, or after wait seconds (the rest go on opening).
+        Failures are logged, not raised: requests retry later."""
+        threads = [
+            threading.Thread(target=self._open_one, args=(uuid,), name=f"spm-open-{str(uuid)[:8]}", daemon=True)
+            for uuid in self.uuids
+        ]
+        for t in threads:
+            t.start()
+        deadline = None if wait is None else self._clock() + wait
+        for t in threads:
+            t.join(None if deadline is None else max(0.0, deadline - self._clock()))
+        slow = [t.name for t in threads if t.is_alive()]
+        if slow:
+            log.warning("domains still opening, serving the others threads=%s", ",".join(slow))
+
+    def _open_one(self, uuid: uuidlib.UUID) -> None:
+        try:
+            managed = self.get(uuid)
+            if managed.is_block:
+                managed.reload()
+        except (DomainNotManaged, lvm.LVMError) as e:
+            log.error("cannot open managed domain domain=%s error=%s", uuid, e)
