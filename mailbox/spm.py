@@ -13,10 +13,9 @@ One I/O thread ("mailbox-spm") owns all mailbox storage I/O:
   registered for the opcode, so a slow extend never blocks the scan;
 - workers hand replies back; the I/O thread echoes clean messages and
   writes the touched host blocks of the outbox, adjacent ones in one write
-  (outbox.OutboxImage), so a wave's cost follows its I/Os, not its hosts;
-- ``waves`` keeps the service time of recent waves: from the read that saw
-  new mail while nothing was in flight to the write that left nothing in
-  flight (the SPM's own share of a roundtrip, for the benchmark).
+  (outbox.OutboxImage): a wave's cost follows its I/Os, not its hosts;
+- ``waves``: service time of recent waves, from the read that saw new mail
+  while nothing was in flight to the write that left nothing in flight.
 
 A reply is written only if the request is still in its slot: a request the
 HSM withdrew or moved meanwhile gets no stale reply.
@@ -265,8 +264,14 @@ class SPMMailbox:
                     self._put_reply(host, i, raw)
                 else:
                     self._dispatch(host, i, raw, now)
-            # Each chunk's requests go to the workers before the next is scanned.
+            # Each chunk's requests go to the workers before the next is
+            # scanned, and the replies they made so far go out: the write
+            # overlaps their work instead of following it (a few writes per
+            # wave, not one per host). Step mode (no workers) writes in step().
             self._dispatch_batch()
+            if self.config.workers:
+                self._take_replies()
+                self._write_dirty(in_scan=True)
         if self._wave_start == began and not (self._wave_requests or self._wave_messages) and self._idle():
             self._wave_start = None  # nothing new: no wave began
         if self.on_scan is not None:
@@ -335,7 +340,7 @@ class SPMMailbox:
                 history.record("reply", host=req.host_id, slot=req.slot, volume=str(req.message.volume),
                                size_mb=req.message.size_mb, granted=getattr(codec.decode(raw), "size_mb", 0))
 
-    def _write_dirty(self) -> None:
+    def _write_dirty(self, in_scan: bool = False) -> None:
         if self._image.dirty:
             faults.point("spm.before_outbox_write")
             self.stats["outbox_writes"] += self._image.flush(self._outbox)
@@ -343,7 +348,7 @@ class SPMMailbox:
             if self._written != self._taken:
                 self._written = self._taken
                 self._flushed.notify_all()
-        if self._wave_start is not None and self._idle():
+        if self._wave_start is not None and not in_scan and self._idle():
             self.waves.append((time.monotonic() - self._wave_start, self._wave_requests, self._wave_messages))
             self._wave_start = None
             self._wave_requests = self._wave_messages = 0
