@@ -34,40 +34,39 @@ def _trial_seed(seed: int, scenario: str, index: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}/{scenario}/{index}".encode()).digest()[:8], "big")
 
 
-def run_scenario(name: str, trials: int, seed: int) -> dict[str, Any]:
-    """Run one scenario's trials on one rig; its report object."""
+def run_scenario(rig: Any, name: str, trials: int, seed: int) -> dict[str, Any]:
+    """Run one scenario's trials on the rig; its report object."""
     from xtnd.tools.inject import harness, scenarios
 
     scenario = scenarios.BY_NAME[name]
+    rig.scenario = name
     totals = {"sent": 0, "answered": 0, "refused": 0, "lost": 0, "wrong_extends": 0, "overlapping_spms": 0}
     recoveries: list[float] = []
     failures: list[str] = []
     logs: list[str] = []
-    harness.progress(f"{name}: building the rig")
-    with harness.Rig(name) as rig:
-        for i in range(trials):
-            trial = harness.Trial(rig, i, _trial_seed(seed, name, i))
-            trial.phase("start")
-            try:
-                scenario.func(trial)
-            except Exception as e:  # noqa: BLE001 - a failing trial is a verdict, not a crash of the harness
-                trial.fail(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
-            trial.phase("checking the history")
-            result = trial.finish()
-            for key, value in (("sent", result.sent), ("answered", result.answered), ("refused", result.refused),
-                               ("lost", result.lost), ("wrong_extends", result.wrong_extends),
-                               ("overlapping_spms", result.overlaps)):
-                totals[key] += value
-            if result.recovery is not None:
-                recoveries.append(result.recovery)
-            verdict = "pass" if result.ok else "FAIL"
-            trial.phase(f"{verdict} sent={result.sent} answered={result.answered} lost={result.lost}"
-                        + (f" first violation: {result.violations[0]}" if result.violations else ""))
-            failures += [f"trial {i + 1}: {v}" for v in result.violations]
-            if result.violations:
-                kept = harness.keep(trial)
-                harness.progress(f"{name} trial {i + 1}: logs and history kept in {kept}")
-                logs.append(kept)
+    for i in range(trials):
+        trial = harness.Trial(rig, i, _trial_seed(seed, name, i))
+        trial.phase("start")
+        try:
+            scenario.func(trial)
+        except Exception as e:  # noqa: BLE001 - a failing trial is a verdict, not a crash of the harness
+            trial.fail(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+        trial.phase("checking the history")
+        result = trial.finish()
+        for key, value in (("sent", result.sent), ("answered", result.answered), ("refused", result.refused),
+                           ("lost", result.lost), ("wrong_extends", result.wrong_extends),
+                           ("overlapping_spms", result.overlaps)):
+            totals[key] += value
+        if result.recovery is not None:
+            recoveries.append(result.recovery)
+        verdict = "pass" if result.ok else "FAIL"
+        trial.phase(f"{verdict} sent={result.sent} answered={result.answered} lost={result.lost}"
+                    + (f" first violation: {result.violations[0]}" if result.violations else ""))
+        failures += [f"trial {i + 1}: {v}" for v in result.violations]
+        if result.violations:
+            kept = harness.keep(trial)
+            harness.progress(f"{name} trial {i + 1}: logs and history kept in {kept}")
+            logs.append(kept)
     report: dict[str, Any] = {"scenario": name, "trials": trials, **totals}
     report["recovery_p50"] = round(statistics.median(recoveries), 3) if recoveries else None
     report["recovery_max"] = round(max(recoveries), 3) if recoveries else None
@@ -125,8 +124,12 @@ def _main(args: argparse.Namespace) -> int:
     reports = []
     try:
         with harness.sigterm_as_interrupt():
-            for name in names:
-                reports.append(run_scenario(name, args.trials, seed))
+            # One rig for the whole run: every trial has its own volumes,
+            # processes and history; the sanlock daemons stay joined.
+            harness.progress("building the rig")
+            with harness.Rig("run") as rig:
+                for name in names:
+                    reports.append(run_scenario(rig, name, args.trials, seed))
     except harness.SetupError as e:
         print(f"xtnd inject: {e}", file=sys.stderr)
         return EXIT_USAGE

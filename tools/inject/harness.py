@@ -47,8 +47,11 @@ class SetupError(Exception):
     """The rig cannot be built here (not root, sanlock missing, ...)."""
 
 
+_T0 = time.monotonic()
+
+
 def progress(text: str) -> None:
-    print(f"inject: {text}", file=sys.stderr, flush=True)
+    print(f"inject: [{time.monotonic() - _T0:6.1f}s] {text}", file=sys.stderr, flush=True)
 
 
 @dataclasses.dataclass
@@ -102,7 +105,7 @@ class Trial:
         self.rig = rig
         self.index = index
         self.rng = random.Random(seed)
-        self.dir = os.path.join(rig.workdir, f"trial{index}")
+        self.dir = os.path.join(rig.workdir, f"{rig.scenario}-trial{index + 1}")
         os.makedirs(self.dir)
         self.history = os.path.join(self.dir, "history.jsonl")
         self.spms: list[Spm] = []
@@ -284,9 +287,12 @@ class Trial:
                 self.fail(f"cannot read size of {vol}: {e}")
         history.disable()
         # Free the trial's space for the next trial (the SPMs are stopped).
-        for vol in self.volumes:
+        if self.volumes:
+            vg = self.pool.domain.vg
             with contextlib.suppress(lvm.LVMError):
-                lvm.lvremove(self.pool.domain.runner, self.pool.domain.vg, str(vol))
+                # One command for all of them.
+                self.pool.domain.runner.run("lvremove", "--autobackup", "n", "--force",
+                                            *(f"{vg}/{v}" for v in self.volumes))
         result = checker.check(history.read(self.history), bound=self.bound, extent=EXTENT, sizes=sizes,
                                may_die=self.may_die)
         result.violations[:0] = self.violations
@@ -295,7 +301,7 @@ class Trial:
 
 def keep(trial: Trial) -> str:
     """Copy a failed trial's logs and history out of the rig (removed at its end)."""
-    dest = os.path.join(WORK_BASE, "failed", f"{os.path.basename(trial.rig.workdir)}-trial{trial.index + 1}")
+    dest = os.path.join(WORK_BASE, "failed", f"{os.path.basename(trial.rig.workdir)}-{os.path.basename(trial.dir)}")
     shutil.copytree(trial.dir, dest, dirs_exist_ok=True)
     return dest
 
@@ -361,7 +367,7 @@ class Rig:
             clean_stale()
             self.workdir = os.path.join(WORK_BASE, f"{self.scenario}-{uuidlib.uuid4().hex[:8]}")
             os.makedirs(self.workdir)
-            progress(f"{self.scenario}: rig in {self.workdir}")
+            progress(f"rig in {self.workdir}")
             with open(os.path.join(self.workdir, OWNER), "w") as f:
                 f.write(f"{os.getpid()} {_start_time(os.getpid())}\n")
             self._stack.callback(shutil.rmtree, self.workdir, True)
