@@ -173,6 +173,11 @@ def test_spm_and_hsm_share_the_host_id_in_both_orders(pool: Pool, sanlock_hosts:
 
     second = spm(pool, host, 1, "spm-b")
     second.wait_serving()
+    # One host, one id: an HSM configured with another id than its SPM's.
+    wrong = HsmProcess(host, pool, 2, "hsm-wrong-id")
+    assert wrong.wait(30) == 2, wrong.log()
+    assert "this host is already in lockspace" in refusal(wrong.log())
+    assert "as host id 1, not 2" in refusal(wrong.log())
     assert hsm.terminate() == 0, hsm.log()
     assert "lockspace kept for its other users" in hsm.log()
     assert holds_spm_lease(host, location) and len(spaces(host, location)) == 1
@@ -183,9 +188,9 @@ def test_spm_and_hsm_share_the_host_id_in_both_orders(pool: Pool, sanlock_hosts:
     assert second.terminate() == 0, second.log()
     assert second.serving()[-1][0] == "stopped" and "lease lost" not in second.log()
     assert len(spaces(host, location)) == 1
-    # Still renewed, as the HSM's own checks see it.
+    # Still renewed, by the HSM's own criterion (a renewal within 6 x io_timeout).
     status = sanlockutil.parse_status(host.client("status", "-D").stdout, location.name, 1)
-    assert status is not None and status.trouble() is None and status.renewal_age <= 3, status
+    assert status is not None and status.trouble() is None and status.renewal_age <= 6, status
     assert hsm.proc.poll() is None and "lost" not in hsm.log()
     assert hsm.terminate() == 0, hsm.log()
     assert "left lockspace" in hsm.log()
