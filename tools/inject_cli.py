@@ -3,6 +3,7 @@
     xtnd inject --list
     xtnd inject SCENARIO... [--trials N] [--seed S] [--json] [--report FILE]
     xtnd inject --all [--trials N] ...
+    xtnd inject soak [--hosts 250] [--duration SECONDS]
 
 Each scenario builds its rig (loop-device PV, master domain, one sanlock
 daemon per SPM host in its own mount namespace, real ``xtnd spm``
@@ -101,6 +102,8 @@ def _main(args: argparse.Namespace) -> int:
             print(f"{s.name:22} {s.summary}{' (long)' if s.long else ''}")
             print(f"{'':22}   must hold: {s.expect}")
         return 0
+    if args.scenarios[:1] == ["soak"]:
+        return _soak(args)
     names = [s.name for s in scenarios.SCENARIOS] if args.all else args.scenarios
     if not names:
         print("xtnd inject: name a scenario, or --all, or --list", file=sys.stderr)
@@ -148,6 +151,66 @@ def _main(args: argparse.Namespace) -> int:
     return EXIT_FAILED if report["verdict"] != "pass" else 0
 
 
+def _soak(args: argparse.Namespace) -> int:
+    """``xtnd inject soak --hosts N --duration SECONDS`` (see xtnd.tools.inject.soak)."""
+    from xtnd.tools.inject import harness, soak
+
+    if len(args.scenarios) > 1 or args.all:
+        print("xtnd inject: soak runs alone", file=sys.stderr)
+        return EXIT_USAGE
+    if not 1 <= args.hosts <= 1998 or args.duration <= 0:
+        print("xtnd inject: --hosts must be 1..1998 and --duration positive", file=sys.stderr)
+        return EXIT_USAGE
+    if os.geteuid() != 0:
+        print("xtnd inject: must run as root (loop devices, LVM, sanlock)", file=sys.stderr)
+        return EXIT_USAGE
+    if args.verbose == 0:
+        logging.getLogger("xtnd.mailbox").setLevel(logging.ERROR)
+    seed = args.seed if args.seed is not None else random.randrange(2**32)
+    harness.progress(f"seed {seed}")
+    try:
+        with harness.sigterm_as_interrupt(), harness.Rig("soak", max_hosts=args.hosts + 2) as rig:
+            rig.scenario = "soak"
+            trial = harness.Trial(rig, 0, seed)
+            try:
+                figures = soak.run(trial, args.hosts, args.duration, seed)
+            except Exception as e:  # noqa: BLE001 - a verdict, not a crash
+                trial.fail(f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                figures = {}
+            result = trial.finish()
+            if result.violations:
+                harness.progress(f"soak: logs and history kept in {harness.keep(trial)}")
+    except harness.SetupError as e:
+        print(f"xtnd inject: {e}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("xtnd inject: interrupted; the rig was torn down", file=sys.stderr)
+        return 130
+    lost = result.lost + int(figures.get("lean_lost", 0))
+    entry: dict[str, Any] = {
+        "scenario": "soak", "trials": 1,
+        "sent": result.sent + int(figures.get("lean_sent", 0)),
+        "answered": result.answered + int(figures.get("lean_answered", 0)),
+        "refused": result.refused, "lost": lost, "wrong_extends": result.wrong_extends,
+        "overlapping_spms": result.overlaps, "recovery_p50": None, "recovery_max": None,
+        "verdict": "fail" if result.violations or lost else "pass", **figures,
+    }
+    if entry["verdict"] == "fail":
+        entry["reason"] = result.violations[0] if result.violations else f"{lost} lean requests unanswered"
+        entry["violations"] = result.violations[:50]
+    report = {"seed": seed, "scenarios": [entry], "verdict": entry["verdict"]}
+    if args.report:
+        with open(args.report, "w") as f:
+            json.dump(report, f, indent=2)
+    if args.json:
+        print(json.dumps(report, separators=(",", ":")))
+    else:
+        print(_table([entry]))
+        print(f"soak: hosts={figures.get('hosts')} rounds={figures.get('rounds')} faults={figures.get('faults')} "
+              f"lean latency ms={figures.get('latency_ms')}")
+    return EXIT_FAILED if entry["verdict"] != "pass" else 0
+
+
 def register(subparsers: Any) -> None:
     p = subparsers.add_parser(
         "inject",
@@ -161,4 +224,6 @@ def register(subparsers: Any) -> None:
     p.add_argument("--seed", type=int, help="random seed (default: random, printed)")
     p.add_argument("--json", action="store_true", help="print the report as one JSON object on the last line")
     p.add_argument("--report", metavar="FILE", help="also write the JSON report to FILE")
+    p.add_argument("--hosts", type=int, default=250, help="soak: simulated hosts (default %(default)s)")
+    p.add_argument("--duration", type=float, default=60.0, help="soak: seconds (default %(default)s)")
     p.set_defaults(func=_main)

@@ -170,3 +170,17 @@ def test_rig_of_a_killed_harness_is_cleaned_up(tmp_path: object) -> None:
         assert os.path.isdir(live)
     finally:
         shutil.rmtree(live)
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(900)
+def test_soak_250_hosts() -> None:
+    """250 lean hosts plus two real HSM clients for 60 s with random faults:
+    every request answered."""
+    _need_rig()
+    rc, report, err = run("soak", "--hosts", "250", "--duration", "60", "--seed", "1")
+    [s] = report["scenarios"]  # type: ignore[misc]
+    assert s["verdict"] == "pass", f"{s.get('reason')}\n{err[-3000:]}"
+    assert s["lost"] == 0 and s["sent"] == s["answered"] > 250
+    assert sum(s["faults"].values()) >= 3
+    assert rc == 0

@@ -347,8 +347,9 @@ def clean_stale() -> list[str]:
 class Rig:
     """Loop PV, master domain, sanlock daemons; torn down on exit."""
 
-    def __init__(self, scenario: str, sanlock_hosts: int = 2):
+    def __init__(self, scenario: str, sanlock_hosts: int = 2, max_hosts: int = 10):
         self.scenario = scenario
+        self.max_hosts = max_hosts
         self.nhosts = sanlock_hosts
         self.hosts: list[sanlockd.SanlockDaemon] = []
         self.own_devices: list[str] = []
@@ -373,7 +374,7 @@ class Rig:
             self._stack.callback(shutil.rmtree, self.workdir, True)
             self._stack.callback(lambda: loops.detach_stale(lambda b: b.startswith(self.workdir + "/")))
             pvs = self._stack.enter_context(loops.loop_pvs(self.workdir, count=1, size=PV_SIZE))
-            self.pool = Pool(self.workdir, pvs)
+            self.pool = Pool(self.workdir, pvs, max_hosts=self.max_hosts)
             self._stack.callback(self._remove_pool)
             # Looked up once: scenarios may hold the VG lock later.
             self.mailbox = self.pool.domain.mailbox()
