@@ -48,6 +48,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 import libvirt
+from xtnd.common import history
 from xtnd.common.ratelimit import RateLimitedLog
 from xtnd.hsm import disks, links, sizing, stats
 from xtnd.hsm.drive import DisabledReason, Drive, State
@@ -250,6 +251,7 @@ class Monitor:
         self._submit(self._check_job, dom.UUIDString(), name, THRESHOLD, now)
 
     def io_error(self, dom: Any, src_path: str, dev_alias: str, action: int, reason: str) -> None:
+        history.record("paused", vm=dom.UUIDString(), path=src_path, reason=reason)
         if reason != "enospc":
             log.warning("vm i/o error vm=%s path=%s reason=%s (not ours to fix)", dom.name(), src_path, reason)
             return
@@ -648,5 +650,6 @@ class Monitor:
             self._libvirt_error("resume", e)
             return False
         log.info("vm resumed vm=%s drive=%s", vm.name, t.drive.name)
+        history.record("resumed", vm=vm.uuid, drive=t.drive.name)
         self.counters["resumed"] += 1
         return True

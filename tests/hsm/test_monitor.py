@@ -7,16 +7,19 @@ thing, with libvirtd, QEMU and LVM, is tested in test_hsm_guest.py.
 
 from __future__ import annotations
 
+import os
 import uuid
 from collections.abc import Iterator
 
 import libvirt
 import pytest
 from testlib.hsmfakes import RUN, FakeConn, FakeConnection, FakeDisk, FakeDomain, FakeSPM, GiB, MiB, disk_xml
+from xtnd.common import history
 from xtnd.hsm import links, sizing
 from xtnd.hsm.drive import DisabledReason, State
 from xtnd.hsm.metrics import parse_line
 from xtnd.hsm.monitor import Monitor, MonitorConfig
+from xtnd.tools.inject.checker import check
 
 CHUNK = sizing.SizingConfig(chunk_mb=16, utilization_percent=20)
 
@@ -296,3 +299,26 @@ def test_pause_on_new_top_extends_the_new_volume(make: object) -> None:
     assert [vol for vol, _ in rig.spm.requests] == [disk.volume]
     assert old_volume not in [vol for vol, _ in rig.spm.requests]
     assert dom.resumes == 1
+
+
+def test_pause_and_resume_are_recorded_in_the_history(make: object, tmp_path: object) -> None:
+    """The inject checker's VM rule reads these events (xtnd.common.history)."""
+    path = os.path.join(str(tmp_path), "h.jsonl")
+    disk = FakeDisk("vda", physical=16 * MiB, allocation=1 * MiB)
+    dom = FakeDomain("vm", disk)
+    rig = make(dom)  # type: ignore[operator]
+    disk.allocation = 16 * MiB
+    history.enable(path, "hsm")
+    try:
+        dom.pause_enospc("vda")
+        rig.monitor.io_error(dom, disk.path, "virtio-disk0", libvirt.VIR_DOMAIN_EVENT_IO_ERROR_PAUSE, "enospc")
+    finally:
+        history.disable()
+    events = history.read(path)
+    assert [(e["ev"], e["vm"], e.get("reason")) for e in events if e["ev"] in ("paused", "resumed")] == [
+        ("paused", dom.UUIDString(), "enospc"),
+        ("resumed", dom.UUIDString(), None),
+    ]
+    assert check(events).ok
+    # Without the resume the checker fails the trial.
+    assert not check([e for e in events if e["ev"] != "resumed"]).ok
