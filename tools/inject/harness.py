@@ -186,6 +186,29 @@ class Trial:
         self.clients.append(hsm)
         return hsm
 
+    def hsm_daemon(self, host: int, host_id: int, name: str) -> subprocess.Popen[bytes]:
+        """``xtnd hsm`` in SPM host ``host``'s namespace with ``host_id``,
+        pointed at a libvirt socket that does not exist (it keeps trying:
+        this rig has no guests); its log is DIR/NAME.log."""
+        conf = os.path.join(self.dir, f"{name}.conf")
+        with open(conf, "w") as f:
+            f.write(
+                f"[host]\nhost_id = {host_id}\nmaster_domain = {self.pool.uuid}\n"
+                f"storage_config = {self.pool.storage_config}\nrun_dir = {os.path.join(self.dir, name + '-run')}\n"
+                "control_socket =\n[metrics]\nlisten =\n"
+                f"[libvirt]\nuri = qemu:///system?socket={os.path.join(self.dir, 'no-libvirt.sock')}\n"
+            )
+        env = {**os.environ, history.ENV: self.history, history.ENV_NAME: name}
+        with open(os.path.join(self.dir, f"{name}.log"), "ab") as out:
+            proc = self.rig.hosts[host - 1].popen([sys.executable, "-m", "xtnd.tools.cli", "hsm", "--config", conf],
+                                                 env=env, stdout=out, stderr=subprocess.STDOUT)
+        self.processes.append(proc)
+        return proc
+
+    def log_of(self, name: str) -> str:
+        with open(os.path.join(self.dir, f"{name}.log"), errors="replace") as f:
+            return f.read()
+
     def client_process(self, host_id: int, asks: list[tuple[uuidlib.UUID, int]],
                        name: str = "") -> subprocess.Popen[bytes]:
         """An HSM client in its own process (xtnd.tools.inject.client)."""

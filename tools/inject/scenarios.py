@@ -430,6 +430,33 @@ def vg_full(t: Trial) -> None:
         t.expect(size == target, f"{vol} is {size // MiB} MiB, expected {target // MiB}")
 
 
+def duplicate_host_id(t: Trial) -> None:
+    """Two HSM daemons configured with the same host id, on two hosts, while the SPM serves a burst.
+
+    Must hold: the first (on the SPM's host, sharing its id) runs; the
+    second is refused at start (exit 2, one line naming the id, no
+    traceback); the SPM and every request are
+    unaffected; the first stops cleanly.
+    """
+    spm1 = t.spm(1)
+    first = t.hsm_daemon(1, 1, "hsm1")
+    wait_for(lambda: "hsm started" in t.log_of("hsm1") or first.poll() is not None, timeout=60,
+             what="the first HSM to start")
+    t.expect(first.poll() is None, f"the first HSM exited rc={first.returncode}: {t.log_of('hsm1')[-500:]}")
+    futures = t.burst([3, 4], volumes_per_host=2, steps=2)
+    t.inject("a second HSM with host id 1 on host 2")
+    second = t.hsm_daemon(2, 1, "hsm2-dup")
+    rc = second.wait(timeout=60)
+    out = t.log_of("hsm2-dup")
+    t.expect(rc == 2, f"the duplicate HSM exited rc={rc}, expected 2: {out[-500:]}")
+    t.expect("Traceback" not in out, "the duplicate HSM printed a traceback")
+    t.expect("host id 1" in out, f"the refusal does not name host id 1: {out[-300:]}")
+    t.wait_answers(futures)
+    t.expect(spm1.alive() and first.poll() is None, "the SPM or the first HSM died")
+    first.send_signal(signal.SIGTERM)
+    t.expect(first.wait(timeout=60) == 0, f"the first HSM did not stop cleanly: {t.log_of('hsm1')[-500:]}")
+
+
 SCENARIOS = [
     Scenario("spm-kill", spm_kill),
     Scenario("host-freeze", host_freeze, long=True),
@@ -439,6 +466,7 @@ SCENARIOS = [
     Scenario("lease-loss", lease_loss, long=True),
     Scenario("mailbox-loss", mailbox_loss),
     Scenario("vg-full", vg_full),
+    Scenario("duplicate-host-id", duplicate_host_id),
     Scenario("corrupt-inbox", corrupt_inbox),
     Scenario("refusals", refusals),
     Scenario("old-vdsm", old_vdsm),
