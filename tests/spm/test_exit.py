@@ -171,7 +171,6 @@ def test_lease_loss_waits_for_stuck_lvextend(
             assert _state(pid) in (None, "Z")
             # The killed extend's failure was not written: the next SPM serves it.
             assert not future.done()
-            assert "writes shut off" in spm.log() or "result=failed" not in spm.log()
         finally:
             slow.thaw()
             hsm.stop()
