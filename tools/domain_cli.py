@@ -3,8 +3,9 @@
     xtnd domain create --uuid UUID --pv DEV [--pv DEV ...] [--master] [--max-hosts 250] [--io-timeout 10]
     xtnd domain create --uuid UUID --path DIR [--master] [--max-hosts 250] [--io-timeout 10]
     xtnd domain info   --uuid UUID [--pv DEV ... | --path DIR] [--json]
-    xtnd volume create --domain UUID --uuid UUID --capacity SIZE [--format qcow2|raw] [--initial-size SIZE] [--local]
-    xtnd volume remove --domain UUID --uuid UUID [--local]
+    xtnd volume create --domain UUID --uuid UUID --capacity SIZE [--format qcow2|raw] [--initial-size SIZE]
+                       [--host-id N] [--local]
+    xtnd volume remove --domain UUID --uuid UUID [--host-id N] [--local]
     xtnd volume info   --domain UUID --uuid UUID
     xtnd volume list   --domain UUID [--json]
 
@@ -23,10 +24,13 @@ volume commands to it instead: only the SPM may change LVM metadata.
 Without a local SPM, ``volume create`` and ``remove`` on a block domain
 first read the pool's SPM lease from storage (xtnd.storage.spmowner) and
 refuse with exit code 2 while another host holds it: LVM run here would
-change the VG behind the SPM's back. A free or released lease (no SPM
-anywhere) lets them run here, as do file domains. ``--local`` skips the
-check, for bootstrap and recovery (a dead SPM host whose lease no standby
-took over); it is dangerous: use it only when no SPM runs anywhere.
+change the VG behind the SPM's back. With the lease free (no SPM
+anywhere) the command takes the SPM lease itself for its duration
+(xtnd.spm.borrow, with this host's id: --host-id or the SPM/HSM config)
+and refuses with exit code 2 when it cannot; file domains need no lease.
+``--local`` skips all of it, for bootstrap and recovery (a dead SPM host
+whose lease no standby took over); it is dangerous: use it only when no
+SPM runs anywhere.
 """
 
 from __future__ import annotations
