@@ -143,6 +143,9 @@ def test_volume_cli_stale_socket_runs_locally(
             "100M",
             "--initial-size",
             "8M",
+            # No sanlock here: the local path without taking the lease. The
+            # path that takes it is tested in tests/storage/test_spmowner.py.
+            "--local",
             *cfg,
         )
         == 0

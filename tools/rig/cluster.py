@@ -244,6 +244,9 @@ class Cluster:
             self._xtnd(
                 "volume", "create", "--domain", str(sd.uuid), "--uuid", str(vol),
                 "--capacity", str(spec.capacity), "--initial-size", f"{spec.chunk_mb}M",
+                # The storage was made a moment ago by this rig and no sanlock
+                # daemon or SPM runs on it yet: nobody else can write the VG.
+                "--local",
             )  # fmt: skip
             sd.volumes.append(vol)
         self.progress(f"{len(self.domains)} thin qcow2 volumes of {spec.capacity // GiB} GiB, {spec.chunk_mb} MiB each")
