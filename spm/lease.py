@@ -366,6 +366,10 @@ class LeaseWatchdog:
     daemon exits) and must not block for long.
     """
 
+    # How long a check that began after the last confirmation expired may
+    # run before the guard calls the lease lost (seconds).
+    CHECK_GRACE = 0.5
+
     def __init__(
         self,
         lease: SpmLease,
@@ -387,6 +391,8 @@ class LeaseWatchdog:
         self._stopping = False
         # Monotonic start of the check in progress, None between checks.
         self._check_started: float | None = None
+        # Monotonic time the guard found itself frozen past a deadline.
+        self._thawed_at = 0.0
         # Monotonic end of the last successful check (the daemon's systemd
         # watchdog pings only while checks succeed).
         self.last_ok = time.monotonic()
@@ -443,20 +449,36 @@ class LeaseWatchdog:
             return None
         # valid_until is on the lease's clock, which is time.monotonic()
         # unless a test injected another one; then only stall_timeout counts.
-        deadline = self._check_started + self.stall_timeout
+        # Counted from the check's start, or from the moment the whole
+        # process came back from a freeze (SIGSTOP, a paused VM) during it:
+        # a frozen check is not a hung sanlock.
+        base = max(self._check_started, self._thawed_at)
+        deadline = base + self.stall_timeout
         if self.lease._clock is time.monotonic:
-            deadline = min(deadline, max(self.lease.valid_until, self._check_started))
+            # A confirmation that expired before then still gives the check a
+            # moment to answer; a healthy sanlock answers in milliseconds.
+            # Nothing writes meanwhile: fence() asks sanlock itself.
+            grace = base + min(self.stall_timeout, self.CHECK_GRACE)
+            deadline = min(deadline, max(self.lease.valid_until, grace))
         return deadline
 
     def _guard_run(self) -> None:
+        woke_for: float | None = None
         with self._cond:
             while not self._stopping and self.lost is None:
                 deadline = self._deadline()
                 now = time.monotonic()
+                if deadline is not None and now - deadline > self.CHECK_GRACE and deadline == woke_for:
+                    # The guard overslept its own deadline: the process was
+                    # frozen, not the check. Judge the check from now on.
+                    self._thawed_at = now
+                    log.warning("lease guard woke %.1fs late (process frozen); rechecking", now - deadline)
+                    deadline = self._deadline()
                 if deadline is not None and now >= deadline:
                     started = self._check_started
                     assert started is not None
                     break
+                woke_for = deadline
                 self._cond.wait(None if deadline is None else deadline - now)
             else:
                 return

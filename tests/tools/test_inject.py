@@ -56,12 +56,10 @@ def test_bad_usage() -> None:
 SHORT = [s.name for s in scenarios.SCENARIOS if not s.long]
 LONG = [s.name for s in scenarios.SCENARIOS if s.long]
 
-# Known product bug, found by spm-stop: after a freeze of the SPM process,
-# the lease watchdog's stall guard wakes past valid_until and declares the
-# lease lost (reason "lease check stalled for 0.0s") before the first check
-# after the thaw can confirm it; the SPM exits instead of serving again
-# (spm/lease.py LeaseWatchdog._deadline). Fails in some runs, not all.
-KNOWN = {"spm-stop": "stall guard declares the lease lost after an SPM freeze (spm/lease.py)"}
+# Scenarios that fail for a known product bug not fixed yet, with the
+# bug (none now: spm-stop found the stall guard's false loss after a freeze,
+# fixed in spm/lease.py).
+KNOWN: dict[str, str] = {}
 
 
 def test_short_scenarios() -> None:
