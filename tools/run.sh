@@ -23,6 +23,8 @@ APT_PACKAGES=(
     # The guest rig's kernel (xtnd.tools.rig.guest): demo, hsm bench, tests.
     linux-image-cloud-amd64
     python3-venv python3-dev gcc util-linux kmod
+    # mkfs.ext4 for the stuck-lvextend test (a PV on a frozen ext4).
+    e2fsprogs
     python3-prometheus-client python3-matplotlib systemd
     # The SPM sums inbox block checksums with it when 2000 hosts write at once.
     python3-numpy
