@@ -45,6 +45,7 @@ from xtnd.common.promhttp import MetricsServer
 from xtnd.common.watchdog import Watchdog
 from xtnd.hsm import control
 from xtnd.hsm.config import Config
+from xtnd.hsm.growdisk import DiskGrower
 from xtnd.hsm.libvirtconn import Connection, EventLoop
 from xtnd.hsm.metrics import ExtendRecord, HsmMetrics, Sources
 from xtnd.hsm.monitor import Monitor, MonitorConfig
@@ -120,6 +121,8 @@ class HSM:
             ),
             on_extend=self._extended,
         )
+        # Grows guests' disks after their storage grew (the host API, udev).
+        self.grower = DiskGrower(self.connection, self.volumes, self.monitor, config.host.run_dir)
         monitor = self.monitor
         self.metrics.sources = Sources(
             counters=lambda: dict(monitor.counters),

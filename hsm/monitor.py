@@ -213,6 +213,19 @@ class Monitor:
                 for vm in self._vms.values()
             }
 
+    def resized(self, vm_id: str, name: str) -> None:
+        """Disk name of vm_id grew (xtnd volume resize, hsm/resize.py): a
+        check reads the new capacity, so the max size follows it; a drive
+        disabled at its old max size is watched again."""
+        with self._lock:
+            vm = self._vms.get(vm_id)
+            t = vm.drives.get(name) if vm else None
+            if t is None:
+                return
+            if t.drive.state is State.DISABLED and t.drive.disabled_reason is DisabledReason.AT_MAX_SIZE:
+                t.drive.enable()
+        self._submit(self._check_job, vm_id, name, RECHECK, self._clock())
+
     # Listener (libvirtconn): events only schedule work
 
     def connected(self, conn: Any) -> None:

@@ -183,12 +183,13 @@ class Workload:
     verify: bool = True
     hold: bool = False  # stay up when done (XTND-HOLD) until the test stops it
     seconds: int = 0  # stop writing after this long, even before write_mb (0: no limit)
+    watch_size: bool = False  # while holding, print XTND-SIZE sectors=N when /sys/block/vda/size changes
 
     def cmdline(self) -> str:
         return (
             f"xtnd.write_mb={self.write_mb} xtnd.chunk_mb={self.chunk_mb} xtnd.rate={self.rate} "
             f"xtnd.offset_mb={self.offset_mb} xtnd.verify={int(self.verify)} xtnd.hold={int(self.hold)}"
-            f" xtnd.seconds={self.seconds}"
+            f" xtnd.seconds={self.seconds} xtnd.watch_size={int(self.watch_size)}"
         )
 
 

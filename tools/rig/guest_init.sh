@@ -15,12 +15,15 @@
 #   xtnd.verify=0|1    read back and check (default 1)
 #   xtnd.hold=0|1      stay up when done instead of powering off (default 0);
 #                      the test stops the domain itself
+#   xtnd.watch_size=0|1  while holding, print XTND-SIZE sectors=N from
+#                      /sys/block/vda/size at once and whenever it changes
+#                      (read every 20 ms; a disk grown under the guest)
 #
 # Every chunk holds one 32-byte line repeated, naming the chunk's offset in
 # MiB, so a chunk read back from the wrong place (or not written) differs.
 # Markers: XTND-START, XTND-PROGRESS mb=N, XTND-WRITE-DONE,
 # XTND-VERIFY-OK / XTND-VERIFY-FAIL chunk=N, XTND-WRITE-FAIL chunk=N,
-# XTND-HOLD (done, staying up).
+# XTND-HOLD (done, staying up), XTND-SIZE sectors=N.
 
 /bin/busybox mkdir -p /bin /proc /sys /dev /tmp
 /bin/busybox --install -s /bin
@@ -32,6 +35,17 @@ finish() {
     sync
     if [ "$hold" = 1 ]; then
         echo "XTND-HOLD"
+        if [ "$watch_size" = 1 ]; then
+            last=""
+            while :; do
+                read -r size </sys/block/vda/size
+                if [ "$size" != "$last" ]; then
+                    echo "XTND-SIZE sectors=$size"
+                    last=$size
+                fi
+                usleep 20000
+            done
+        fi
         while :; do sleep 3600; done
     fi
     poweroff -f
@@ -44,6 +58,7 @@ offset_mb=0
 verify=1
 hold=0
 seconds=0
+watch_size=0
 for arg in $(cat /proc/cmdline); do
     case "$arg" in
     xtnd.write_mb=*) write_mb=${arg#*=} ;;
@@ -53,6 +68,7 @@ for arg in $(cat /proc/cmdline); do
     xtnd.verify=*) verify=${arg#*=} ;;
     xtnd.hold=*) hold=${arg#*=} ;;
     xtnd.seconds=*) seconds=${arg#*=} ;;
+    xtnd.watch_size=*) watch_size=${arg#*=} ;;
     esac
 done
 
