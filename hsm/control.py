@@ -2,7 +2,9 @@
 
 Transport and protocol: xtnd.common.control (root only, JSON lines) at
 ``[host] control_socket`` (default /run/xtnd/hsm.sock). Ops: ping,
-status, log_level.
+status, log_level, and replicate_start, replicate_end, replicate_status
+(the copy of a drive to another domain, told by ``xtnd volume move``;
+see xtnd.hsm.replicate).
 """
 
 from __future__ import annotations
@@ -36,7 +38,25 @@ def ops(hsm: HSM) -> dict[str, Op]:
         "ping": lambda args: "pong",
         "status": lambda args: status(hsm),
         "log_level": base.set_log_level,
+        "replicate_start": lambda args: hsm.replicator.begin(
+            str(args["vm_uuid"]),
+            str(args["drive"]),
+            bool(args["src_block"]),
+            str(args["dst_domain"]),
+            str(args["dst_volume"]),
+            bool(args["dst_block"]),
+            int(args["dst_physical"]),
+        ).to_dict(),
+        "replicate_end": lambda args: hsm.replicator.end(
+            str(args["vm_uuid"]), str(args["drive"]), str(args["outcome"])
+        ).to_dict(),
+        "replicate_status": lambda args: _replica(hsm, str(args["vm_uuid"]), str(args["drive"])),
     }
+
+
+def _replica(hsm: HSM, vm_id: str, drive: str) -> dict[str, Any] | None:
+    replica = hsm.replicator.get(vm_id, drive)
+    return replica.to_dict() if replica else None
 
 
 def status(hsm: HSM, now: float | None = None) -> dict[str, Any]:

@@ -49,6 +49,7 @@ from xtnd.hsm.growdisk import DiskGrower
 from xtnd.hsm.libvirtconn import Connection, EventLoop
 from xtnd.hsm.metrics import ExtendRecord, HsmMetrics, Sources
 from xtnd.hsm.monitor import Monitor, MonitorConfig
+from xtnd.hsm.replicate import Replicator
 from xtnd.hsm.volumes import StorageVolumes
 from xtnd.lvm.errors import ActivationError, LVMError
 from xtnd.mailbox.directio import DirectFile
@@ -123,6 +124,15 @@ class HSM:
         )
         # Grows guests' disks after their storage grew (the host API, udev).
         self.grower = DiskGrower(self.connection, self.volumes, self.monitor, config.host.run_dir)
+        self.replicator = Replicator(
+            self.connection,
+            self.mailbox,
+            self.volumes,
+            self.monitor,
+            config.sizing(),
+            extend_timeout=config.monitor.extend_timeout,
+        )
+        self.monitor.before_extend = self.replicator.before_source_extend
         monitor = self.monitor
         self.metrics.sources = Sources(
             counters=lambda: dict(monitor.counters),
@@ -152,10 +162,15 @@ class HSM:
         self.monitor.lifecycle(dom, event, detail)
 
     def block_threshold(self, dom: Any, dev: str, path: str, threshold: int, excess: int) -> None:
+        if self.replicator.block_threshold(dom, dev):
+            return  # a copy destination's: not the source drive's
         self.monitor.block_threshold(dom, dev, path, threshold, excess)
 
     def io_error(self, dom: Any, src_path: str, dev_alias: str, action: int, reason: str) -> None:
         self.monitor.io_error(dom, src_path, dev_alias, action, reason)
+
+    def block_job(self, dom: Any, disk: str, job_type: int, status: int) -> None:
+        self.replicator.block_job(dom, disk, job_type, status)
 
     # Life cycle
 
@@ -169,6 +184,7 @@ class HSM:
             self.event_loop.start()
         self.mailbox.start()
         self.monitor.start()
+        self.replicator.start()
         self.connection.start()
         log.info(
             "hsm started host_id=%d master=%s chunk_mb=%d utilization_percent=%d",
@@ -209,6 +225,7 @@ class HSM:
         # Jobs end before the connection they use closes: no new ones, then
         # the mailbox fails pending requests at once, then the workers finish.
         self.monitor.stop_scheduling()
+        self.replicator.stop()
         self.mailbox.stop()
         self.monitor.join()
         self.connection.stop()

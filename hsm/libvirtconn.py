@@ -276,6 +276,7 @@ class Connection:
                     None, libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_THRESHOLD, self._on_block_threshold, None
                 ),
                 conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_IO_ERROR_REASON, self._on_io_error, None),
+                conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_BLOCK_JOB_2, self._on_block_job, None),
             ]
         except libvirt.libvirtError:
             self._callbacks = []
@@ -388,3 +389,11 @@ class Connection:
     ) -> None:
         if self._current(conn):
             self._dispatch("io_error", lambda: self._listener.io_error(dom, src_path, dev_alias, action, reason))
+
+    def _on_block_job(
+        self, conn: libvirt.virConnect, dom: libvirt.virDomain, disk: str, job_type: int, status: int, _opaque: object
+    ) -> None:
+        # Optional for listeners: only the HSM's replication follows block jobs.
+        handler = getattr(self._listener, "block_job", None)
+        if handler is not None and self._current(conn):
+            self._dispatch("block_job", lambda: handler(dom, disk, job_type, status))

@@ -149,6 +149,10 @@ class Monitor:
         self.config = config
         self._clock = clock
         self._on_extend = on_extend
+        # Called before a source volume is extended while its drive is
+        # copied to another domain (xtnd.hsm.replicate: destination first).
+        self.before_extend: Callable[[Drive, int], None] | None = None
+        self._replicating: set[tuple[str, str]] = set()
         self._lock = threading.Lock()
         self._cond = threading.Condition()
         self._vms: dict[str, VM] = {}
@@ -225,6 +229,18 @@ class Monitor:
             if t.drive.state is State.DISABLED and t.drive.disabled_reason is DisabledReason.AT_MAX_SIZE:
                 t.drive.enable()
         self._submit(self._check_job, vm_id, name, RECHECK, self._clock())
+
+    def set_replicating(self, vm_id: str, name: str, on: bool) -> None:
+        """The drive is (no longer) copied to another domain: its chunk doubles."""
+        with self._lock:
+            if on:
+                self._replicating.add((vm_id, name))
+            else:
+                self._replicating.discard((vm_id, name))
+            vm = self._vms.get(vm_id)
+            t = vm.drives.get(name) if vm else None
+            if t is not None:
+                t.drive.replicating = on
 
     # Listener (libvirtconn): events only schedule work
 
@@ -429,6 +445,7 @@ class Monitor:
                 t = old.get(disk.name)
                 if t is None or (t.drive.index, t.drive.path) != (disk.index, disk.path):
                     drive = Drive(vm_id, disk.name, disk.index, disk.path, str(disk.domain), str(disk.volume))
+                    drive.replicating = (vm_id, disk.name) in self._replicating
                     t = Tracked(drive)
                 elif reconnected and not t.busy and t.drive.state is State.ARMED:
                     # A new libvirtd may not know a threshold armed through
@@ -573,6 +590,8 @@ class Monitor:
             vm.name, d.name, volume, old_size // sizing.MiB, new_size // sizing.MiB, trigger,
         )  # fmt: skip
         try:
+            if self.before_extend is not None:
+                self.before_extend(d, new_size)
             self._mailbox.submit(domain, volume, new_size).result(self.config.extend_timeout)
             t_reply = self._clock()
             size = self._volumes.refresh(domain, volume)

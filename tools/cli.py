@@ -28,6 +28,7 @@ TOP_COMMANDS = [
     "xtnd.tools.demo",
     "xtnd.tools.hsm_cli",
     "xtnd.tools.inject_cli",
+    "xtnd.tools.move_cli",
     "xtnd.tools.spm_cli",
     "xtnd.tools.stats_cli",
     "xtnd.tools.status_cli",

@@ -1,0 +1,274 @@
+"""Live storage migration (``xtnd volume move``) of real guests' disks.
+
+A TCG guest of the rig (xtnd.tools.rig.guest) writes its pattern to vda as
+fast as it can while the disk moves between domains: block -> block,
+block -> file, file -> block. The real SPM daemon (its own sanlock daemon
+and lease) creates and removes the volumes and serves the extends; the
+HSM runs in this process with its control socket, which the command
+uses. At the end the guest reads everything back (XTND-VERIFY-OK), it
+never paused, the source volume is gone and the destination's size is
+within a chunk of its allocation.
+
+The destination-first rule: with a tiny chunk, every extend of the source
+is preceded by an extend of the destination to at least the same size
+(read from the history of extends, xtnd.common.history); with the rule
+off the order check fails.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import libvirt
+import pytest
+from testlib import cli
+from xtnd import storage
+from xtnd.common import history
+from xtnd.hsm import control, links
+from xtnd.hsm.daemon import HSM
+from xtnd.hsm.libvirtconn import EventLoop
+from xtnd.hsm.metrics import ExtendRecord
+from xtnd.storage import constants as storage_constants
+from xtnd.tools.rig import guest, hsmrig, loops, spmd
+from xtnd.tools.rig.sanlockd import SanlockDaemon
+
+MiB = 1024**2
+GiB = 1024**3
+
+log = logging.getLogger("test")
+
+pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
+
+
+class Pauses:
+    """Every pause of a domain (lifecycle SUSPENDED events)."""
+
+    def __init__(self, conn: libvirt.virConnect):
+        self.conn = conn
+        self.events: list[tuple[str, int, int]] = []
+        self._id = conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._event, None)
+
+    def _event(self, conn: Any, dom: Any, event: int, detail: int, _: Any) -> None:
+        self.events.append((dom.name(), event, detail))
+
+    def count(self, name: str) -> int:
+        return sum(1 for n, e, _ in self.events if n == name and e == libvirt.VIR_DOMAIN_EVENT_SUSPENDED)
+
+    def close(self) -> None:
+        self.conn.domainEventDeregisterAny(self._id)
+
+
+@dataclasses.dataclass
+class Domains:
+    pool: hsmrig.Pool
+    block2: storage.BlockDomain
+    file: storage.FileDomain
+
+    def open(self, sd: uuid.UUID, writable: bool = False) -> storage.Domain:
+        return storage.HostConfig.load(self.pool.storage_config).open(sd, writable=writable)
+
+    def volume(self, sd: uuid.UUID, capacity: int = 1 * GiB, initial: int = 16 * MiB) -> str:
+        """A new qcow2 volume in sd, prepared and linked; its link."""
+        vol = uuid.uuid4()
+        domain = self.open(sd, writable=True)
+        domain.create_volume(vol, capacity, initial_size=initial)
+        return links.create(sd, vol, domain.prepare_volume(vol), self.pool.run_dir)
+
+
+@pytest.fixture
+def spm_host(sanlock_hosts: Callable[[int], list[SanlockDaemon]]) -> SanlockDaemon:
+    [host] = sanlock_hosts(1)
+    return host
+
+
+@pytest.fixture
+def domains(workdir: str, need_root: None, libvirtd: None) -> Iterator[Domains]:
+    """The pool's master block domain, a second block domain and a file domain."""
+    with hsmrig.pool(workdir) as p:
+        d2dir = os.path.join(workdir, "d2")
+        os.makedirs(d2dir)
+        with loops.loop_pvs(d2dir, count=1, size=512 * MiB) as pvs:
+            sd2 = uuid.uuid4()
+            block2 = storage.create_block_domain(
+                sd2, pvs, master=False, max_hosts=hsmrig.MAX_HOSTS, extent_size=hsmrig.EXTENT,
+                activation="loop", io_timeout=spmd.IO_TIMEOUT, metadata_size=storage_constants.METADATA_SIZE,
+            )  # fmt: skip
+            sd3 = uuid.uuid4()
+            file = storage.create_file_domain(
+                sd3, os.path.join(workdir, "files"), max_hosts=hsmrig.MAX_HOSTS, io_timeout=spmd.IO_TIMEOUT
+            )
+            host = storage.HostConfig.load(p.storage_config)
+            host.add_block(sd2, pvs)
+            host.add_file(sd3, os.path.join(workdir, "files"))
+            host.save()
+            try:
+                yield Domains(p, block2, file)
+            finally:
+                for vol in block2.list_volumes():
+                    links.remove(sd2, vol.uuid, p.run_dir)
+                    with contextlib.suppress(Exception):
+                        block2.teardown_volume(vol.uuid)
+                block2.deactivate_special()
+                from xtnd import lvm
+
+                with contextlib.suppress(Exception):
+                    lvm.vgremove(lvm.Runner(pvs), str(sd2))
+
+
+class Running:
+    """An in-process HSM with its control socket, and its extends."""
+
+    def __init__(self, hsm: HSM):
+        self.hsm = hsm
+        self.records: list[ExtendRecord] = []
+
+    def record(self, r: ExtendRecord) -> None:
+        self.records.append(r)
+
+
+@contextlib.contextmanager
+def spm_daemon(p: hsmrig.Pool, host: SanlockDaemon) -> Iterator[spmd.SpmProcess]:
+    """`xtnd spm` managing every domain of the storage config (as hsmrig.spm_daemon, plus domains = *)."""
+    config = spmd.Pool.spm_config(p, hsmrig.HOST_ID, **{"spm.domains": "*"})  # type: ignore[arg-type]
+    n = len([f for f in os.listdir(p.workdir) if f.startswith("spm.")])
+    proc = spmd.SpmProcess(host, config, os.path.join(p.workdir, f"spm.{n}.log"))
+    try:
+        proc.wait_serving()
+        yield proc
+    finally:
+        if proc.proc.poll() is None:
+            proc.terminate(30)
+
+
+@contextlib.contextmanager
+def running_hsm(pool: hsmrig.Pool, events: EventLoop, chunk_mb: int, dest_first: bool = True) -> Iterator[Running]:
+    config = pool.config(chunk_mb=chunk_mb)
+    pool.write_config(config, os.path.join(pool.workdir, "hsm.conf"))
+    holder: list[Running] = []
+    hsm = HSM(config, event_loop=events, on_extend=lambda r: holder[0].record(r), hold_host_id=False)
+    hsm.replicator.dest_first = dest_first
+    r = Running(hsm)
+    holder.append(r)
+    server = control.ControlServer(config.host.control_socket, control.ops(hsm), name="test-hsm-control")
+    hsm.start()
+    server.start()
+    try:
+        assert hsm.connection.wait_connected(30)
+        yield r
+    finally:
+        server.stop()
+        hsm.stop()
+
+
+@pytest.fixture
+def spm_env(monkeypatch: pytest.MonkeyPatch, domains: Domains) -> str:
+    """Volume commands of the CLI go to the test SPM daemon's socket."""
+    path = os.path.join(domains.pool.workdir, f"spm{hsmrig.HOST_ID}.sock")
+    monkeypatch.setenv("XTND_SPM_SOCKET", path)
+    return path
+
+
+@pytest.fixture
+def hist(workdir: str) -> Iterator[str]:
+    path = os.path.join(workdir, "history.jsonl")
+    history.enable(path, "test")
+    yield path
+    history.disable()
+
+
+def move_argv(g: guest.Guest, to: uuid.UUID, pool: hsmrig.Pool) -> list[str]:
+    return ["volume", "move", "--vm", g.name, "--disk", "vda", "--to-domain", str(to), "--json",
+            "--hsm-config", os.path.join(pool.workdir, "hsm.conf")]  # fmt: skip
+
+
+def gone(d: storage.Domain, volume: uuid.UUID) -> bool:
+    try:
+        d.volume_info(volume)
+    except storage.VolumeNotFound:
+        return True
+    return False
+
+
+def extends_in_order(path: str, vm_id: str) -> tuple[int, int, list[str]]:
+    """(source extends, destination extends, violations of destination-first)."""
+    events = [e for e in history.read(path) if e["ev"] == "replica_extend" and e.get("vm") == vm_id]
+    dst_size = 0
+    bad = []
+    src = dst = 0
+    for e in events:
+        if e["side"] == "dst":
+            dst += 1
+            dst_size = max(dst_size, int(e["size"]))
+        else:
+            src += 1
+            if dst_size < int(e["size"]):
+                bad.append(f"source to {int(e['size']) // MiB} MiB while the destination was {dst_size // MiB} MiB")
+    return src, dst, bad
+
+
+def run_move(
+    domains: Domains,
+    spm_host: SanlockDaemon,
+    conn: libvirt.virConnect,
+    rig: guest.Rig,
+    events: EventLoop,
+    workdir: str,
+    hist: str,
+    src_sd: uuid.UUID,
+    dst_sd: uuid.UUID,
+    write_mb: int = 64,
+    chunk_mb: int = 16,
+    dest_first: bool = True,
+    capsys: pytest.CaptureFixture[str] | None = None,
+) -> dict[str, Any]:
+    pool = domains.pool
+    src_link = domains.volume(src_sd)
+    src_volume = links.parse(src_link, pool.run_dir)
+    assert src_volume is not None
+    pauses = Pauses(conn)
+    t0 = time.monotonic()
+    with spm_daemon(pool, spm_host), running_hsm(pool, events, chunk_mb, dest_first) as r:
+        with guest.guest(conn, rig, src_link, guest.Workload(write_mb=write_mb), workdir) as g:
+            g.start()
+            g.wait_console("XTND-PROGRESS mb=8", timeout=120)
+            assert cli.xtnd(*move_argv(g, dst_sd, pool)) == 0
+            result = json.loads(capsys.readouterr().out) if capsys else {}
+            text = g.wait_console("XTND-VERIFY-OK", timeout=180)
+            assert f"XTND-WRITE-DONE mb={write_mb}" in text
+            name, vm_id = g.name, g.dom.UUIDString()
+    pauses.close()
+    elapsed = time.monotonic() - t0
+    src_ext, dst_ext, bad = extends_in_order(hist, vm_id)
+    result.update(pauses=pauses.count(name), elapsed=round(elapsed, 1), hist_src=src_ext, hist_dst=dst_ext, bad=bad)
+    log.info("move result %s", result)
+    print(f"\nMOVE {result}")
+    assert result["pauses"] == 0
+    assert gone(domains.open(src_sd), src_volume[1])
+    dst = domains.open(dst_sd).volume_info(uuid.UUID(result["to_volume"]))
+    # The destination's size is within a (replicating) chunk of what the guest wrote.
+    chunk = 2 * chunk_mb * MiB
+    assert dst.size <= write_mb * MiB + 2 * chunk + 4 * MiB
+    assert dst.size >= write_mb * MiB
+    return result
+
+
+def test_move_block_to_block(
+    domains: Domains, spm_host: SanlockDaemon, spm_env: str, conn: libvirt.virConnect, rig: guest.Rig,
+    libvirt_events: EventLoop, workdir: str, hist: str, capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    result = run_move(domains, spm_host, conn, rig, libvirt_events, workdir, hist, domains.pool.uuid,
+                      domains.block2.uuid, capsys=capsys)  # fmt: skip
+    assert result["bad"] == []
+    assert result["hist_dst"] >= 1
