@@ -100,6 +100,7 @@ class Replica:
     dst_physical: int = 0
     dst_index: int | None = None
     dst_threshold: int | None = None
+    dst_crossed: bool = False  # the destination's threshold fired since the last extend
     phase: str = STARTING
     extends_src: int = 0
     extends_dst: int = 0
@@ -261,6 +262,7 @@ class Replicator:
             if replica is None:
                 return False
             replica.dst_threshold = None
+            replica.dst_crossed = True
             self._kick = True
             self._cond.notify_all()
         log.info("destination threshold crossed vm=%s target=%s", dom.name(), dev)
@@ -318,9 +320,8 @@ class Replicator:
         # The mirror holds at most what the source holds (same guest data,
         # same qcow2 clusters): the source's allocation bounds it.
         data = block.allocation
-        info = dom.blockJobInfo(replica.drive, 0) or {}
-        if replica.dst_threshold is None and info.get("end"):
-            # The threshold fired (or was never armed): the copy is near the end.
+        if replica.dst_crossed:
+            # The copy wrote past the destination's threshold: extend now.
             data = max(data, replica.dst_physical - self.config.watermark(True) + 1)
         size = dest_needs(replica.dst_physical, data, block.capacity, self.config)
         if size is not None:
@@ -345,6 +346,7 @@ class Replicator:
             replica.dst_physical = physical
             replica.extends_dst += 1
             replica.dst_threshold = None
+            replica.dst_crossed = False
         history.record("replica_extend", side="dst", vm=replica.vm_id, drive=replica.drive,
                        volume=replica.dst_volume, size=physical, why=why)  # fmt: skip
         log.info(

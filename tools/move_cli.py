@@ -1,6 +1,6 @@
 """``xtnd volume move``: move a running VM's disk to another storage domain.
 
-    xtnd volume move --vm VM --disk vda --to-domain D2 [--json]
+    xtnd volume move --vm VM --disk vda --to-domain D2 [--json] [--bandwidth MIB]
 
 Runs on the host running the VM, next to its HSM. The steps:
 
@@ -247,7 +247,10 @@ class Mover:
             told = True
             self._check_cancel()
             flags = libvirt.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT | libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB
-            dom.blockCopy(disk.name, dest_xml(dst_block, link, disk.format), None, flags)
+            params = {}
+            if self.args.bandwidth:
+                params[libvirt.VIR_DOMAIN_BLOCK_COPY_BANDWIDTH] = self.args.bandwidth * MiB
+            dom.blockCopy(disk.name, dest_xml(dst_block, link, disk.format), params or None, flags)
             copying = True
             self.out(f"copying {disk.name} of {dom.name()} to {link}")
             self._wait_ready(dom, vm_id, disk.name)
@@ -293,7 +296,7 @@ class Mover:
         }
 
     def _wait_ready(self, dom: Any, vm_id: str, name: str) -> None:
-        last_t, last_cur, last_print = time.monotonic(), 0, 0.0
+        t_start, last_print = time.monotonic(), 0.0
         while True:
             self._check_cancel()
             info = dom.blockJobInfo(name, 0)
@@ -303,10 +306,8 @@ class Mover:
             now = time.monotonic()
             p = self.progress
             p.cur, p.end = int(info.get("cur", 0)), int(info.get("end", 0))
-            if now > last_t:
-                p.rate = 0.7 * p.rate + 0.3 * max(0, p.cur - last_cur) / (now - last_t) if p.rate else (
-                    max(0, p.cur - last_cur) / (now - last_t))  # fmt: skip
-            last_t, last_cur = now, p.cur
+            # The job copies in large steps: the average since the start reads best.
+            p.rate = p.cur / (now - t_start) if now > t_start else 0.0
             replica = self.hsm.call("replicate_status", vm_uuid=vm_id, drive=name) or {}
             p.extends_src = replica.get("extends_src", p.extends_src)
             p.extends_dst = replica.get("extends_dst", p.extends_dst)
@@ -420,6 +421,9 @@ def register(top: Any) -> None:
     p.add_argument("--disk", required=True, help="the disk's target, e.g. vda")
     p.add_argument("--to-domain", type=domain_cli._uuid, required=True, help="the destination domain's UUID")
     p.add_argument("--json", action="store_true", help="machine-readable result on stdout (progress on stderr)")
+    p.add_argument(
+        "--bandwidth", type=int, default=0, metavar="MIB", help="limit the copy to MIB MiB/s (default 0: no limit)"
+    )
     p.add_argument(
         "--hsm-config", default=domain_cli.HSM_CONFIG, help=f"the HSM's config (default {domain_cli.HSM_CONFIG})"
     )

@@ -22,10 +22,10 @@ import dataclasses
 import json
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
-import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -188,9 +188,9 @@ def hist(workdir: str) -> Iterator[str]:
     history.disable()
 
 
-def move_argv(g: guest.Guest, to: uuid.UUID, pool: hsmrig.Pool) -> list[str]:
+def move_argv(g: guest.Guest, to: uuid.UUID, pool: hsmrig.Pool, bandwidth: int = 0) -> list[str]:
     return ["volume", "move", "--vm", g.name, "--disk", "vda", "--to-domain", str(to), "--json",
-            "--hsm-config", os.path.join(pool.workdir, "hsm.conf")]  # fmt: skip
+            "--hsm-config", os.path.join(pool.workdir, "hsm.conf"), "--bandwidth", str(bandwidth)]  # fmt: skip
 
 
 def gone(d: storage.Domain, volume: uuid.UUID) -> bool:
@@ -218,57 +218,171 @@ def extends_in_order(path: str, vm_id: str) -> tuple[int, int, list[str]]:
     return src, dst, bad
 
 
+def image_end(path: str) -> int:
+    """Where the qcow2 image ends (its allocation), the guest shut off."""
+    out = subprocess.run(["qemu-img", "check", "--output=json", path], capture_output=True, text=True).stdout
+    return int(json.loads(out)["image-end-offset"])
+
+
+@dataclasses.dataclass
+class Setup:
+    domains: Domains
+    spm_host: SanlockDaemon
+    conn: libvirt.virConnect
+    rig: guest.Rig
+    events: EventLoop
+    workdir: str
+    hist: str
+
+
+@pytest.fixture
+def setup(
+    domains: Domains, spm_host: SanlockDaemon, spm_env: str, conn: libvirt.virConnect, rig: guest.Rig,
+    libvirt_events: EventLoop, workdir: str, hist: str,
+) -> Setup:  # fmt: skip
+    return Setup(domains, spm_host, conn, rig, libvirt_events, workdir, hist)
+
+
+CAPACITY = 256 * MiB
+# Copy at 16 MiB/s: 256 MiB of virtual disk take ~16 s, while the guest
+# writes its 64 MiB as fast as TCG lets it (~3.5 MiB/s): the mirror runs
+# through several extends of both sides.
+BANDWIDTH = 16
+
+
 def run_move(
-    domains: Domains,
-    spm_host: SanlockDaemon,
-    conn: libvirt.virConnect,
-    rig: guest.Rig,
-    events: EventLoop,
-    workdir: str,
-    hist: str,
+    s: Setup,
     src_sd: uuid.UUID,
     dst_sd: uuid.UUID,
+    capsys: pytest.CaptureFixture[str],
     write_mb: int = 64,
     chunk_mb: int = 16,
     dest_first: bool = True,
-    capsys: pytest.CaptureFixture[str] | None = None,
 ) -> dict[str, Any]:
-    pool = domains.pool
-    src_link = domains.volume(src_sd)
-    src_volume = links.parse(src_link, pool.run_dir)
-    assert src_volume is not None
-    pauses = Pauses(conn)
+    domains, pool = s.domains, s.domains.pool
+    src_link = domains.volume(src_sd, CAPACITY)
+    src = links.parse(src_link, pool.run_dir)
+    assert src is not None
+    pauses = Pauses(s.conn)
     t0 = time.monotonic()
-    with spm_daemon(pool, spm_host), running_hsm(pool, events, chunk_mb, dest_first) as r:
-        with guest.guest(conn, rig, src_link, guest.Workload(write_mb=write_mb), workdir) as g:
+    with spm_daemon(pool, s.spm_host), running_hsm(pool, s.events, chunk_mb, dest_first):
+        with guest.guest(s.conn, s.rig, src_link, guest.Workload(write_mb=write_mb), s.workdir) as g:
             g.start()
-            g.wait_console("XTND-PROGRESS mb=8", timeout=120)
-            assert cli.xtnd(*move_argv(g, dst_sd, pool)) == 0
-            result = json.loads(capsys.readouterr().out) if capsys else {}
+            g.wait_console("XTND-PROGRESS mb=4", timeout=120)
+            capsys.readouterr()
+            rc = cli.xtnd(*move_argv(g, dst_sd, pool, BANDWIDTH))
+            captured = capsys.readouterr()
+            assert rc == 0, captured.err
+            result = json.loads(captured.out)
             text = g.wait_console("XTND-VERIFY-OK", timeout=180)
             assert f"XTND-WRITE-DONE mb={write_mb}" in text
+            g.wait_state(libvirt.VIR_DOMAIN_SHUTOFF, timeout=60)
             name, vm_id = g.name, g.dom.UUIDString()
     pauses.close()
-    elapsed = time.monotonic() - t0
-    src_ext, dst_ext, bad = extends_in_order(hist, vm_id)
-    result.update(pauses=pauses.count(name), elapsed=round(elapsed, 1), hist_src=src_ext, hist_dst=dst_ext, bad=bad)
-    log.info("move result %s", result)
-    print(f"\nMOVE {result}")
-    assert result["pauses"] == 0
-    assert gone(domains.open(src_sd), src_volume[1])
+    src_ext, dst_ext, bad = extends_in_order(s.hist, vm_id)
     dst = domains.open(dst_sd).volume_info(uuid.UUID(result["to_volume"]))
-    # The destination's size is within a (replicating) chunk of what the guest wrote.
-    chunk = 2 * chunk_mb * MiB
-    assert dst.size <= write_mb * MiB + 2 * chunk + 4 * MiB
-    assert dst.size >= write_mb * MiB
+    end = image_end(result["path"])
+    result.update(
+        pauses=pauses.count(name), elapsed=round(time.monotonic() - t0, 1), hist_src=src_ext, hist_dst=dst_ext,
+        bad=bad, dst_size=dst.size, dst_allocation=end,
+    )  # fmt: skip
+    log.info("move result %s", result)
+    print(f"\nMOVE {json.dumps(result)}")
+    assert result["pauses"] == 0, result
+    assert gone(domains.open(src_sd), src[1])
+    assert not os.path.lexists(src_link)
+    # The destination's size is within a (replicating) chunk of its allocation.
+    assert end <= dst.size <= end + 2 * chunk_mb * MiB, result
     return result
 
 
-def test_move_block_to_block(
-    domains: Domains, spm_host: SanlockDaemon, spm_env: str, conn: libvirt.virConnect, rig: guest.Rig,
-    libvirt_events: EventLoop, workdir: str, hist: str, capsys: pytest.CaptureFixture[str],
-) -> None:  # fmt: skip
-    result = run_move(domains, spm_host, conn, rig, libvirt_events, workdir, hist, domains.pool.uuid,
-                      domains.block2.uuid, capsys=capsys)  # fmt: skip
+def test_move_block_to_block(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
+    """Both sides extended while the guest writes; the destination always first."""
+    result = run_move(setup, setup.domains.pool.uuid, setup.domains.block2.uuid, capsys)
     assert result["bad"] == []
-    assert result["hist_dst"] >= 1
+    assert result["extends_dst"] >= 1 and result["extends_src"] >= 1, result
+
+
+@pytest.mark.soak
+def test_move_block_to_file(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
+    """A file destination grows by itself: only the source is extended."""
+    result = run_move(setup, setup.domains.pool.uuid, setup.domains.file.uuid, capsys)
+    assert result["extends_dst"] == 0 and result["hist_dst"] == 0, result
+
+
+@pytest.mark.soak
+def test_move_file_to_block(setup: Setup, capsys: pytest.CaptureFixture[str]) -> None:
+    """The source needs nothing; the destination is extended ahead of the copy."""
+    result = run_move(setup, setup.domains.file.uuid, setup.domains.block2.uuid, capsys)
+    assert result["extends_src"] == 0 and result["hist_src"] == 0, result
+    assert result["extends_dst"] >= 1, result
+
+
+@pytest.mark.soak
+@pytest.mark.parametrize("dest_first", [True, False])
+def test_tiny_chunk_destination_first(setup: Setup, capsys: pytest.CaptureFixture[str], dest_first: bool) -> None:
+    """A 4 MiB chunk (8 while replicating): many extends in the copy. With
+    the rule, no source extend ever goes beyond the destination's size;
+    without it the order check sees the source ahead."""
+    d = setup.domains
+    if dest_first:
+        result = run_move(setup, d.pool.uuid, d.block2.uuid, capsys, chunk_mb=4, dest_first=True)
+        assert result["bad"] == [] and result["hist_src"] >= 3, result
+    else:
+        with pytest.raises(AssertionError) as failed:
+            run_move(setup, d.pool.uuid, d.block2.uuid, capsys, chunk_mb=4, dest_first=False)
+        print(f"\nWITHOUT DEST-FIRST: {str(failed.value)[:400]}")
+        assert "bad" in str(failed.value) or "pauses" in str(failed.value)
+        events = history.read(setup.hist)
+        src_ext = [e for e in events if e["ev"] == "replica_extend" and e["side"] == "src"]
+        assert src_ext
+        _, _, bad = extends_in_order(setup.hist, src_ext[0]["vm"])
+        assert bad, "the source never got ahead of the destination without the rule"
+
+
+def test_move_aborted_by_ctrl_c(setup: Setup) -> None:
+    """Ctrl-C in the middle of the copy: the VM stays on its source and
+    finishes its writes there, the half-copied destination is removed."""
+    d, pool = setup.domains, setup.domains.pool
+    src_link = d.volume(pool.uuid, CAPACITY)
+    src = links.parse(src_link, pool.run_dir)
+    assert src is not None
+    pauses = Pauses(setup.conn)
+    with spm_daemon(pool, setup.spm_host), running_hsm(pool, setup.events, 16):
+        with guest.guest(setup.conn, setup.rig, src_link, guest.Workload(write_mb=40), setup.workdir) as g:
+            g.start()
+            g.wait_console("XTND-PROGRESS mb=4", timeout=120)
+            argv = [a for a in move_argv(g, d.block2.uuid, pool, 8) if a != "--json"]
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "xtnd.tools.cli", *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                text=True,
+            )  # fmt: skip
+            lines = []
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                lines.append(line)
+                m = re.match(r"copying: (\d+)/(\d+) MiB", line)
+                if m and int(m.group(1)) >= 32:
+                    break
+            else:
+                pytest.fail(f"no progress past 32 MiB: {''.join(lines)} {proc.stderr.read() if proc.stderr else ''}")
+            assert g.disk_index("vda") is not None
+            xml = g.dom.XMLDesc(0)
+            assert "<mirror" in xml, "interrupted outside of the copy"
+            proc.send_signal(signal.SIGINT)
+            out, err = proc.communicate(timeout=120)
+            log.info("move output:\n%s%s\n%s", "".join(lines), out, err)
+            assert proc.returncode == 130, err
+            assert "aborted" in out
+            xml = g.dom.XMLDesc(0)
+            assert "<mirror" not in xml
+            assert src_link in xml
+            text = g.wait_console("XTND-VERIFY-OK", timeout=180)
+            assert "XTND-WRITE-DONE mb=40" in text
+            name = g.name
+    pauses.close()
+    assert pauses.count(name) == 0
+    assert d.block2.list_volumes() == []
+    link_dir = os.path.join(pool.run_dir, str(d.block2.uuid))
+    assert not os.path.isdir(link_dir) or not os.listdir(link_dir)
+    assert d.open(pool.uuid).volume_info(src[1]).size >= 40 * MiB
