@@ -114,6 +114,25 @@ class MetricsSection:
 
 
 @dataclasses.dataclass
+class ApiSection:
+    socket: str = option(
+        "/run/xtnd/hsm-api.sock",
+        "Unix socket of the host API (HTTP/JSON for orchestrators; mode 0600, root only); empty disables.",
+    )
+    listen: str = option(
+        "",
+        "HOST:PORT serving the host API over TCP too; every request then needs the token of token_file. "
+        "Empty: the unix socket only.",
+        ini.listen,
+    )
+    token_file: str = option("", "File holding the bearer token of [api] listen (required with it; keep it mode 0600).")
+    udev: bool = option(
+        False,
+        "Watch udev: when a block device under one of this host's VMs grows, grow the guest's disk (no API call).",
+    )
+
+
+@dataclasses.dataclass
 class Config:
     host: HostSection = dataclasses.field(default_factory=HostSection)
     thin: ThinSection = dataclasses.field(default_factory=ThinSection)
@@ -123,6 +142,7 @@ class Config:
     libvirt: LibvirtSection = dataclasses.field(default_factory=LibvirtSection)
     lvm: LvmSection = dataclasses.field(default_factory=LvmSection)
     metrics: MetricsSection = dataclasses.field(default_factory=MetricsSection)
+    api: ApiSection = dataclasses.field(default_factory=ApiSection)
     # Files read, in order (not an option).
     sources: list[str] = dataclasses.field(default_factory=list, compare=False)
 
@@ -146,6 +166,27 @@ class Config:
                 key="backoff_initial",
                 value=f"{self.retry.backoff_initial:g}",
             )
+        if self.api.listen and not self.api.token_file:
+            raise ConfigError(
+                "a TCP listener needs token_file", file=file, section="api", key="listen", value=self.api.listen
+            )
+        if self.api.token_file:
+            read_token(self.api.token_file, file)
+
+
+def read_token(path: str, file: str = "") -> str:
+    """The bearer token in path (surrounding white space dropped); ConfigError if unusable."""
+    try:
+        with open(path) as f:
+            token = f.read().strip()
+    except (OSError, UnicodeDecodeError) as e:
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise ConfigError(
+            f"cannot read the token: {reason}", file=file, section="api", key="token_file", value=path
+        ) from None
+    if not token:
+        raise ConfigError("the token file is empty", file=file, section="api", key="token_file", value=path)
+    return token
 
 
 def files(path: str) -> list[str]:

@@ -22,8 +22,8 @@ exits with EXIT_HOST_ID_LOST; systemd starts it again, and it joins anew.
 SIGTERM and SIGINT stop the daemon; systemd is told READY=1 once libvirt
 is connected (or after a short wait: a host whose libvirtd is down still
 has an HSM that keeps trying) and STOPPING=1 on stop. run() also serves
-the metrics ([metrics] listen) and the control socket ([host]
-control_socket: status, log_level), and pings systemd's watchdog from its
+the metrics ([metrics] listen), the control socket ([host]
+control_socket: status, log_level) and the host API ([api]: xtnd.hsm.api), and pings systemd's watchdog from its
 main loop while the monitor and mailbox threads run.
 """
 
@@ -43,8 +43,8 @@ from xtnd.common import sdnotify
 from xtnd.common.cmd import CommandError
 from xtnd.common.promhttp import MetricsServer
 from xtnd.common.watchdog import Watchdog
-from xtnd.hsm import control
-from xtnd.hsm.config import Config
+from xtnd.hsm import api, control
+from xtnd.hsm.config import Config, ConfigError, read_token
 from xtnd.hsm.growdisk import DiskGrower
 from xtnd.hsm.libvirtconn import Connection, EventLoop
 from xtnd.hsm.metrics import ExtendRecord, HsmMetrics, Sources
@@ -242,6 +242,17 @@ class HSM:
         log.info("hsm stopped")
 
 
+def start_api(config: Config, hsm: HSM) -> api.ApiServer | None:
+    """The host API of [api], listening; None when it has no socket nor listener."""
+    section = config.api
+    if not (section.socket or section.listen):
+        return None
+    token = read_token(section.token_file) if section.listen else ""
+    server = api.ApiServer(hsm.grower, section.socket, section.listen, token)
+    server.start()
+    return server
+
+
 def run(config: Config, ready_timeout: float = 10.0) -> int:
     """Run until SIGTERM or SIGINT; the exit code."""
     stop = threading.Event()
@@ -275,6 +286,15 @@ def run(config: Config, ready_timeout: float = 10.0) -> int:
     if server is not None:
         server.start()
     try:
+        host_api = start_api(config, hsm)
+    except (api.ApiStartError, ConfigError) as e:
+        log.error("cannot start: %s", e)
+        if server is not None:
+            server.stop()
+        metrics.stop()
+        hsm.stop()
+        return EXIT_ERROR
+    try:
         with watchdog.covering("start"):
             # Short waits: a stop (signal, lost host id) must not wait for libvirt.
             deadline = time.monotonic() + ready_timeout
@@ -291,6 +311,8 @@ def run(config: Config, ready_timeout: float = 10.0) -> int:
     finally:
         sdnotify.notify("STOPPING=1")
         with watchdog.covering("stop"):  # bounded: jobs end once the mailbox stops
+            if host_api is not None:
+                host_api.stop()
             if server is not None:
                 server.stop()
             metrics.stop()

@@ -30,6 +30,7 @@ HERE = os.path.join(REPO, "packaging")
 AREAS = ("common", "mailbox", "spm", "hsm", "lvm", "storage", "tools")
 # pyproject dependency -> Debian package.
 DEBIAN_NAMES = {
+    "aiohttp": "python3-aiohttp",
     "construct": "python3-construct",
     "libvirt-python": "python3-libvirt",
     "rich": "python3-rich",

@@ -16,17 +16,24 @@ One in-process HSM (hold_host_id=False: no SPM is needed here) serves it.
 from __future__ import annotations
 
 import contextlib
+import http.client
+import json
 import os
 import re
 import shutil
+import socket
+import stat
+import subprocess
+import sys
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import libvirt
 import pytest
-from xtnd.hsm import growdisk, links
+from xtnd.hsm import api, daemon, growdisk, links
 from xtnd.hsm.daemon import HSM
 from xtnd.hsm.libvirtconn import EventLoop
 from xtnd.tools.rig import guest, hsmrig, loops
@@ -34,6 +41,8 @@ from xtnd.tools.rig.wait import wait_for
 
 MiB = 1024**2
 GiB = 1024**3
+TOKEN = "s3cret-" + uuid.uuid4().hex
+BODY_TIMEOUT = 1.0
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(240)]
 
@@ -47,6 +56,8 @@ class Setup:
     raw: str  # volume uuids
     thin: str
     cdrom: str
+    api: api.ApiServer  # unix socket and TCP on 127.0.0.1 with TOKEN
+    workdir: str
 
     @property
     def vm(self) -> str:
@@ -115,10 +126,15 @@ def setup(libvirtd: None, rig: guest.Rig, libvirt_events: EventLoop) -> Iterator
             stack.callback(g.remove)
             stopped = guest.Guest(conn, name + "-off", xml.replace(name, name + "-off"), console + "-off")
             stack.callback(stopped.remove)
+            server = api.ApiServer(
+                hsm.grower, os.path.join(workdir, "api.sock"), "127.0.0.1:0", TOKEN, body_timeout=BODY_TIMEOUT
+            )
+            server.start()
+            stack.callback(server.stop)
             g.start()
             g.wait_console("XTND-SIZE sectors=", timeout=180)
             thin = str(hsmrig.volume_of(pool, thin_link))
-            yield Setup(pool, hsm, g, stopped, str(raw), thin, str(cdrom))
+            yield Setup(pool, hsm, g, stopped, str(raw), thin, str(cdrom), server, workdir)
     finally:
         conn.close()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -178,3 +194,309 @@ def test_grow_errors(setup: Setup) -> None:
     with pytest.raises(growdisk.GrowFailed, match="blockResize"):
         grower.grow_to(setup.vm, setup.raw, size + 64 * MiB)  # raw past its device
     assert setup.guest_sizes()[-1] == size
+
+
+# The host API over its real sockets (xtnd.hsm.api)
+
+
+class UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float = 60.0):
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+def call(
+    setup: Setup,
+    method: str,
+    path: str,
+    body: Any = None,
+    tcp: bool = False,
+    headers: dict[str, str] | None = None,
+) -> tuple[int, Any]:
+    """One request; (status, parsed JSON body). body: bytes as is, else JSON."""
+    if tcp:
+        conn: http.client.HTTPConnection = http.client.HTTPConnection("127.0.0.1", setup.api.port, timeout=60)
+    else:
+        conn = UnixConnection(setup.api.socket_path)
+    data = body if isinstance(body, bytes) or body is None else json.dumps(body).encode()
+    try:
+        conn.request(method, path, body=data, headers=headers or {})
+        response = conn.getresponse()
+        raw = response.read()
+    finally:
+        conn.close()
+    assert response.getheader("Content-Type", "").startswith("application/json"), raw
+    return response.status, json.loads(raw)
+
+
+def volume_path(setup: Setup, volume: str, vm: str | None = None) -> str:
+    return f"/v1/servers/{vm or setup.vm}/volumes/{volume}"
+
+
+def event(vm: str, volume: str, name: str = "volume-extended") -> dict[str, str]:
+    return {"name": name, "server_uuid": vm, "tag": volume}
+
+
+def get_size(setup: Setup, volume: str) -> int:
+    status, body = call(setup, "GET", volume_path(setup, volume))
+    assert status == 200, body
+    assert body["volume_blockdev"]["id"] == volume
+    return int(body["volume_blockdev"]["bytes"])
+
+
+def assert_serving(setup: Setup) -> None:
+    """The API still answers, on both transports."""
+    assert setup.api.alive
+    get_size(setup, setup.raw)
+    status, _ = call(setup, "GET", volume_path(setup, setup.raw), tcp=True, headers=AUTH)
+    assert status == 200
+
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+def test_api_events_completed(setup: Setup) -> None:
+    """volume-extended: refresh + grow; the guest sees the device's size."""
+    before = get_size(setup, setup.raw)
+    setup.raw_extend(before + 4 * MiB)
+    assert get_size(setup, setup.raw) == before
+    status, body = call(setup, "POST", "/v1/events", {"events": [event(setup.vm, setup.raw)]})
+    assert status == 200, body
+    [ev] = body["events"]
+    assert (ev["status"], ev["code"], ev["bytes"], ev["tag"]) == ("completed", 200, before + 4 * MiB, setup.raw)
+    setup.wait_guest_size(before + 4 * MiB)
+    assert get_size(setup, setup.raw) == before + 4 * MiB
+
+
+def test_api_events_partial_failure(setup: Setup) -> None:
+    events = [
+        event(setup.vm, setup.raw),
+        event(str(uuid.uuid4()), setup.raw),
+        event(setup.vm, str(uuid.uuid4())),
+        event(setup.stopped.dom.UUIDString(), setup.raw),
+    ]
+    status, body = call(setup, "POST", "/v1/events", {"events": events})
+    assert status == 207, body
+    assert [(e["status"], e["code"]) for e in body["events"]] == [
+        ("completed", 200),
+        ("failed", 404),
+        ("failed", 404),
+        ("failed", 422),
+    ]
+    assert "not running" in body["events"][3]["error"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"not json",
+        b'{"events": [',
+        [],
+        {},
+        {"events": "volume-extended"},
+        {"events": [None]},
+        {"events": [{"name": "volume-extended", "server_uuid": "x"}]},
+        {"events": [{"name": "volume-extended", "server_uuid": 7, "tag": "y"}]},
+        {"events": [{"name": "network-changed", "server_uuid": "x", "tag": "y"}]},
+        b"\xff\xfe",
+    ],
+    ids=[
+        "text",
+        "truncated-json",
+        "list",
+        "no-events",
+        "events-str",
+        "event-null",
+        "no-tag",
+        "int-uuid",
+        "name",
+        "bin",
+    ],
+)
+def test_api_events_malformed(setup: Setup, body: Any) -> None:
+    status, answer = call(setup, "POST", "/v1/events", body)
+    assert status == 400, answer
+    assert answer["error"]["code"] == 400
+
+
+def test_api_events_malformed_does_nothing(setup: Setup) -> None:
+    """One bad event: the good one before it is not run either."""
+    before = get_size(setup, setup.raw)
+    setup.raw_extend(before + 4 * MiB)
+    bad = {"events": [event(setup.vm, setup.raw), event(setup.vm, setup.raw, name="bogus")]}
+    status, _ = call(setup, "POST", "/v1/events", bad)
+    assert status == 400
+    assert get_size(setup, setup.raw) == before
+    # The rescan endpoint refreshes the device only: the guest keeps its size.
+    status, body = call(setup, "PUT", volume_path(setup, setup.raw) + "/rescan")
+    assert status == 202, body
+    assert body == {"volume_blockdev": {"id": setup.raw, "bytes": before + 4 * MiB}}
+    assert get_size(setup, setup.raw) == before + 4 * MiB
+    assert setup.guest_sizes()[-1] == before
+    status, body = call(setup, "POST", "/v1/events", {"events": [event(setup.vm, setup.raw)]})
+    assert status == 200, body
+    setup.wait_guest_size(before + 4 * MiB)
+
+
+def test_api_volume_not_found(setup: Setup) -> None:
+    for vm, volume in ((str(uuid.uuid4()), setup.raw), (setup.vm, str(uuid.uuid4())), ("x", "y")):
+        for method, suffix, body in (("GET", "", None), ("PUT", "/rescan", None), ("POST", "/extend", {"bytes": GiB})):
+            status, answer = call(setup, method, volume_path(setup, volume, vm) + suffix, body)
+            assert status == 404, (method, suffix, answer)
+            assert answer["error"]["type"] in ("NoSuchVM", "NoSuchVolume")
+
+
+def test_api_extend(setup: Setup) -> None:
+    """extend: 200 (qcow2 grows), 409 (stopped vm, shrink), 501 (cdrom), 500 (raw past its device)."""
+    status, body = call(setup, "POST", volume_path(setup, setup.thin) + "/extend", {"bytes": 3 * GiB})
+    assert status == 200, body
+    assert body["disk"]["bytes"] == 3 * GiB and body["volume_blockdev"]["id"] == setup.thin
+    status, body = call(setup, "POST", volume_path(setup, setup.thin) + "/extend", {"bytes": 3 * GiB})
+    assert status == 200 and body["disk"]["before"] == body["disk"]["bytes"] == 3 * GiB
+    stopped = setup.stopped.dom.UUIDString()
+    status, body = call(setup, "POST", volume_path(setup, setup.raw, stopped) + "/extend", {"bytes": GiB})
+    assert status == 409 and body["error"]["type"] == "NotRunning", body
+    status, body = call(setup, "POST", volume_path(setup, setup.thin) + "/extend", {"bytes": GiB})
+    assert status == 409 and "shrink" in body["error"]["message"], body
+    status, body = call(setup, "POST", volume_path(setup, setup.cdrom) + "/extend", {"bytes": 2 * MiB})
+    assert status == 501 and body["error"]["type"] == "UnsupportedDisk", body
+    size = get_size(setup, setup.raw)
+    status, body = call(setup, "POST", volume_path(setup, setup.raw) + "/extend", {"bytes": size + 64 * MiB})
+    assert status == 500 and body["error"]["type"] == "GrowFailed", body
+    assert setup.guest_sizes()[-1] == size
+
+
+@pytest.mark.parametrize(
+    "body",
+    [{}, {"bytes": "1G"}, {"bytes": True}, {"bytes": -1}, {"bytes": 0}, {"bytes": 1.5}, {"bytes": None}, [1], b"{"],
+)
+def test_api_extend_malformed(setup: Setup, body: Any) -> None:
+    status, answer = call(setup, "POST", volume_path(setup, setup.thin) + "/extend", body)
+    assert status == 400, answer
+
+
+def test_api_unknown_paths(setup: Setup) -> None:
+    for method, path in (("GET", "/"), ("GET", "/v1/events/x"), ("POST", "/v2/events"), ("GET", "/v1/servers/x")):
+        status, body = call(setup, method, path)
+        assert status == 404 and body["error"]["code"] == 404
+    status, _ = call(setup, "DELETE", volume_path(setup, setup.raw))
+    assert status == 405
+
+
+def test_api_tcp_token(setup: Setup) -> None:
+    path = volume_path(setup, setup.raw)
+    assert call(setup, "GET", path, tcp=True)[0] == 401
+    assert call(setup, "GET", path, tcp=True, headers={"Authorization": f"Basic {TOKEN}"})[0] == 401
+    assert call(setup, "GET", path, tcp=True, headers={"Authorization": "Bearer "})[0] == 401
+    assert call(setup, "GET", path, tcp=True, headers={"Authorization": "Bearer wrong"})[0] == 403
+    assert call(setup, "POST", "/v1/events", {"events": []}, tcp=True, headers={"Authorization": "Bearer x"})[0] == 403
+    assert call(setup, "GET", "/nowhere", tcp=True)[0] == 401  # no path probing without a token
+    status, body = call(setup, "GET", path, tcp=True, headers=AUTH)
+    assert status == 200 and body["volume_blockdev"]["id"] == setup.raw
+
+
+def test_api_socket_root_only(setup: Setup) -> None:
+    assert stat.S_IMODE(os.stat(setup.api.socket_path).st_mode) == 0o600
+    probe = (
+        "import socket, sys\n"
+        "s = socket.socket(socket.AF_UNIX)\n"
+        "try:\n    s.connect(sys.argv[1])\nexcept PermissionError:\n    sys.exit(13)\n"
+    )
+    nobody = subprocess.run(
+        [sys.executable, "-c", probe, setup.api.socket_path], user=65534, capture_output=True, check=False
+    )
+    assert nobody.returncode == 13, nobody.stderr
+
+
+def _raw(setup: Setup, data: bytes, shutdown: bool = False, timeout: float = 30.0) -> bytes:
+    """Send data as is on a new unix connection; what comes back until the server closes."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
+        s.connect(setup.api.socket_path)
+        s.sendall(data)
+        if shutdown:
+            s.shutdown(socket.SHUT_WR)
+        out = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := s.recv(65536):
+                out += chunk
+                if b"\r\n\r\n" in out and not shutdown:
+                    break
+        return out
+
+
+def test_api_bad_input(setup: Setup) -> None:
+    """Huge, truncated, slow and garbage requests get an answer or a closed
+    connection; the API keeps serving."""
+    huge = b"x" * (api.MAX_BODY + 1)
+    head = f"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Length: {len(huge)}\r\n\r\n".encode()
+    assert _raw(setup, head + huge).startswith(b"HTTP/1.1 413")
+    assert_serving(setup)
+    # Declares 100 bytes, sends 10 and ends its side: 400 or just closed.
+    head = b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+    answer = _raw(setup, head + b'{"events":', shutdown=True)
+    assert answer == b"" or answer.startswith(b"HTTP/1.1 400"), answer
+    assert_serving(setup)
+    # Declares a body and stalls: 408 after the body timeout.
+    head = b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n"
+    assert _raw(setup, head + b'{"ev').startswith(b"HTTP/1.1 408")
+    assert_serving(setup)
+    assert _raw(setup, b"NOT HTTP AT ALL\r\n\r\n").startswith(b"HTTP/1.0 400")
+    assert _raw(setup, b"GET / HTTP/1.1\r\n" + b"X: " + b"y" * 70000 + b"\r\n\r\n").startswith(b"HTTP/1.0 400")
+    assert_serving(setup)
+
+
+def _connected(s: socket.socket, path: str) -> bool:
+    try:
+        s.connect(path)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def test_api_many_connections(setup: Setup) -> None:
+    """300 idle connections (and some half-sent requests) do not stop others being served."""
+    idle = []
+    try:
+        for i in range(300):
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            idle.append(s)
+            # A full listen backlog answers EAGAIN at once (the loop accepts
+            # in batches): a client tries again, as this one does.
+            wait_for(lambda s=s: _connected(s, setup.api.socket_path), timeout=30, what="connection accepted")
+            if i % 3 == 0:
+                s.sendall(b"POST /v1/events HTTP/1.1\r\nHost: x\r\nContent-Le")
+        for _ in range(50):
+            idle.append(socket.create_connection(("127.0.0.1", setup.api.port or 0)))
+        assert_serving(setup)
+        status, body = call(setup, "POST", "/v1/events", {"events": [event(setup.vm, setup.raw)]})
+        assert status == 200, body
+    finally:
+        for s in idle:
+            s.close()
+    assert_serving(setup)
+
+
+def test_api_from_config(setup: Setup) -> None:
+    """[api] as the daemon reads it: the unix socket at [api] socket."""
+    config = setup.pool.config(chunk_mb=16)
+    config.api.socket = os.path.join(setup.workdir, "from-config.sock")
+    server = daemon.start_api(config, setup.hsm)
+    assert server is not None
+    try:
+        conn = UnixConnection(config.api.socket)
+        conn.request("GET", volume_path(setup, setup.raw))
+        response = conn.getresponse()
+        assert response.status == 200 and json.loads(response.read())["volume_blockdev"]["id"] == setup.raw
+        conn.close()
+    finally:
+        server.stop()
+    assert not os.path.exists(config.api.socket)
+    config.api.socket = ""
+    assert daemon.start_api(config, setup.hsm) is None

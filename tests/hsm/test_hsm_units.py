@@ -184,3 +184,35 @@ def test_daemon_health_for_the_watchdog() -> None:
     assert daemon.HSM.health(hsm) == (False, "the mailbox thread is gone")  # type: ignore[arg-type]
     monitor.alive = False
     assert daemon.HSM.health(hsm) == (False, "the monitor's stats thread is gone")  # type: ignore[arg-type]
+
+
+def test_config_api(tmp_path: str) -> None:
+    """[api]: TCP needs a readable, non-empty token file; the defaults need none."""
+    c = hsm_config.Config()
+    c.host.host_id, c.host.master_domain = 1, MASTER
+    assert (c.api.socket, c.api.listen, c.api.token_file, c.api.udev) == ("/run/xtnd/hsm-api.sock", "", "", False)
+    c.validate()
+    c.api.listen = "127.0.0.1:9712"
+    with pytest.raises(hsm_config.ConfigError, match=r"\[api\] listen.*needs token_file"):
+        c.validate()
+    token = os.path.join(tmp_path, "token")
+    c.api.token_file = token
+    with pytest.raises(hsm_config.ConfigError, match="cannot read the token"):
+        c.validate()
+    with open(token, "w") as f:
+        f.write("  \n")
+    with pytest.raises(hsm_config.ConfigError, match="empty"):
+        c.validate()
+    with open(token, "w") as f:
+        f.write("abc123\n")
+    c.validate()
+    assert hsm_config.read_token(token) == "abc123"
+    path = os.path.join(tmp_path, "hsm.conf")
+    with open(path, "w") as f:
+        f.write(f"[host]\nhost_id = 1\nmaster_domain = {MASTER}\n[api]\nlisten = nowhere\n")
+    with pytest.raises(hsm_config.ConfigError, match="HOST:PORT"):
+        hsm_config.load(path)
+    with open(path, "w") as f:
+        f.write(f"[host]\nhost_id = 1\nmaster_domain = {MASTER}\n[api]\nudev = maybe\n")
+    with pytest.raises(hsm_config.ConfigError, match="udev"):
+        hsm_config.load(path)

@@ -68,7 +68,7 @@ class HsmProcess:
                 f"[host]\nhost_id = {host_id}\nmaster_domain = {pool.uuid}\n"
                 f"storage_config = {pool.storage_config}\nrun_dir = {os.path.join(pool.workdir, 'run')}\n"
                 "control_socket =\n"
-                "[metrics]\nlisten =\n"
+                "[metrics]\nlisten =\n[api]\nsocket =\n"
                 f"[libvirt]\nuri = qemu:///system?socket={os.path.join(pool.workdir, 'no-libvirt.sock')}\n"
             )
         self.logfile = os.path.join(pool.workdir, f"{name}.log")

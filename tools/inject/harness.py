@@ -195,7 +195,7 @@ class Trial:
             f.write(
                 f"[host]\nhost_id = {host_id}\nmaster_domain = {self.pool.uuid}\n"
                 f"storage_config = {self.pool.storage_config}\nrun_dir = {os.path.join(self.dir, name + '-run')}\n"
-                "control_socket =\n[metrics]\nlisten =\n"
+                "control_socket =\n[metrics]\nlisten =\n[api]\nsocket =\n"
                 f"[libvirt]\nuri = qemu:///system?socket={os.path.join(self.dir, 'no-libvirt.sock')}\n"
             )
         env = {**os.environ, history.ENV: self.history, history.ENV_NAME: name}

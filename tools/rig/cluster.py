@@ -284,6 +284,7 @@ class Cluster:
         c.host.storage_config = self.storage_config
         c.host.run_dir = host.run_dir
         c.host.control_socket = host.hsm_socket
+        c.api.socket = os.path.join(host.dir, "hsm-api.sock")
         c.metrics.listen = ""
         c.thin.chunk_mb = self.spec.chunk_mb
         c.thin.utilization_percent = self.spec.utilization.get(host.host_id, c.thin.utilization_percent)

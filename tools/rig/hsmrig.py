@@ -78,6 +78,7 @@ class Pool:
         c.host.run_dir = self.run_dir
         # Tests run several daemons at once: no fixed ports or sockets.
         c.host.control_socket = os.path.join(self.workdir, "hsm.sock")
+        c.api.socket = os.path.join(self.workdir, "hsm-api.sock")
         c.metrics.listen = ""
         c.thin.chunk_mb = chunk_mb
         c.thin.utilization_percent = utilization_percent
