@@ -50,6 +50,7 @@ from xtnd.hsm.libvirtconn import Connection, EventLoop
 from xtnd.hsm.metrics import ExtendRecord, HsmMetrics, Sources
 from xtnd.hsm.monitor import Monitor, MonitorConfig
 from xtnd.hsm.replicate import Replicator
+from xtnd.hsm.udevwatch import UdevWatcher
 from xtnd.hsm.volumes import StorageVolumes
 from xtnd.lvm.errors import ActivationError, LVMError
 from xtnd.mailbox.directio import DirectFile
@@ -285,10 +286,17 @@ def run(config: Config, ready_timeout: float = 10.0) -> int:
     metrics.start()
     if server is not None:
         server.start()
+    host_api: api.ApiServer | None = None
+    udev: UdevWatcher | None = None
     try:
         host_api = start_api(config, hsm)
-    except (api.ApiStartError, ConfigError) as e:
+        if config.api.udev:
+            udev = UdevWatcher(hsm.grower)
+            udev.start()
+    except (api.ApiStartError, ConfigError, OSError) as e:
         log.error("cannot start: %s", e)
+        if host_api is not None:
+            host_api.stop()
         if server is not None:
             server.stop()
         metrics.stop()
@@ -311,6 +319,8 @@ def run(config: Config, ready_timeout: float = 10.0) -> int:
     finally:
         sdnotify.notify("STOPPING=1")
         with watchdog.covering("stop"):  # bounded: jobs end once the mailbox stops
+            if udev is not None:
+                udev.stop()
             if host_api is not None:
                 host_api.stop()
             if server is not None:

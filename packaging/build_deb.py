@@ -33,6 +33,7 @@ DEBIAN_NAMES = {
     "aiohttp": "python3-aiohttp",
     "construct": "python3-construct",
     "libvirt-python": "python3-libvirt",
+    "pyudev": "python3-pyudev",
     "rich": "python3-rich",
     "prometheus-client": "python3-prometheus-client",
 }

@@ -31,8 +31,9 @@ APT_PACKAGES=(
     # The Debian package's dependencies (its test installs it with apt),
     # and what builds and checks it.
     python3-construct python3-libvirt python3-rich
-    # The HSM's host API (HTTP server; the venv sees system site packages).
-    python3-aiohttp
+    # The HSM's host API (HTTP server; the venv sees system site packages)
+    # and its automatic mode (udev events of grown block devices).
+    python3-aiohttp python3-pyudev
     dpkg-dev lintian
 )
 

@@ -25,6 +25,7 @@ import socket
 import stat
 import subprocess
 import sys
+import time
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -33,7 +34,8 @@ from typing import Any
 
 import libvirt
 import pytest
-from xtnd.hsm import api, daemon, growdisk, links
+from xtnd.common import stats
+from xtnd.hsm import api, daemon, growdisk, links, udevwatch
 from xtnd.hsm.daemon import HSM
 from xtnd.hsm.libvirtconn import EventLoop
 from xtnd.tools.rig import guest, hsmrig, loops
@@ -58,6 +60,8 @@ class Setup:
     cdrom: str
     api: api.ApiServer  # unix socket and TCP on 127.0.0.1 with TOKEN
     workdir: str
+    loop_guest: guest.Guest  # its raw vda is loop_disk, a plain loop device
+    loop_disk: guest.LoopDisk
 
     @property
     def vm(self) -> str:
@@ -70,8 +74,9 @@ class Setup:
     def wait_guest_size(self, size: int, timeout: float = 60.0) -> None:
         wait_for(lambda: self.guest_sizes()[-1] == size, timeout=timeout, what=f"guest sees {size} bytes")
 
-    def guest_sizes(self) -> list[int]:
-        return [int(n) * 512 for n in re.findall(r"XTND-SIZE sectors=(\d+)", self.guest.console())]
+    def guest_sizes(self, g: guest.Guest | None = None) -> list[int]:
+        text = (g or self.guest).console()
+        return [int(n) * 512 for n in re.findall(r"XTND-SIZE sectors=(\d+)", text)]
 
 
 def _add_disks(xml: str, thin_link: str, cdrom_link: str) -> str:
@@ -131,10 +136,20 @@ def setup(libvirtd: None, rig: guest.Rig, libvirt_events: EventLoop) -> Iterator
             )
             server.start()
             stack.callback(server.stop)
+            loop_disk = guest.LoopDisk(os.path.join(workdir, "lun"), 16 * MiB)
+            stack.callback(loop_disk.detach)
+            loop_name = name + "-loop"
+            loop_console = os.path.join(workdir, loop_name + ".console")
+            loop_xml = guest.domain_xml(loop_name, rig, loop_disk.device, workload, loop_console, disk_format="raw")
+            loop_guest = guest.Guest(conn, loop_name, loop_xml, loop_console)
+            stack.callback(loop_guest.remove)
+            # Both boot at once: one boot's wall time for the module.
             g.start()
+            loop_guest.start()
             g.wait_console("XTND-SIZE sectors=", timeout=180)
+            loop_guest.wait_console("XTND-SIZE sectors=", timeout=180)
             thin = str(hsmrig.volume_of(pool, thin_link))
-            yield Setup(pool, hsm, g, stopped, str(raw), thin, str(cdrom), server, workdir)
+            yield Setup(pool, hsm, g, stopped, str(raw), thin, str(cdrom), server, workdir, loop_guest, loop_disk)
     finally:
         conn.close()
         shutil.rmtree(workdir, ignore_errors=True)
@@ -500,3 +515,101 @@ def test_api_from_config(setup: Setup) -> None:
     assert not os.path.exists(config.api.socket)
     config.api.socket = ""
     assert daemon.start_api(config, setup.hsm) is None
+
+
+# Automatic mode (xtnd.hsm.udevwatch)
+
+
+@contextlib.contextmanager
+def watching(setup: Setup) -> Iterator[tuple[udevwatch.UdevWatcher, list[float]]]:
+    """A udev watcher on the shared HSM; the times (monotonic) it grew a disk."""
+    grown_at: list[float] = []
+
+    def on_grown(device: str, grown: list[growdisk.Grown], seconds: float) -> None:
+        if any(g.changed for g in grown):
+            grown_at.append(time.monotonic())
+
+    watcher = udevwatch.UdevWatcher(setup.hsm.grower, on_grown=on_grown)
+    watcher.start()
+    try:
+        yield watcher, grown_at
+    finally:
+        watcher.stop()
+    assert not watcher.alive
+
+
+def test_udev_loop_device_grows_guest(setup: Setup) -> None:
+    """losetup -c after the backing file grew: the guest sees the new size, no API call."""
+    with watching(setup) as (watcher, grown_at):
+        before = setup.loop_disk.size
+        assert setup.guest_sizes(setup.loop_guest)[-1] == before
+        setup.loop_disk.grow(before + 4 * MiB)
+        wait_for(lambda: setup.guest_sizes(setup.loop_guest)[-1] == before + 4 * MiB, timeout=30, what="guest size")
+        assert len(grown_at) == 1 and watcher.resizes >= 1
+        # Another VM's disk on another device is left alone.
+        assert setup.guest_sizes()[-1] == get_size(setup, setup.raw)
+
+
+def test_udev_lv_refresh_grows_guest(setup: Setup) -> None:
+    """An orchestrator's lvextend + refresh of the loop-activated LV: same path."""
+    with watching(setup):
+        before = get_size(setup, setup.raw)
+        setup.raw_extend(before + 4 * MiB)
+        setup.pool.domain.refresh_volume(setup.raw)
+        setup.wait_guest_size(before + 4 * MiB, timeout=30)
+
+
+def test_udev_ignores_other_events(setup: Setup) -> None:
+    """Changes that are no resize, and devices under no VM, grow nothing."""
+    watcher = udevwatch.UdevWatcher(setup.hsm.grower)
+    assert watcher.step("add", setup.loop_disk.device, "1") == []
+    assert watcher.step("change", setup.loop_disk.device, None) == []
+    assert watcher.step("change", "/dev/null", "1") == []
+    [same] = watcher.step("change", setup.loop_disk.device, "1")  # already at the device's size
+    assert not same.changed and same.after == setup.loop_disk.size
+    assert watcher.resizes == 2
+
+
+# Latency (figures, not assertions): pytest -m soak -s -k bench
+
+
+def _figures(name: str, values: list[float]) -> str:
+    ms = sorted(v * 1000 for v in values)
+    return (
+        f"{name}: n={len(ms)} p50={stats.percentile(ms, 50):.1f}ms p99={stats.percentile(ms, 99):.1f}ms "
+        f"max={ms[-1]:.1f}ms"
+    )
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(900)
+def test_bench_latency(setup: Setup) -> None:
+    """API events path (POST -> the guest sees the size) and udev path
+    (losetup -c -> the guest sees it), TRIALS each, printed with the load."""
+    trials = int(os.environ.get("XTND_BENCH_TRIALS", "30"))
+    api_response, api_seen, udev_seen = [], [], []
+    for _ in range(trials):
+        size = get_size(setup, setup.raw) + 4 * MiB
+        setup.raw_extend(size)
+        start = time.monotonic()
+        status, _ = call(setup, "POST", "/v1/events", {"events": [event(setup.vm, setup.raw)]})
+        api_response.append(time.monotonic() - start)
+        assert status == 200
+        wait_for(lambda s=size: setup.guest_sizes()[-1] == s, timeout=30, interval=0.002)
+        api_seen.append(time.monotonic() - start)
+    with watching(setup):
+        for _ in range(trials):
+            size = setup.loop_disk.size + MiB
+            with open(setup.loop_disk.path, "r+b") as f:
+                f.truncate(size)
+            start = time.monotonic()
+            subprocess.run(["losetup", "--set-capacity", setup.loop_disk.device], check=True)
+            wait_for(lambda s=size: setup.guest_sizes(setup.loop_guest)[-1] == s, timeout=30, interval=0.002)
+            udev_seen.append(time.monotonic() - start)
+    with open("/proc/loadavg") as f:
+        load = f.read().split()[:3]
+    print()
+    print(_figures("api events: POST -> 200", api_response))
+    print(_figures("api events: POST -> guest sees size", api_seen))
+    print(_figures("udev: losetup -c -> guest sees size", udev_seen))
+    print(f"load average {' '.join(load)} (shared machine)")
