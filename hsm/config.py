@@ -18,7 +18,7 @@ import io
 from xtnd.common import ini
 from xtnd.common.ini import ConfigError, option
 from xtnd.hsm import links
-from xtnd.hsm.sizing import SizingConfig
+from xtnd.hsm.sizing import POLICIES, SizingConfig
 from xtnd.mailbox.hsm import HSMConfig
 
 __all__ = ["ConfigError", "Config", "load", "show"]
@@ -47,6 +47,18 @@ class ThinSection:
     chunk_mb: int = option(2560, "Size of one extend in MiB (doubled while a disk is replicated).", ini.at_least(1))
     utilization_percent: int = option(
         20, "Extend when less than (100 - this)% of a chunk is free.", ini.in_range(0, 100)
+    )
+    policy: str = option(
+        "adaptive",
+        "fixed: every extend is chunk_mb; adaptive: chunk_mb is the floor, and the chunk and the free space "
+        "kept ahead grow to write rate x extend latency (p99) x safety_factor for a fast writer.",
+        ini.choice(*POLICIES),
+    )
+    max_chunk_mb: int = option(
+        10240, "Cap of the adaptive chunk in MiB (never below chunk_mb; replication doubles it).", ini.at_least(1)
+    )
+    safety_factor: float = option(
+        2.0, "Adaptive: free space kept ahead = write rate x extend latency x this.", ini.at_least(1)
     )
 
 
@@ -147,7 +159,13 @@ class Config:
     sources: list[str] = dataclasses.field(default_factory=list, compare=False)
 
     def sizing(self) -> SizingConfig:
-        return SizingConfig(chunk_mb=self.thin.chunk_mb, utilization_percent=self.thin.utilization_percent)
+        return SizingConfig(
+            chunk_mb=self.thin.chunk_mb,
+            utilization_percent=self.thin.utilization_percent,
+            policy=self.thin.policy,
+            max_chunk_mb=self.thin.max_chunk_mb,
+            safety_factor=self.thin.safety_factor,
+        )
 
     def mailbox_config(self) -> HSMConfig:
         return HSMConfig(**dataclasses.asdict(self.mailbox))

@@ -139,6 +139,8 @@ class HSM:
             counters=lambda: dict(monitor.counters),
             drive_states=lambda: [d.state.value for vm in monitor.snapshot().values() for d in vm.values()],
             in_flight=lambda: self.mailbox.in_flight,
+            drive_sizing=monitor.drive_sizing,
+            extend_latency=monitor.extend_latency,
             io={
                 "mailbox": lambda: dict(self.mailbox.stats),
                 "inbox": self._inbox.counters.snapshot,

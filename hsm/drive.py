@@ -92,6 +92,11 @@ class Drive:
     threshold: int | None = None
     requested_size: int | None = None
     disabled_reason: DisabledReason | None = None
+    # The guest's write rate in bytes/s (sizing.write_rate) from the
+    # allocation samples of update(now=...), and the last sample.
+    write_rate: float = 0.0
+    rate_at: float | None = None
+    rate_allocation: int = 0
 
     @property
     def target(self) -> str:
@@ -102,14 +107,26 @@ class Drive:
     def monitored(self) -> bool:
         return self.state is not State.DISABLED
 
-    def update(self, capacity: int, allocation: int, physical: int) -> None:
-        """New sizes from libvirt's stats; legal in any state."""
+    def update(self, capacity: int, allocation: int, physical: int, now: float | None = None) -> None:
+        """New sizes from libvirt's stats; legal in any state. With now
+        (seconds, any monotonic clock), the allocation also feeds the
+        write rate estimate."""
         self.capacity = capacity
         self.allocation = allocation
         self.physical = physical
+        if now is None:
+            return
+        if self.rate_at is None:
+            self.rate_at, self.rate_allocation = now, allocation
+        elif now - self.rate_at >= sizing.RATE_MIN_INTERVAL:
+            self.write_rate = sizing.write_rate(self.write_rate, self.rate_at, self.rate_allocation, now, allocation)
+            self.rate_at, self.rate_allocation = now, allocation
 
-    def decide(self, config: sizing.SizingConfig) -> sizing.Decision:
-        return sizing.decide(self.capacity, self.allocation, self.physical, config, self.replicating)
+    def decide(self, config: sizing.SizingConfig, latency: float = 0.0) -> sizing.Decision:
+        """The sizing decision now, for an extend latency of latency seconds."""
+        return sizing.decide(
+            self.capacity, self.allocation, self.physical, config, self.replicating, self.write_rate, latency
+        )
 
     def arm(self, threshold: int) -> None:
         """The threshold was set in libvirt."""

@@ -5,6 +5,10 @@ The completion line is a stable key=value form for scripts (mailbox/PROTOCOL.md 
     extend-complete vm=NAME drive=vda domain=UUID volume=UUID old_mb=N
     new_mb=N trigger=threshold|enospc|stats|retry|load|recheck wait_ms=N
     extend_ms=N refresh_ms=N resume_ms=N total_ms=N resumed=yes|no
+    rate_mbs=F chunk_mb=N
+
+rate_mbs is the guest's estimated write rate (MiB/s) and chunk_mb the
+chunk the sizing policy chose for this extend (xtnd.hsm.sizing).
 
 Phases, all from one monotonic clock:
 - wait: the trigger (event received, pause seen, stats pass) to the request
@@ -50,6 +54,8 @@ class ExtendRecord:
     t_refreshed: float
     t_done: float
     resumed: bool
+    rate: float = 0.0  # estimated guest write rate, bytes/s
+    chunk: int = 0  # chunk chosen for this extend, bytes
 
     @property
     def wait(self) -> float:
@@ -76,7 +82,8 @@ class ExtendRecord:
             f"extend-complete {logfmt.fields(vm=self.vm_name, drive=self.drive)} domain={self.domain} "
             f"volume={self.volume} old_mb={self.old_size // MiB} new_mb={self.new_size // MiB} trigger={self.trigger} "
             f"wait_ms={_ms(self.wait)} extend_ms={_ms(self.extend)} refresh_ms={_ms(self.refresh)} "
-            f"resume_ms={_ms(self.resume)} total_ms={_ms(self.total)} resumed={'yes' if self.resumed else 'no'}"
+            f"resume_ms={_ms(self.resume)} total_ms={_ms(self.total)} resumed={'yes' if self.resumed else 'no'} "
+            f"rate_mbs={self.rate / MiB:.2f} chunk_mb={self.chunk // MiB}"
         )
 
 
@@ -91,6 +98,7 @@ def parse_line(line: str) -> dict[str, str]:
     return logfmt.parse(line[start + len("extend-complete ") :])
 
 
+CHUNK_BUCKETS = tuple(float(2**i * MiB) for i in range(0, 15))  # 1 MiB .. 16 GiB
 PHASES = ("wait", "extend", "refresh", "resume", "total")
 DRIVE_STATES = ("unset", "armed", "exceeded", "extending", "disabled")
 # Monitor counter -> extend result.
@@ -112,6 +120,10 @@ class Sources:
     drive_states: Callable[[], Iterable[str]]
     in_flight: Callable[[], int]
     io: Mapping[str, Callable[[], Mapping[str, int]]]  # name -> counters ("mailbox", "inbox", "outbox")
+    # (vm name, drive, write rate bytes/s, chunk bytes) of every watched drive.
+    drive_sizing: Callable[[], Iterable[tuple[str, str, float, int]]] | None = None
+    # p99 of recent extends' trigger-to-refreshed seconds (adaptive sizing).
+    extend_latency: Callable[[], float] | None = None
 
 
 class HsmMetrics:
@@ -127,12 +139,19 @@ class HsmMetrics:
         )
         for phase in PHASES:
             self._phase.labels(phase)
+        self._chunk = Histogram(
+            "xtnd_hsm_extend_chunk_bytes",
+            "Chunk chosen by the sizing policy for each completed extend",
+            buckets=CHUNK_BUCKETS,
+            registry=self.registry,
+        )
         self.sources: Sources | None = None
         self.registry.register(_Collector(self))
 
     def record(self, r: ExtendRecord) -> None:
         for phase in PHASES:
             self._phase.labels(phase).observe(max(0.0, getattr(r, phase)))
+        self._chunk.observe(r.chunk)
 
 
 class _Collector(Collector):
@@ -169,3 +188,21 @@ class _Collector(Collector):
                     continue
                 yield CounterMetricFamily(f"xtnd_hsm_{name}_{key}", f"{name} {key.replace('_', ' ')}", value)
         yield errors
+        if src.extend_latency is not None:
+            yield GaugeMetricFamily(
+                "xtnd_hsm_extend_latency_p99_seconds",
+                "p99 of recent extends' trigger-to-refreshed time (adaptive sizing)",
+                src.extend_latency(),
+            )
+        if src.drive_sizing is not None:
+            rate = GaugeMetricFamily(
+                "xtnd_hsm_drive_write_rate_bytes_per_second", "Estimated guest write rate", labels=["vm", "drive"]
+            )
+            chunk = GaugeMetricFamily(
+                "xtnd_hsm_drive_chunk_bytes", "Chunk the sizing policy would choose now", labels=["vm", "drive"]
+            )
+            for vm, drive, bps, size in src.drive_sizing():
+                rate.add_metric([vm, drive], bps)
+                chunk.add_metric([vm, drive], size)
+            yield rate
+            yield chunk

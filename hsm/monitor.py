@@ -50,6 +50,7 @@ from typing import Any, Protocol
 import libvirt
 from xtnd.common import history
 from xtnd.common.ratelimit import RateLimitedLog
+from xtnd.common.stats import percentile
 from xtnd.hsm import disks, links, sizing, stats
 from xtnd.hsm.drive import DisabledReason, Drive, State
 from xtnd.hsm.libvirtconn import NotConnected
@@ -163,6 +164,8 @@ class Monitor:
         self._rlog = RateLimitedLog(log, interval=60.0)
         self.records: collections.deque[ExtendRecord] = collections.deque(maxlen=1000)
         self.counters = collections.Counter[str]()
+        # Trigger-to-refreshed seconds of recent extends (adaptive sizing).
+        self._latencies: collections.deque[float] = collections.deque(maxlen=sizing.LATENCY_WINDOW)
         # When the stats loop last went round (the daemon's systemd watchdog
         # tells a stuck loop from a slow one by its age).
         self.heartbeat = clock()
@@ -203,6 +206,20 @@ class Monitor:
     def clock(self) -> float:
         """Now on the monitor's clock (the one of ExtendRecord times)."""
         return self._clock()
+
+    def extend_latency(self) -> float:
+        """p99 of recent extends' trigger-to-refreshed time on this host (0: none yet)."""
+        with self._lock:
+            recent = list(self._latencies)
+        return percentile(recent, 99) if recent else 0.0
+
+    def drive_sizing(self) -> list[tuple[str, str, float, int]]:
+        """(vm name, drive, write rate bytes/s, chunk bytes now) of every drive (metrics)."""
+        latency = self.extend_latency()
+        chunk = self.config.sizing.chunk
+        with self._lock:
+            drives = [(vm.name, name, t.drive) for vm in self._vms.values() for name, t in vm.drives.items()]
+            return [(vm, name, d.write_rate, chunk(d.replicating, d.write_rate, latency)) for vm, name, d in drives]
 
     def vm_names(self) -> dict[str, str]:
         """VM uuid -> name of every monitored VM."""
@@ -377,19 +394,20 @@ class Monitor:
     def _due(self, vm: VM, st: stats.VMStats, now: float) -> list[tuple[str, str]]:
         """Drives of vm that need a job after this stats pass, and why."""
         due = []
+        latency = self.extend_latency()
         with self._lock:
             for name, t in vm.drives.items():
                 block = st.blocks.get(name)
                 d = t.drive
                 if block is None or t.busy or d.state is State.DISABLED:
                     continue
-                d.update(block.capacity, block.allocation, block.physical)
+                d.update(block.capacity, block.allocation, block.physical, now)
                 if d.state is State.EXCEEDED:
                     if t.retry_at is None or t.retry_at <= now:
                         due.append((name, RETRY if t.retry_at is not None else STATS))
                 elif d.state is State.UNSET or (d.state is State.ARMED and block.threshold is None):
                     due.append((name, STATS))
-                elif d.decide(self.config.sizing).action is not sizing.Action.ARM:
+                elif d.decide(self.config.sizing, latency).action is not sizing.Action.ARM:
                     due.append((name, STATS))
         return due
 
@@ -529,11 +547,12 @@ class Monitor:
             self.counters["reloads"] += 1
             self._submit(self._load_job, vm.uuid)
             return
+        latency = self.extend_latency()
         with self._lock:
             if d.state is State.DISABLED:
                 return
-            d.update(block.capacity, block.allocation, block.physical)
-            decision = d.decide(self.config.sizing)
+            d.update(block.capacity, block.allocation, block.physical, self._clock())
+            decision = d.decide(self.config.sizing, latency)
         if decision.action is sizing.Action.IMPROBABLE:
             self._refuse(dom, vm, t, decision)
             return
@@ -547,7 +566,7 @@ class Monitor:
         # pass): only the numbers decide then, and a pause is just resumed.
         urgent = (trigger in _URGENT and since > t.extended_at) or d.state is State.EXCEEDED
         if urgent or decision.action is sizing.Action.EXTEND:
-            self._extend(dom, vm, t, trigger, since, decision.new_size)
+            self._extend(dom, vm, t, trigger, since, decision.new_size, decision.chunk)
             return
         if d.state is State.UNSET or block.threshold != decision.threshold:
             self._arm(dom, t, decision.threshold)
@@ -576,7 +595,7 @@ class Monitor:
             d.arm(threshold)
         log.debug("threshold armed vm=%s target=%s threshold=%d", dom.name(), d.target, threshold)
 
-    def _extend(self, dom: Any, vm: VM, t: Tracked, trigger: str, since: float, new_size: int) -> None:
+    def _extend(self, dom: Any, vm: VM, t: Tracked, trigger: str, since: float, new_size: int, chunk: int = 0) -> None:
         d = t.drive
         with self._lock:
             if d.state is not State.EXCEEDED:
@@ -608,7 +627,8 @@ class Monitor:
             # The guest may already be past the new threshold: look again.
             if t.pending is None:
                 t.pending = (RECHECK, self._clock())
-        threshold = sizing.threshold(size, self.config.sizing, d.replicating)
+        # The next threshold keeps the headroom of the chunk just chosen.
+        threshold = sizing.threshold(size, self.config.sizing, d.replicating, d.write_rate, self.extend_latency())
         try:
             self._arm(dom, t, threshold)
         except libvirt.libvirtError as e:
@@ -631,7 +651,11 @@ class Monitor:
             t_refreshed=t_refreshed,
             t_done=self._clock(),
             resumed=resumed,
+            rate=d.write_rate,
+            chunk=chunk,
         )
+        with self._lock:
+            self._latencies.append(record.t_refreshed - record.t_event)
         self.counters["extends"] += 1
         self.records.append(record)
         log.info("%s", record.line())

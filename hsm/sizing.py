@@ -4,8 +4,11 @@ A qcow2 image on a thin LV grows by `chunk` at a time. The HSM asks for the
 next chunk while `watermark` bytes are still free, early enough that the
 SPM round trip and the refresh finish before the guest fills the rest:
 
-    chunk      = chunk_mb MiB, doubled while the disk is replicated to
-                 another domain (both sides must keep up)
+    chunk      = chunk_mb MiB (policy fixed), or with policy adaptive
+                 max(chunk_mb MiB, need * 100 / (100 - utilization_percent))
+                 where need = write rate x extend latency x safety_factor,
+                 capped by max_chunk_mb; then doubled while the disk is
+                 replicated to another domain (both sides must keep up)
     watermark  = chunk * (100 - utilization_percent) / 100
     threshold  = max(1, physical - watermark)      armed in libvirt
     max size   = round_up(capacity * 1.1, 1 MiB)   room for qcow2 metadata
@@ -16,51 +19,129 @@ cannot come from a healthy image (qcow2 allocates in clusters at the end
 of the file, a chunk at a time is far ahead): it is refused, so a corrupt
 image cannot ask for unbounded space.
 
-Pure functions of numbers in bytes; no libvirt, no clock.
+Adaptive sizing keeps a fast writer from outrunning a small chunk: the
+free space kept ahead of the guest (the watermark) covers what it writes
+while an extend is under way, with a margin; when it slows, the chunk
+shrinks back to the floor so idle disks do not hoard space. The rate comes
+from write_rate() (peak-hold with exponential decay), the latency from the
+monitor's recent extends.
+
+Pure functions of numbers in bytes and seconds; no libvirt, no clock.
 """
 
 from __future__ import annotations
 
 import enum
+import math
 from dataclasses import dataclass
 
 from xtnd.common.units import MiB, round_up
 from xtnd.storage.model import max_size
 
-__all__ = ["MiB", "SizingConfig", "max_size", "round_up"]
+__all__ = ["MiB", "SizingConfig", "max_size", "round_up", "write_rate"]
+
+FIXED = "fixed"
+ADAPTIVE = "adaptive"
+POLICIES = (FIXED, ADAPTIVE)
+# Replication (live storage migration) multiplies the chunk by this: the
+# source and its copy both grow while the guest writes.
+REPLICATION_FACTOR = 2
+# Allocation samples closer than this (seconds) are not rated: the guest
+# writes in bursts, and a burst over a few milliseconds is no rate.
+RATE_MIN_INTERVAL = 0.5
+# Recent extends whose latency (trigger to refreshed) gives the p99.
+LATENCY_WINDOW = 50
 
 
 @dataclass(frozen=True)
 class SizingConfig:
-    """The [thin] sizing options; defaults are vdsm's."""
+    """The [thin] sizing options; chunk and utilization defaults are vdsm's."""
 
-    # Size of one extend, in MiB.
+    # Size of one extend, in MiB (the floor of the adaptive policy).
     chunk_mb: int = 2560
     # Extend when the volume is this full within its last chunk: with 20,
     # extend when less than 80% of a chunk (2048 MiB) is free.
     utilization_percent: int = 20
+    # fixed: always chunk_mb; adaptive: grow with the guest's write rate.
+    policy: str = ADAPTIVE
+    # The adaptive chunk never exceeds this nor goes below chunk_mb (a cap
+    # below the floor leaves the floor); replication doubles the result.
+    max_chunk_mb: int = 10240
+    # Free space kept ahead = rate x latency x this.
+    safety_factor: float = 2.0
 
     def __post_init__(self) -> None:
         if self.chunk_mb <= 0:
             raise ValueError(f"chunk_mb must be positive, got {self.chunk_mb}")
         if not 0 <= self.utilization_percent <= 100:
             raise ValueError(f"utilization_percent must be in 0..100, got {self.utilization_percent}")
+        if self.policy not in POLICIES:
+            raise ValueError(f"policy must be one of {', '.join(POLICIES)}, got {self.policy!r}")
+        if self.max_chunk_mb <= 0:
+            raise ValueError(f"max_chunk_mb must be positive, got {self.max_chunk_mb}")
+        if not self.safety_factor >= 1:
+            raise ValueError(f"safety_factor must be at least 1, got {self.safety_factor}")
 
-    def chunk(self, replicating: bool = False) -> int:
+    def chunk(self, replicating: bool = False, rate: float = 0.0, latency: float = 0.0) -> int:
+        """Bytes of one extend for a guest writing rate bytes/s when an
+        extend takes latency seconds (both ignored by the fixed policy)."""
         size = self.chunk_mb * MiB
-        return size * 2 if replicating else size
+        if self.policy == ADAPTIVE and rate > 0 and latency > 0:
+            need = rate * latency * self.safety_factor
+            # The watermark is (100 - u)% of the chunk: size the chunk so
+            # that the watermark covers need (with u = 100 there is no
+            # watermark by choice: the chunk alone covers need).
+            free_share = (100 - self.utilization_percent) / 100 if self.utilization_percent < 100 else 1.0
+            wanted = round_up(math.ceil(need / free_share), MiB)
+            size = max(size, min(wanted, self.max_chunk_mb * MiB))
+        return replicated(size, replicating)
 
-    def watermark(self, replicating: bool = False) -> int:
-        return self.chunk(replicating) * (100 - self.utilization_percent) // 100
+    def watermark(self, replicating: bool = False, rate: float = 0.0, latency: float = 0.0) -> int:
+        return self.chunk(replicating, rate, latency) * (100 - self.utilization_percent) // 100
 
 
-def threshold(physical: int, config: SizingConfig, replicating: bool = False) -> int:
+def replicated(chunk: int, replicating: bool) -> int:
+    """The chunk of a drive being copied to another domain (the one place
+    replication changes sizing)."""
+    return chunk * REPLICATION_FACTOR if replicating else chunk
+
+
+def write_rate(
+    rate: float, last_t: float, last_allocation: int, t: float, allocation: int, decay: float = 30.0
+) -> float:
+    """The guest's write rate (bytes/s) after a new allocation sample.
+
+    Peak-hold with exponential decay: a burst is taken at once (a pause
+    costs more than a chunk too big for a while), a slowdown lowers the
+    estimate with time constant decay seconds, so one quiet sample does
+    not undo it. Allocation that went down (a new image) counts as 0.
+    """
+    dt = t - last_t
+    if dt <= 0:
+        return rate
+    now = max(0, allocation - last_allocation) / dt
+    if now >= rate:
+        return now
+    keep = math.exp(-dt / decay)
+    return rate * keep + now * (1 - keep)
+
+
+def threshold(
+    physical: int, config: SizingConfig, replicating: bool = False, rate: float = 0.0, latency: float = 0.0
+) -> int:
     """The write offset at which libvirt should tell us to extend."""
-    return max(1, physical - config.watermark(replicating))
+    return max(1, physical - config.watermark(replicating, rate, latency))
 
 
-def next_size(physical: int, capacity: int, config: SizingConfig, replicating: bool = False) -> int:
-    return min(round_up(physical + config.chunk(replicating), MiB), max_size(capacity))
+def next_size(
+    physical: int,
+    capacity: int,
+    config: SizingConfig,
+    replicating: bool = False,
+    rate: float = 0.0,
+    latency: float = 0.0,
+) -> int:
+    return min(round_up(physical + config.chunk(replicating, rate, latency), MiB), max_size(capacity))
 
 
 class Action(enum.Enum):
@@ -79,19 +160,31 @@ class Decision:
     action: Action
     threshold: int
     new_size: int
+    chunk: int = 0  # bytes of the chunk the decision used
 
 
-def decide(capacity: int, allocation: int, physical: int, config: SizingConfig, replicating: bool = False) -> Decision:
-    """What to do with a drive given its current sizes in bytes."""
+def decide(
+    capacity: int,
+    allocation: int,
+    physical: int,
+    config: SizingConfig,
+    replicating: bool = False,
+    rate: float = 0.0,
+    latency: float = 0.0,
+) -> Decision:
+    """What to do with a drive given its current sizes in bytes, the
+    guest's write rate (bytes/s) and the extend latency (seconds)."""
     limit = max_size(capacity)
-    new_size = next_size(physical, capacity, config, replicating)
-    mark = threshold(physical, config, replicating)
+    chunk = config.chunk(replicating, rate, latency)
+    new_size = min(round_up(physical + chunk, MiB), limit)
+    watermark = chunk * (100 - config.utilization_percent) // 100
+    mark = max(1, physical - watermark)
     if allocation > new_size:
         action = Action.IMPROBABLE
     elif physical >= limit:
         action = Action.AT_MAX
-    elif physical - allocation < config.watermark(replicating):
+    elif physical - allocation < watermark:
         action = Action.EXTEND
     else:
         action = Action.ARM
-    return Decision(action=action, threshold=mark, new_size=new_size)
+    return Decision(action=action, threshold=mark, new_size=new_size, chunk=chunk)

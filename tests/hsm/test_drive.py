@@ -96,3 +96,31 @@ def test_extend_must_grow() -> None:
     with pytest.raises(ValueError):
         d.begin_extend(5 * GiB)
     assert d.state is State.EXCEEDED
+
+
+def test_drive_write_rate_from_allocation_samples() -> None:
+    from xtnd.hsm.sizing import RATE_MIN_INTERVAL
+
+    d = Drive("vm", "vda", 1, "/p", "dom", "vol")
+    d.update(GiB, 0, 16 * MiB, now=10.0)
+    assert d.write_rate == 0.0
+    # Too close to rate: a burst over milliseconds is no rate.
+    d.update(GiB, 4 * MiB, 16 * MiB, now=10.0 + RATE_MIN_INTERVAL / 2)
+    assert d.write_rate == 0.0
+    d.update(GiB, 8 * MiB, 16 * MiB, now=12.0)
+    assert d.write_rate == 4 * MiB
+    # Without a time (e.g. after an extend) the estimate stays.
+    d.update(GiB, 8 * MiB, 32 * MiB)
+    assert d.write_rate == 4 * MiB
+    # The guest stops: the estimate decays but does not drop to 0 at once.
+    d.update(GiB, 8 * MiB, 32 * MiB, now=14.0)
+    assert 0 < d.write_rate < 4 * MiB
+
+
+def test_drive_decide_uses_its_rate() -> None:
+    config = SizingConfig(chunk_mb=2, policy="adaptive", max_chunk_mb=64)
+    d = Drive("vm", "vda", 1, "/p", "dom", "vol")
+    d.update(GiB, 0, 16 * MiB, now=0.0)
+    d.update(GiB, 10 * MiB, 16 * MiB, now=1.0)
+    assert d.decide(config).chunk == 2 * MiB  # no latency known yet
+    assert d.decide(config, latency=0.5).chunk == 13 * MiB

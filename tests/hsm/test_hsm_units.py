@@ -49,6 +49,9 @@ def test_config_defaults_file_and_dropins(tmp_path: str) -> None:
         ("[hots]\nhost_id = 1\n", "unknown section"),
         ("[host]\nhostid = 1\n", "unknown option"),
         ("[host]\nhost_id = one\n", "not an integer"),
+        ("[thin]\npolicy = fast\n", "must be one of 'fixed', 'adaptive'"),
+        ("[thin]\nmax_chunk_mb = 0\n", "max_chunk_mb"),
+        ("[thin]\nsafety_factor = 0.5\n", "safety_factor"),
     ],
 )
 def test_config_errors(tmp_path: str, text: str, error: str) -> None:
@@ -128,7 +131,9 @@ def test_stats_top_image_only() -> None:
 
 
 def test_record_line_and_percentiles() -> None:
-    r = metrics.ExtendRecord("u", "vm1", "vda", "d", "v", "enospc", 16 * MiB, 32 * MiB, 1.0, 1.01, 1.2, 1.3, 1.35, True)
+    r = metrics.ExtendRecord(
+        "u", "vm1", "vda", "d", "v", "enospc", 16 * MiB, 32 * MiB, 1.0, 1.01, 1.2, 1.3, 1.35, True, 3.5 * MiB, 16 * MiB
+    )
     fields = metrics.parse_line("12:00 INFO " + r.line())
     assert fields == {
         "vm": "vm1",
@@ -144,6 +149,8 @@ def test_record_line_and_percentiles() -> None:
         "resume_ms": "50.0",
         "total_ms": "350.0",
         "resumed": "yes",
+        "rate_mbs": "3.50",
+        "chunk_mb": "16",
     }
     assert stats_mod.percentile([3.0, 1.0, 2.0], 50) == 2.0
     assert stats_mod.percentile([1.0, 2.0, 3.0, 4.0], 99) == 4.0

@@ -51,7 +51,7 @@ def test_next_size() -> None:
 
 def test_decide_arm_when_enough_free() -> None:
     d = sizing.decide(100 * GiB, 1 * GiB, 5 * GiB, DEFAULT)
-    assert d == sizing.Decision(Action.ARM, threshold=3 * GiB, new_size=7680 * MiB)
+    assert d == sizing.Decision(Action.ARM, threshold=3 * GiB, new_size=7680 * MiB, chunk=2560 * MiB)
 
 
 def test_decide_extend_below_watermark() -> None:
@@ -109,3 +109,113 @@ def test_one_max_size_rule() -> None:
     assert sizing.max_size is storage.max_size
     lv = CachedLV("v", "VOLUME", size=MiB, capacity=10 * GiB + 1, extent_size=MiB)
     assert lv.max_size == sizing.max_size(10 * GiB + 1)
+
+
+# Adaptive sizing
+
+ADAPTIVE = SizingConfig(chunk_mb=2, utilization_percent=20, policy="adaptive", max_chunk_mb=64)
+FIXED = SizingConfig(chunk_mb=2, utilization_percent=20, policy="fixed", max_chunk_mb=64)
+
+
+def test_adaptive_is_the_default() -> None:
+    assert SizingConfig().policy == "adaptive"
+
+
+def test_fixed_ignores_the_rate() -> None:
+    assert FIXED.chunk(rate=100 * MiB, latency=1.0) == 2 * MiB
+    assert FIXED.watermark(rate=100 * MiB, latency=1.0) == 2 * MiB * 80 // 100
+
+
+def test_adaptive_floor_without_a_rate_or_a_latency() -> None:
+    assert ADAPTIVE.chunk() == 2 * MiB
+    assert ADAPTIVE.chunk(rate=10 * MiB) == 2 * MiB
+    assert ADAPTIVE.chunk(latency=1.0) == 2 * MiB
+    # A slow guest: rate x latency x safety below the floor's headroom.
+    assert ADAPTIVE.chunk(rate=0.5 * MiB, latency=0.5) == 2 * MiB
+
+
+def test_adaptive_grows_with_the_rate() -> None:
+    # 10 MiB/s x 0.5 s x 2 = 10 MiB kept free: the watermark (80% of the
+    # chunk) must cover it, so the chunk is 12.5 MiB, rounded up to 13.
+    assert ADAPTIVE.chunk(rate=10 * MiB, latency=0.5) == 13 * MiB
+    assert ADAPTIVE.watermark(rate=10 * MiB, latency=0.5) >= 10 * MiB
+    assert ADAPTIVE.chunk(rate=20 * MiB, latency=0.5) > ADAPTIVE.chunk(rate=10 * MiB, latency=0.5)
+
+
+def test_adaptive_cap_and_replication() -> None:
+    assert ADAPTIVE.chunk(rate=1000 * MiB, latency=1.0) == 64 * MiB
+    assert ADAPTIVE.chunk(rate=1000 * MiB, latency=1.0, replicating=True) == 128 * MiB
+    assert ADAPTIVE.chunk(rate=10 * MiB, latency=0.5, replicating=True) == 26 * MiB
+    # A cap below the floor leaves the floor.
+    low = SizingConfig(chunk_mb=8, policy="adaptive", max_chunk_mb=4)
+    assert low.chunk(rate=1000 * MiB, latency=1.0) == 8 * MiB
+
+
+def test_adaptive_with_no_headroom_still_grows_the_chunk() -> None:
+    config = SizingConfig(chunk_mb=2, utilization_percent=100, policy="adaptive", max_chunk_mb=64)
+    assert config.chunk(rate=10 * MiB, latency=0.5) == 10 * MiB
+    assert config.watermark(rate=10 * MiB, latency=0.5) == 0
+
+
+def test_adaptive_decide_extends_earlier_for_a_fast_writer() -> None:
+    capacity, physical = 1 * GiB, 16 * MiB
+    allocation = physical - 4 * MiB  # 4 MiB free: above the floor's 1.6 MiB watermark
+    slow = sizing.decide(capacity, allocation, physical, ADAPTIVE, rate=0.1 * MiB, latency=0.5)
+    assert slow.action is Action.ARM and slow.chunk == 2 * MiB
+    fast = sizing.decide(capacity, allocation, physical, ADAPTIVE, rate=10 * MiB, latency=0.5)
+    assert fast.action is Action.EXTEND
+    assert fast.chunk == 13 * MiB and fast.new_size == physical + 13 * MiB
+    assert fast.threshold == physical - fast.chunk * 80 // 100
+
+
+def test_adaptive_next_size_stops_at_max_size() -> None:
+    capacity = 100 * MiB
+    limit = sizing.max_size(capacity)
+    assert sizing.next_size(limit - MiB, capacity, ADAPTIVE, rate=1000 * MiB, latency=1.0) == limit
+
+
+def test_write_rate_takes_a_burst_at_once_and_decays_slowly() -> None:
+    rate = sizing.write_rate(0.0, 0.0, 0, 1.0, 10 * MiB)
+    assert rate == 10 * MiB
+    # Idle for one decay time: down to 1/e of the burst, not to 0.
+    idle = sizing.write_rate(rate, 1.0, 10 * MiB, 31.0, 10 * MiB, decay=30.0)
+    assert idle == pytest.approx(10 * MiB / 2.718281828, rel=1e-6)
+    # Much later it is gone.
+    gone = sizing.write_rate(idle, 31.0, 10 * MiB, 331.0, 10 * MiB, decay=30.0)
+    assert gone < 0.001 * MiB
+
+
+def test_write_rate_ignores_shrinking_allocation_and_no_time() -> None:
+    assert sizing.write_rate(5.0, 1.0, 100, 1.0, 200) == 5.0
+    assert sizing.write_rate(0.0, 1.0, 100 * MiB, 2.0, 0) == 0.0
+
+
+@given(
+    chunk_mb=st.integers(1, 4096),
+    max_chunk_mb=st.integers(1, 20000),
+    utilization=st.integers(0, 100),
+    rate=st.floats(0, 1e10),
+    latency=st.floats(0, 600),
+    replicating=st.booleans(),
+)
+def test_adaptive_chunk_bounds(
+    chunk_mb: int, max_chunk_mb: int, utilization: int, rate: float, latency: float, replicating: bool
+) -> None:
+    config = SizingConfig(chunk_mb=chunk_mb, utilization_percent=utilization, max_chunk_mb=max_chunk_mb)
+    factor = 2 if replicating else 1
+    chunk = config.chunk(replicating, rate, latency)
+    assert chunk % MiB == 0
+    assert chunk_mb * MiB * factor <= chunk <= max(chunk_mb, max_chunk_mb) * MiB * factor
+    need = rate * latency * config.safety_factor
+    if utilization < 100 and chunk < max_chunk_mb * MiB * factor:
+        # Below the cap, the headroom covers what the guest writes meanwhile.
+        assert config.watermark(replicating, rate, latency) >= min(need, chunk) - MiB
+
+
+def test_config_rejects_bad_policy_options() -> None:
+    with pytest.raises(ValueError, match="policy"):
+        SizingConfig(policy="fast")
+    with pytest.raises(ValueError, match="max_chunk_mb"):
+        SizingConfig(max_chunk_mb=0)
+    with pytest.raises(ValueError, match="safety_factor"):
+        SizingConfig(safety_factor=0.5)

@@ -70,7 +70,12 @@ class Pool:
         assert parsed is not None
         return self.domain.volume_info(parsed[1]).size
 
-    def config(self, chunk_mb: int, utilization_percent: int = 20, **monitor: float) -> hsm_config.Config:
+    def config(
+        self, chunk_mb: int, utilization_percent: int = 20, policy: str = "fixed", **monitor: float
+    ) -> hsm_config.Config:
+        """An HSM config on this pool. The sizing policy defaults to fixed
+        here (the product's default is adaptive): most tests count extends
+        of a known chunk; adaptive sizing is tested by name."""
         c = hsm_config.Config()
         c.host.host_id = HOST_ID
         c.host.master_domain = str(self.uuid)
@@ -82,6 +87,7 @@ class Pool:
         c.metrics.listen = ""
         c.thin.chunk_mb = chunk_mb
         c.thin.utilization_percent = utilization_percent
+        c.thin.policy = policy
         c.monitor.stats_interval = monitor.get("stats_interval", 1.0)
         c.monitor.extend_timeout = monitor.get("extend_timeout", 30.0)
         c.retry.backoff_initial = monitor.get("backoff_initial", 0.25)
