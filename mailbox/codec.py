@@ -30,6 +30,17 @@ Event block (inbox block 0)
     b"\\0evt" + 16 bytes of a random UUID (RFC byte order) + zeros. A changed
     UUID tells the SPM to scan now.
 
+Resize notice block (outbox block 0, no host's: host ids start at 1)
+    0   4   magic        b"\\0rsz"
+    4   16  notice id    a random UUID (RFC byte order), new for every notice
+    20  16  domain UUID  as in an extend message
+    36  16  volume UUID  same encoding
+    52  8   capacity     bytes, unsigned little-endian
+    60  ..  zeros
+    Written by the lease holder after it recorded a larger capacity; xtnd
+    HSMs poll it while they run VMs (a changed id: check your disks). vdsm
+    never reads or writes outbox block 0.
+
 Decoding raises only MessageError / BlockError, both carrying the raw bytes.
 """
 
@@ -147,6 +158,28 @@ _event_format = c.Struct(
     "uuid" / c.Bytes(16),
     "padding" / c.Bytes(BLOCK_SIZE - 20),
 ).compile()
+
+
+RESIZE_MAGIC = b"\0rsz"
+
+_notice_format = c.Struct(
+    "magic" / c.Const(RESIZE_MAGIC),
+    "id" / c.Bytes(16),
+    "domain" / c.Bytes(16),
+    "volume" / c.Bytes(16),
+    "capacity" / c.Int64ul,
+    "padding" / c.Bytes(BLOCK_SIZE - 60),
+).compile()
+
+
+@dataclasses.dataclass(frozen=True)
+class ResizeNotice:
+    """The last resize announced in outbox block 0."""
+
+    id: uuid.UUID
+    domain: uuid.UUID
+    volume: uuid.UUID
+    capacity: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -401,3 +434,38 @@ def decode_event(raw: bytes | memoryview) -> uuid.UUID | None:
     except c.ConstructError as e:
         raise BlockError(f"not an event block: {e}", raw) from None
     return uuid.UUID(bytes=parsed.uuid)
+
+
+def encode_notice(notice: ResizeNotice) -> bytes:
+    """The 4096-byte notice block (outbox block 0)."""
+    return bytes(
+        _notice_format.build(
+            {
+                "id": notice.id.bytes,
+                "domain": _uuid_to_wire(notice.domain),
+                "volume": _uuid_to_wire(notice.volume),
+                "capacity": notice.capacity,
+                "padding": bytes(BLOCK_SIZE - 60),
+            }
+        )
+    )
+
+
+def decode_notice(raw: bytes | memoryview) -> ResizeNotice | None:
+    """The notice in outbox block 0; None for an all-zero block (none yet,
+    or an SPM zeroed the outbox when it started)."""
+    raw = bytes(raw)
+    if len(raw) != BLOCK_SIZE:
+        raise BlockError(f"notice block must be {BLOCK_SIZE} bytes, got {len(raw)}", raw)
+    if raw == EMPTY_BLOCK:
+        return None
+    try:
+        parsed = _notice_format.parse(raw)
+    except c.ConstructError as e:
+        raise BlockError(f"not a resize notice block: {e}", raw) from None
+    return ResizeNotice(
+        uuid.UUID(bytes=parsed.id),
+        _uuid_from_wire(parsed.domain),
+        _uuid_from_wire(parsed.volume),
+        parsed.capacity,
+    )

@@ -8,7 +8,7 @@ volume commands until the lease is held) and is removed on stop.
 
 Transport and protocol: xtnd.common.control (root only, JSON lines). Ops
 (see daemon.py and ops.py): ping, stats, status, log_level, volume_create,
-volume_remove, volume_info, volume_list.
+volume_remove, volume_resize, volume_info, volume_list.
 """
 
 from __future__ import annotations

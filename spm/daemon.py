@@ -156,7 +156,7 @@ def mailbox_config(config: Config) -> SPMConfig:
     )
 
 
-VOLUME_OPS = ("volume_create", "volume_remove", "volume_info", "volume_list")
+VOLUME_OPS = ("volume_create", "volume_remove", "volume_resize", "volume_info", "volume_list")
 
 
 class NotSpm(Exception):
@@ -369,7 +369,7 @@ class SpmDaemon:
         log.info("serving started host_id=%d lockspace=%s %s", cfg.spm.host_id, lease.lockspace, _stamp())
         mailbox.start()
         self.role = "serving"
-        self.ops.update(VolumeOps(registry, service, self.stats).table())
+        self.ops.update(VolumeOps(registry, service, self.stats, outbox).table())
         sd_notify(f"READY=1\nSTATUS=serving as SPM host_id={cfg.spm.host_id}\nMAINPID={os.getpid()}")
         self._wait_for_stop(ServingHealth(watchdog, mailbox.stats))
         self.role = "stopping"

@@ -22,6 +22,7 @@ from xtnd.mailbox.directio import DirectFile
 
 from . import constants as c
 from . import qemuimg, sanlockdirect
+from . import resize as resizing
 from .errors import (
     DomainExists,
     DomainNotFound,
@@ -400,9 +401,66 @@ class BlockDomain:
         except lvm.LVNotFound:
             raise VolumeNotFound(self.uuid, uuid) from None
 
+    def resize_volume(self, uuid: uuidlib.UUID | str, capacity: int, fence: Fence = no_fence) -> bool:
+        """Record a larger capacity (SPM side); True if anything changed.
+
+        A raw LV grows to it (lvextend), its new extents are zeroed through
+        this host's mapping (a temporary activation when it is not mapped
+        here), and the capacity tag is written last: a failure before
+        leaves the old capacity, and running the resize again finishes it.
+        A qcow2 volume only gets the tag (see resize.py). fence() runs
+        before every command that writes.
+        """
+        lv = self._volume_lv(uuid)
+        info = self._volume(lv, None)
+        vg = lvm.vg_info(self.runner, self.vg)
+        if not resizing.growth(info, capacity, vg.free_extents * vg.extent_size, vg.extent_size):
+            return False
+        if info.format is Format.RAW:
+            fence()
+            new_size = lvm.extend(self.runner, self.vg, lv.name, capacity)
+            self._zero_grown(lv.name, min(info.capacity, lv.size) // 512 * 512, new_size, fence)
+        fence()
+        lvm.change_tags(
+            self.runner,
+            self.vg,
+            lv.name,
+            add=(f"{c.TAG_CAPACITY}{capacity}",),
+            delete=(f"{c.TAG_CAPACITY}{info.capacity}",),
+        )
+        log.info(
+            "volume resized domain=%s volume=%s format=%s from=%d to=%d", self.vg, lv.name, info.format,
+            info.capacity, capacity,
+        )  # fmt: skip
+        return True
+
+    def _zero_grown(self, name: str, start: int, end: int, fence: Fence) -> None:
+        """Zero bytes [start, end) of a grown raw LV (its new extents may
+        hold a removed volume's data)."""
+        path = self.activator.device(self.vg, name)
+        temporary = path is None
+        fence()
+        if temporary:
+            path = self.activator.activate(self.vg, name)
+        else:
+            self.activator.refresh(self.vg, name)
+        assert path is not None
+        try:
+            zero_device(path, end, fence, start=start)
+        finally:
+            if temporary:
+                fence()
+                self.activator.deactivate(self.vg, name)
+
     def prepare_volume(self, uuid: uuidlib.UUID | str) -> str:
-        """Activate the volume on this host; return its device."""
-        return self.activator.activate(self.vg, self._volume_lv(uuid).name)
+        """Activate the volume on this host; return its device.
+
+        A qcow2 image resized while no VM ran it gets its header grown to
+        the recorded capacity here, before a VM opens it."""
+        lv = self._volume_lv(uuid)
+        path = self.activator.activate(self.vg, lv.name)
+        resizing.catch_up_header(self._volume(lv, path), path)
+        return path
 
     def refresh_volume(self, uuid: uuidlib.UUID | str) -> int:
         """After an extend: grow this host's mapping; return the new size."""

@@ -67,6 +67,21 @@ class NoSpace(StorageError):
         )
 
 
+class ShrinkRefused(StorageError):
+    """A resize asked for less than the volume's capacity: a guest's data
+    past the new end would be lost, so it is refused and nothing changes."""
+
+    def __init__(self, domain: object, volume: object, capacity: int, requested: int):
+        self.domain = domain
+        self.volume = volume
+        self.capacity = capacity
+        self.requested = requested
+        super().__init__(
+            f"volume {volume} of domain {domain} is {capacity} bytes; shrinking it to {requested} bytes is "
+            "not supported (only growing)"
+        )
+
+
 def _gib(n: int) -> str:
     return f"{n / 1024**3:.1f} GiB"
 
@@ -97,3 +112,15 @@ class SpmLeaseHeld(StorageError):
             f"host {host_id} holds the SPM lease of master domain {master} (generation {generation}): "
             f"only the SPM may change LVM metadata; run the command on host {host_id}"
         )
+
+
+class NoSpaceToGrow(StorageError):
+    """A resize would take more than the domain has free; refused before
+    anything changed."""
+
+    def __init__(self, domain: object, volume: object, free: int, needed: int):
+        self.domain = domain
+        self.volume = volume
+        self.free = free
+        self.needed = needed
+        super().__init__(f"domain {domain} has {_gib(free)} free; growing volume {volume} needs {_gib(needed)} more")

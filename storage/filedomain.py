@@ -27,6 +27,7 @@ from xtnd.mailbox.directio import DirectFile
 
 from . import constants as c
 from . import qemuimg, sanlockdirect
+from . import resize as resizing
 from .errors import DomainExists, DomainNotFound, InvalidArgument, LeaseAreaError, VolumeExists, VolumeNotFound
 from .model import (
     DomainInfo,
@@ -280,9 +281,34 @@ class FileDomain:
         """
         return max(size, self.volume_info(uuid).size)
 
+    def resize_volume(self, uuid: uuidlib.UUID | str, capacity: int, fence: Fence = no_fence) -> bool:
+        """Record a larger capacity; True if anything changed. A raw file is
+        extended (sparse: it reads zeros); a qcow2 image only gets the new
+        capacity in its .meta (see resize.py). The .meta is written last."""
+        info = self.volume_info(uuid)
+        st = os.statvfs(self.path)
+        if not resizing.growth(info, capacity, st.f_bavail * st.f_frsize):
+            return False
+        path = self._volume_path(info.uuid)
+        fence()
+        if info.format is Format.RAW and os.stat(path).st_size < capacity:
+            os.truncate(path, capacity)
+        with open(path + c.VOLUME_META_SUFFIX) as f:
+            meta = json.load(f)
+        meta["capacity"] = capacity
+        _write_json(path + c.VOLUME_META_SUFFIX, meta)
+        log.info(
+            "volume resized domain=%s volume=%s format=%s from=%d to=%d", self.uuid, info.uuid, info.format,
+            info.capacity, capacity,
+        )  # fmt: skip
+        return True
+
     def prepare_volume(self, uuid: uuidlib.UUID | str) -> str:
+        """The volume's file; a qcow2 image resized while no VM ran it gets
+        its header grown to the recorded capacity first."""
         info = self.volume_info(uuid)
         assert info.path is not None
+        resizing.catch_up_header(info, info.path)
         return info.path
 
     def refresh_volume(self, uuid: uuidlib.UUID | str) -> int:

@@ -23,3 +23,11 @@ def info(path: str) -> dict[str, Any]:
     out = run([QEMU_IMG, "info", "--output", "json", "-U", path], timeout=TIMEOUT)
     result: dict[str, Any] = json.loads(out)
     return result
+
+
+def resize(path: str, fmt: str, size: int) -> None:
+    """Grow the image's virtual size to size bytes (never shrinks: no --shrink).
+
+    qemu-img takes the image's lock: it fails on an image a QEMU of this
+    host has open, which then must grow it itself (libvirt blockResize)."""
+    run([QEMU_IMG, "resize", "-q", "-f", fmt, path, str(size)], timeout=TIMEOUT)

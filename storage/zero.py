@@ -27,13 +27,14 @@ BLKZEROOUT = 0x127F
 CHUNK = 1024**3
 
 
-def zero_device(path: str, length: int, fence: Fence = no_fence, chunk: int = CHUNK) -> None:
-    """Zero bytes [0, length) of the block device at path (length: a
-    multiple of 512, as LV sizes are)."""
-    start = time.monotonic()
+def zero_device(path: str, length: int, fence: Fence = no_fence, chunk: int = CHUNK, start: int = 0) -> None:
+    """Zero bytes [start, length) of the block device at path (both
+    multiples of 512, as LV sizes are; a grown raw volume zeroes only its
+    new part)."""
+    began = time.monotonic()
     fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
     try:
-        offset = 0
+        offset = start
         while offset < length:
             n = min(chunk, length - offset)
             fence()
@@ -41,4 +42,4 @@ def zero_device(path: str, length: int, fence: Fence = no_fence, chunk: int = CH
             offset += n
     finally:
         os.close(fd)
-    log.info("zeroed device=%s length=%d duration=%.3f", path, length, time.monotonic() - start)
+    log.info("zeroed device=%s start=%d length=%d duration=%.3f", path, start, length - start, time.monotonic() - began)

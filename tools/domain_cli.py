@@ -6,6 +6,7 @@
     xtnd volume create --domain UUID --uuid UUID --capacity SIZE [--format qcow2|raw] [--initial-size SIZE]
                        [--host-id N] [--local]
     xtnd volume remove --domain UUID --uuid UUID [--host-id N] [--local]
+    xtnd volume resize --domain UUID --uuid UUID --size SIZE [--host-id N] [--local] [--json]
     xtnd volume info   --domain UUID --uuid UUID
     xtnd volume list   --domain UUID [--json]
 
@@ -31,6 +32,12 @@ and refuses with exit code 2 when it cannot; file domains need no lease.
 ``--local`` skips all of it, for bootstrap and recovery (a dead SPM host
 whose lease no standby took over); it is dangerous: use it only when no
 SPM runs anywhere.
+
+``volume resize`` goes the same way as create and remove (the SPM's
+socket, or the lease taken here). After a change it writes a resize
+notice into the master domain's outbox (xtnd.mailbox.notice) under the
+same lease, for the HSM of whichever host runs a VM on the volume.
+Shrinking is refused with exit code 2; the same size changes nothing.
 """
 
 from __future__ import annotations
@@ -49,6 +56,8 @@ from typing import Any, Protocol
 from xtnd import lvm, storage
 from xtnd.common.cmd import CommandError
 from xtnd.hsm import config as hsm_config
+from xtnd.mailbox import notice
+from xtnd.mailbox.directio import DirectFile
 from xtnd.spm import borrow, control
 from xtnd.spm import config as spm_config
 from xtnd.spm.borrow import CannotTakeLease
@@ -64,6 +73,8 @@ _UNITS = {"": 1, "b": 1, "k": c.KiB, "m": c.MiB, "g": c.GiB, "t": 1024 * c.GiB}
 # Exit code when another host is the SPM (SpmLeaseHeld), or the SPM lease
 # cannot be taken for the command (CannotTakeLease).
 EXIT_NOT_SPM = 2
+# Exit code of a refused shrink (nothing changed).
+EXIT_SHRINK = 2
 SPM_CONFIG = spm_config.DEFAULT_PATH
 HSM_CONFIG = "/etc/xtnd/hsm.conf"
 
@@ -100,6 +111,8 @@ class Backend(Protocol):
     def create_volume(self, args: argparse.Namespace) -> storage.VolumeInfo: ...
 
     def remove_volume(self, args: argparse.Namespace) -> None: ...
+
+    def resize_volume(self, args: argparse.Namespace) -> tuple[storage.VolumeInfo, bool]: ...
 
     def volume_info(self, args: argparse.Namespace) -> storage.VolumeInfo: ...
 
@@ -162,6 +175,43 @@ class LocalBackend:
         domain = self._open(args, args.domain, writable=True)
         with self._as_spm(args, domain, "remove") as fence:
             domain.remove_volume(args.uuid, fence=fence)
+
+    def resize_volume(self, args: argparse.Namespace) -> tuple[storage.VolumeInfo, bool]:
+        domain = self._open(args, args.domain, writable=True)
+        with self._as_spm(args, domain, "resize") as fence:
+            changed = domain.resize_volume(args.uuid, args.size, fence=fence)
+            if changed:
+                self._announce(domain, args, fence)
+        return domain.volume_info(args.uuid), changed
+
+    def _announce(self, domain: storage.Domain, args: argparse.Namespace, fence: storage.Fence) -> None:
+        """The resize notice in the master domain's outbox (still under the lease)."""
+        master = self._master(domain)
+        if master is None:
+            log.warning("no master domain of domain=%s: no resize notice written", domain.uuid)
+            print(
+                f"xtnd: warning: no master domain of {domain.uuid} in {self.config.path}: running VMs were not told",
+                file=sys.stderr,
+            )
+            return
+        fence()
+        with DirectFile(master.mailbox().outbox) as outbox:
+            notice.announce(outbox, domain.uuid, args.uuid, args.size)
+
+    def _master(self, domain: storage.Domain) -> storage.Domain | None:
+        """The master domain of domain's pool (the one with the mailbox)."""
+        if isinstance(domain, storage.BlockDomain):
+            return storage.find_master(domain, self.config)
+        if domain.info().master:
+            return domain
+        for uuid in self.config.domains:
+            try:
+                other = self.config.open(uuid)
+                if other.info().master:
+                    return other
+            except (storage.StorageError, lvm.LVMError) as e:
+                log.info("skipping domain %s while looking for the master: %s", uuid, e)
+        return None
 
     def volume_info(self, args: argparse.Namespace) -> storage.VolumeInfo:
         return self._open(args, args.domain).volume_info(args.uuid)
@@ -249,6 +299,10 @@ class SpmBackend(LocalBackend):
     def remove_volume(self, args: argparse.Namespace) -> None:
         self.client.call("volume_remove", domain=str(args.domain), uuid=str(args.uuid))
 
+    def resize_volume(self, args: argparse.Namespace) -> tuple[storage.VolumeInfo, bool]:
+        result = self.client.call("volume_resize", domain=str(args.domain), uuid=str(args.uuid), size=args.size)
+        return volume_from_dict(result["volume"]), bool(result["changed"])
+
     def volume_info(self, args: argparse.Namespace) -> storage.VolumeInfo:
         return volume_from_dict(self.client.call("volume_info", domain=str(args.domain), uuid=str(args.uuid)))
 
@@ -314,6 +368,13 @@ def _run(func: Any, args: argparse.Namespace) -> int:
     except (storage.SpmLeaseHeld, CannotTakeLease) as e:
         print(f"xtnd: error: {e} (--local skips this check: only when no SPM runs anywhere)", file=sys.stderr)
         return EXIT_NOT_SPM
+    except storage.ShrinkRefused as e:
+        print(errors.report("xtnd", e), file=sys.stderr)
+        return EXIT_SHRINK
+    except control.ControlError as e:
+        # The SPM's refusals keep their exit codes.
+        print(errors.report("xtnd", e), file=sys.stderr)
+        return EXIT_SHRINK if e.error == storage.ShrinkRefused.__name__ else 1
     except (storage.StorageError, lvm.LVMError, lvm.ActivationError, CommandError, OSError) as e:
         print(errors.report("xtnd", e), file=sys.stderr)
         return 1
@@ -338,6 +399,19 @@ def _volume_create(backend: Backend, args: argparse.Namespace) -> None:
 def _volume_remove(backend: Backend, args: argparse.Namespace) -> None:
     backend.remove_volume(args)
     print(f"volume {args.uuid} removed")
+
+
+def _volume_resize(backend: Backend, args: argparse.Namespace) -> None:
+    info, changed = backend.resize_volume(args)
+    data = info.to_dict()
+    data["changed"] = changed
+    if args.json:
+        _print(data, True)
+        return
+    if changed:
+        print(f"volume {args.uuid} resized to {info.capacity} bytes")
+    else:
+        print(f"volume {args.uuid} is already {info.capacity} bytes: nothing changed")
 
 
 def _volume_info(backend: Backend, args: argparse.Namespace) -> None:
@@ -429,6 +503,14 @@ def register(subparsers: Any) -> None:
     _local(vcreate)
     _common(vcreate)
     vcreate.set_defaults(func=lambda a: _run(_volume_create, a))
+
+    vresize = vsub.add_parser("resize", help="grow a volume's virtual size (running VMs see it without reboot)")
+    vresize.add_argument("--domain", type=_uuid, required=True)
+    vresize.add_argument("--uuid", type=_uuid, required=True)
+    vresize.add_argument("--size", type=parse_size, required=True, help="new virtual size, e.g. 20G (never smaller)")
+    _local(vresize)
+    _common(vresize)
+    vresize.set_defaults(func=lambda a: _run(_volume_resize, a))
 
     for name, handler, text in (
         ("remove", _volume_remove, "remove a volume"),
