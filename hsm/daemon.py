@@ -50,6 +50,7 @@ from xtnd.hsm.libvirtconn import Connection, EventLoop
 from xtnd.hsm.metrics import ExtendRecord, HsmMetrics, Sources
 from xtnd.hsm.monitor import Monitor, MonitorConfig
 from xtnd.hsm.replicate import Replicator
+from xtnd.hsm.resize import ResizeWatcher
 from xtnd.hsm.udevwatch import UdevWatcher
 from xtnd.hsm.volumes import StorageVolumes
 from xtnd.lvm.errors import ActivationError, LVMError
@@ -134,6 +135,15 @@ class HSM:
             extend_timeout=config.monitor.extend_timeout,
         )
         self.monitor.before_extend = self.replicator.before_source_extend
+        # Its own reader of the outbox: a DirectFile's buffer is not shared across threads.
+        self._notices = DirectFile(location.outbox, readonly=True)
+        self.resizes = ResizeWatcher(
+            self._notices,
+            self.volumes,
+            self.monitor,
+            self.grower,
+            config.monitor.stats_interval,
+        )
         monitor = self.monitor
         self.metrics.sources = Sources(
             counters=lambda: dict(monitor.counters),
@@ -189,6 +199,7 @@ class HSM:
         self.monitor.start()
         self.replicator.start()
         self.connection.start()
+        self.resizes.start()
         log.info(
             "hsm started host_id=%d master=%s chunk_mb=%d utilization_percent=%d",
             self.config.host.host_id, self.config.host.master_domain,
@@ -212,6 +223,8 @@ class HSM:
             return False, "the monitor's stats thread is gone"
         if not self.mailbox.alive:
             return False, "the mailbox thread is gone"
+        if not self.resizes.alive:
+            return False, "the resize watcher thread is gone"
         age = self.monitor.clock() - self.monitor.heartbeat
         limit = max(STUCK_AFTER, 10 * self.config.monitor.stats_interval)
         if age > limit:
@@ -227,6 +240,7 @@ class HSM:
         log.info("hsm stopping")
         # Jobs end before the connection they use closes: no new ones, then
         # the mailbox fails pending requests at once, then the workers finish.
+        self.resizes.stop()
         self.monitor.stop_scheduling()
         self.replicator.stop()
         self.mailbox.stop()
@@ -236,6 +250,7 @@ class HSM:
             self.event_loop.stop()
         self._inbox.close()
         self._outbox.close()
+        self._notices.close()
         if self.volumes.shell is not None:
             self.volumes.shell.close()
         if self.host_id_watch is not None:

@@ -165,6 +165,12 @@ class DiskGrower:
                 return t
         raise NoSuchVolume(vm, volume)
 
+    def targets(self, vm: str) -> list[Target]:
+        """The running VM's block and file disks on volume links (what
+        ``xtnd volume resize`` may have to grow)."""
+        dom = self._running(vm)
+        return [t for t in self._disks(dom, vm) if t.volume is not None and not t.format.startswith("unsupported:")]
+
     def device_size(self, vm: str, volume: str) -> int:
         t = self.locate(vm, volume)
         try:

@@ -1,0 +1,164 @@
+"""``xtnd volume resize`` under a real guest: the guest's own disk grows.
+
+One TCG guest (xtnd.tools.rig.guest) runs on a thin qcow2 volume of a block
+domain (loop PV, real LVM) with the real HSM (in this process) and an SPM
+serving its extends; it prints /sys/block/vda/size whenever it changes
+(Workload.watch_size). The resize is the real CLI, which records the
+capacity and writes the resize notice into the outbox; the HSM reads it
+and grows the disk through libvirt. Running and paused VM, refusals, and
+the latency from the command to the guest seeing the new size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import re
+import statistics
+import time
+from collections.abc import Iterator
+
+import libvirt
+import pytest
+from testlib.cli import xtnd
+from xtnd.hsm.libvirtconn import EventLoop
+from xtnd.mailbox import notice
+from xtnd.mailbox.directio import DirectFile
+from xtnd.tools.rig import guest, hsmrig
+from xtnd.tools.rig.wait import wait_for
+
+from .test_hsm_guest import Running
+
+MiB = 1024**2
+
+log = logging.getLogger("test")
+
+pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
+
+
+@pytest.fixture
+def pool(workdir: str, need_root: None, libvirtd: None) -> Iterator[hsmrig.Pool]:
+    with hsmrig.pool(workdir) as p:
+        yield p
+
+
+class Setup:
+    def __init__(self, pool: hsmrig.Pool, disk: str, g: guest.Guest, running: Running):
+        self.pool = pool
+        self.disk = disk
+        self.volume = hsmrig.volume_of(pool, disk)
+        self.guest = g
+        self.running = running
+
+    def resize(self, size: str) -> int:
+        return xtnd(
+            "volume", "resize", "--domain", str(self.pool.uuid), "--uuid", str(self.volume), "--size", size,
+            "--local", "--storage-config", self.pool.storage_config,
+        )  # fmt: skip
+
+    def capacity(self) -> int:
+        return self.pool.domain.volume_info(self.volume).capacity
+
+    def notice_id(self) -> object:
+        with DirectFile(self.pool.domain.mailbox().outbox, readonly=True) as f:
+            n = notice.read(f)
+        return n.id if n else None
+
+    def sizes(self) -> list[int]:
+        """Every size of vda the guest printed, in bytes."""
+        return [int(n) * 512 for n in re.findall(r"XTND-SIZE sectors=(\d+)", self.guest.console())]
+
+    def wait_sectors(self, size: int, timeout: float = 60.0) -> float:
+        """Wait for the guest to print its disk at size bytes; when it did."""
+        self.guest.wait_console("XTND-SIZE", timeout=timeout)
+        wait_for(lambda: self.sizes()[-1] == size, timeout=timeout, interval=0.02, what=f"the guest sees {size}")
+        return time.monotonic()
+
+    def drive_capacity(self) -> int:
+        drives = self.running.hsm.monitor.snapshot().get(self.guest.dom.UUIDString(), {})
+        return drives["vda"].capacity if "vda" in drives else 0
+
+
+@contextlib.contextmanager
+def setup(
+    pool: hsmrig.Pool, conn: libvirt.virConnect, rig: guest.Rig, events: EventLoop, workdir: str
+) -> Iterator[Setup]:
+    disk = pool.thin_volume(capacity=64 * MiB, initial=16 * MiB)
+    config = pool.config(chunk_mb=16, stats_interval=0.5)
+    workload = guest.Workload(write_mb=4, hold=True, watch_size=True)
+    with hsmrig.spm(pool), contextlib.closing(_Stopper(Running(config, events))) as stopper:
+        r = stopper.running
+        r.hsm.start()
+        assert r.hsm.connection.wait_connected(30)
+        with guest.guest(conn, rig, disk, workload, workdir) as g:
+            g.start()
+            s = Setup(pool, disk, g, r)
+            s.wait_sectors(64 * MiB, timeout=180)
+            wait_for(lambda: s.drive_capacity() == 64 * MiB, timeout=30, what="the HSM watches vda")
+            yield s
+
+
+class _Stopper:
+    def __init__(self, running: Running):
+        self.running = running
+
+    def close(self) -> None:
+        self.running.hsm.stop()
+
+
+def test_resize_running_and_paused_guest(
+    pool: hsmrig.Pool, conn: libvirt.virConnect, rig: guest.Rig, libvirt_events: EventLoop, workdir: str
+) -> None:
+    with setup(pool, conn, rig, libvirt_events, workdir) as s:
+        # Running: the guest's own device grows without a reboot.
+        start = time.monotonic()
+        assert s.resize("96M") == 0
+        seen = s.wait_sectors(96 * MiB)
+        log.info("resize latency running: %.0f ms", (seen - start) * 1000)
+        assert s.capacity() == 96 * MiB
+        # The HSM's sizing follows: its drive now has the new capacity (max size 96 x 1.1).
+        wait_for(lambda: s.drive_capacity() == 96 * MiB, timeout=30, what="the HSM sees the new capacity")
+
+        # Paused: QEMU grows the disk while paused; the guest sees it once resumed.
+        s.guest.dom.suspend()
+        s.guest.wait_state(libvirt.VIR_DOMAIN_PAUSED)
+        assert s.resize("128M") == 0
+        wait_for(lambda: s.guest.dom.blockInfo("vda")[0] == 128 * MiB, timeout=30, what="QEMU grows the paused disk")
+        assert s.guest.state()[0] == libvirt.VIR_DOMAIN_PAUSED  # not resumed by the HSM
+        s.guest.dom.resume()
+        s.wait_sectors(128 * MiB)
+
+        # Refusals change nothing and write no notice.
+        before = s.notice_id()
+        assert before is not None
+        assert s.resize("64M") == 2  # shrink
+        assert s.resize("128M") == 0  # same size: nothing to do
+        assert s.resize("4G") == 1  # above the domain's free space
+        assert s.capacity() == 128 * MiB
+        assert s.notice_id() == before
+        assert s.guest.dom.blockInfo("vda")[0] == 128 * MiB
+        assert s.sizes() == [64 * MiB, 96 * MiB, 128 * MiB]
+
+
+@pytest.mark.soak
+def test_resize_latency(
+    pool: hsmrig.Pool, conn: libvirt.virConnect, rig: guest.Rig, libvirt_events: EventLoop, workdir: str
+) -> None:
+    """Command -> guest sees the new size, 20 resizes of a running guest; prints the figures."""
+    trials = int(os.environ.get("XTND_RESIZE_TRIALS", "20"))
+    latencies = []
+    with setup(pool, conn, rig, libvirt_events, workdir) as s:
+        size = 64 * MiB
+        for _ in range(trials):
+            size += 4 * MiB
+            start = time.monotonic()
+            assert s.resize(f"{size // MiB}M") == 0
+            latencies.append((s.wait_sectors(size) - start) * 1000)
+    latencies.sort()
+    p99 = latencies[min(len(latencies) - 1, int(len(latencies) * 0.99))]
+    load = open("/proc/loadavg").read().split()[:3]
+    print(
+        f"\nresize latency (command -> guest sees it) n={len(latencies)} p50={statistics.median(latencies):.0f} ms "
+        f"p99={p99:.0f} ms max={latencies[-1]:.0f} ms load={' '.join(load)}"
+    )
