@@ -179,8 +179,12 @@ def test_daemon_health_for_the_watchdog() -> None:
     mailbox = SimpleNamespace(alive=True)
     config = SimpleNamespace(monitor=SimpleNamespace(stats_interval=2.0))
     watch = SimpleNamespace(lost=None, alive=True)
-    hsm = SimpleNamespace(monitor=monitor, mailbox=mailbox, config=config, host_id_watch=watch)
+    resizes = SimpleNamespace(alive=True)
+    hsm = SimpleNamespace(monitor=monitor, mailbox=mailbox, config=config, host_id_watch=watch, resizes=resizes)
     assert daemon.HSM.health(hsm) == (True, "")  # type: ignore[arg-type]
+    resizes.alive = False
+    assert daemon.HSM.health(hsm) == (False, "the resize watcher thread is gone")  # type: ignore[arg-type]
+    resizes.alive = True
     watch.alive = False
     assert daemon.HSM.health(hsm) == (False, "the host id watch thread is gone")  # type: ignore[arg-type]
     watch.alive = True
