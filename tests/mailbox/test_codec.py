@@ -268,3 +268,18 @@ def test_encode_reply_validates() -> None:
         codec.encode_reply(VECTOR, -1)
     with pytest.raises(codec.MessageError):
         codec.encode_reply(codec.CLEAN_MESSAGE, 1)
+
+
+def test_resize_notice_roundtrip() -> None:
+    n = codec.ResizeNotice(uuid.uuid4(), uuid.uuid4(), uuid.uuid4(), 10 * 1024**3)
+    raw = codec.encode_notice(n)
+    assert len(raw) == codec.BLOCK_SIZE
+    assert raw[:4] == b"\0rsz" and raw[60:] == bytes(codec.BLOCK_SIZE - 60)
+    # Volume addresses use the extend message's encoding.
+    assert raw[20:36] == n.domain.int.to_bytes(16, "little")
+    assert codec.decode_notice(raw) == n
+    assert codec.decode_notice(bytes(codec.BLOCK_SIZE)) is None
+    with pytest.raises(codec.BlockError, match="not a resize notice"):
+        codec.decode_notice(codec.encode_event())
+    with pytest.raises(codec.BlockError):
+        codec.decode_notice(raw[:100])

@@ -194,6 +194,26 @@ def mistakes(r: Rig) -> list[tuple[str, list[str], list[str], dict[str, str]]]:
             {},
         ),
         ("prepare unknown volume", ["volume", "prepare", *new, *st], ["not found"], {}),
+        (
+            "resize shrink",
+            ["volume", "resize", *vol, "--size", "32M", "--local", *st],
+            [r.volume, "shrinking it to 33554432 bytes is not supported"],
+            {},
+        ),
+        ("resize bad size", ["volume", "resize", *vol, "--size", "ten", *st], ["not a size: 'ten'"], {}),
+        (
+            "resize not in sectors",
+            ["volume", "resize", *vol, "--size", "67109377", "--local", *st],
+            ["multiple of 512"],
+            {},
+        ),
+        (
+            "resize above free space",
+            ["volume", "resize", *vol, "--size", "10G", "--local", *st],
+            [f"domain {master} has", f"growing volume {r.volume} needs"],
+            {},
+        ),
+        ("resize unknown volume", ["volume", "resize", *new, "--size", "1G", "--local", *st], ["not found"], {}),
     ]
 
 
