@@ -11,6 +11,9 @@ from typing import Any
 
 import pytest
 from testlib.cli import xtnd
+from xtnd import storage
+from xtnd.mailbox import notice
+from xtnd.mailbox.directio import DirectFile, Storage
 from xtnd.spm.control import ControlClient, ControlError, ControlServer
 from xtnd.spm.domains import DomainRegistry
 from xtnd.spm.extend import ExtendService
@@ -22,12 +25,13 @@ from xtnd.tools.rig.spmd import MiB, Pool
 class Spm:
     """The daemon's control side without the daemon: registry, service, server."""
 
-    def __init__(self, pool: Pool, path: str, allowed_uid: int = 0):
+    def __init__(self, pool: Pool, path: str, allowed_uid: int = 0, outbox: Storage | None = None):
         self.lost: str | None = None
         self.calls: list[str] = []
-        registry = DomainRegistry(lambda u: pool.domain, [pool.uuid], ttl=60)
+        self.registry = registry = DomainRegistry(lambda u: pool.domain, [pool.uuid], ttl=60)
         self.service = ExtendService(registry, self.fence, lambda reason: None)
-        table = VolumeOps(registry, self.service, lambda: {"extends": self.service.metrics.snapshot()}).table()
+        stats = lambda: {"extends": self.service.metrics.snapshot()}  # noqa: E731
+        table = VolumeOps(registry, self.service, stats, outbox).table()
         self.server = ControlServer(path, {op: self._spy(op, f) for op, f in table.items()}, allowed_uid)
 
     def fence(self) -> None:
@@ -119,6 +123,40 @@ def test_volume_cli_through_spm(
     assert xtnd("volume", "info", "--domain", sd, "--uuid", vol, *cfg) == 1
     assert "not found" in capsys.readouterr().err
     assert spm.calls == ["ping", "volume_create", "ping", "volume_list", "ping", "volume_remove", "ping", "volume_info"]
+
+
+def test_volume_resize_through_spm(
+    pool: Pool, sock: str, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """xtnd volume resize goes to the SPM, which records the capacity, writes
+    the notice and validates extends against the new max size at once."""
+    monkeypatch.setenv("XTND_SPM_SOCKET", sock)
+    sd, vol = str(pool.uuid), uuid.uuid4()
+    pool.domain.create_volume(vol, 100 * MiB, initial_size=8 * MiB)
+    with DirectFile(pool.domain.mailbox().outbox) as outbox:
+        spm = Spm(pool, sock, outbox=outbox)
+        spm.server.start()
+        try:
+            managed = spm.registry.get(pool.uuid)
+            lv = managed.lookup(vol)
+            assert lv is not None and lv.max_size == 110 * MiB
+            resize = ["volume", "resize", "--domain", sd, "--uuid", str(vol), "--storage-config", pool.storage_config]
+            assert xtnd(*resize, "--size", "200M", "--json") == 0
+            assert '"changed": true' in capsys.readouterr().out
+            assert spm.calls == ["ping", "volume_resize"]
+            assert pool.domain.volume_info(vol).capacity == 200 * MiB
+            lv = managed.lookup(vol)
+            assert lv is not None and lv.max_size == storage.max_size(200 * MiB)
+            sent = notice.read(outbox)
+            assert sent is not None and (sent.domain, sent.volume, sent.capacity) == (pool.uuid, vol, 200 * MiB)
+            assert xtnd(*resize, "--size", "100M") == 2
+            assert "shrinking it to" in capsys.readouterr().err
+            assert xtnd(*resize, "--size", "200M") == 0
+            assert "nothing changed" in capsys.readouterr().out
+            assert notice.read(outbox) == sent
+            assert pool.domain.volume_info(vol).capacity == 200 * MiB
+        finally:
+            spm.server.stop()
 
 
 def test_volume_cli_stale_socket_runs_locally(
