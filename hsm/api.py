@@ -54,6 +54,10 @@ log = logging.getLogger("xtnd.hsm.api")
 
 DEFAULT_SOCKET = "/run/xtnd/hsm-api.sock"
 MAX_BODY = 64 * 1024
+# Connections the kernel queues before the loop accepts them (and accepts per
+# wakeup): a unix socket client with a timeout gets EAGAIN, not a wait, when
+# the queue is full, so it is large enough for bursts of many clients.
+BACKLOG = 1024
 VOLUME_EXTENDED = "volume-extended"
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -205,12 +209,12 @@ class ApiServer:
     async def _serve(self) -> None:
         if self.socket_path:
             runner = await self._runner(auth=False)
-            await web.SockSite(runner, self._unix_socket()).start()
+            await web.SockSite(runner, self._unix_socket(), backlog=BACKLOG).start()
             log.info("host api listening socket=%s", self.socket_path)
         if self._listen is not None:
             runner = await self._runner(auth=True)
             host, port = self._listen
-            site = web.TCPSite(runner, host, port, reuse_address=True)
+            site = web.TCPSite(runner, host, port, reuse_address=True, backlog=BACKLOG)
             await site.start()
             server = site._server  # the bound port when listen asked for 0
             if isinstance(server, asyncio.base_events.Server) and server.sockets:
@@ -233,7 +237,7 @@ class ApiServer:
         finally:
             os.umask(old)
         os.chmod(self.socket_path, 0o600)
-        sock.listen(128)
+        sock.listen(BACKLOG)
         return sock
 
     async def _runner(self, auth: bool) -> web.AppRunner:

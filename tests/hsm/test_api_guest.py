@@ -515,6 +515,21 @@ def test_api_from_config(setup: Setup) -> None:
     assert not os.path.exists(config.api.socket)
     config.api.socket = ""
     assert daemon.start_api(config, setup.hsm) is None
+    # TCP only, the token read from token_file.
+    config.api.listen = "127.0.0.1:0"
+    config.api.token_file = os.path.join(setup.workdir, "token")
+    with open(config.api.token_file, "w") as f:
+        f.write("from-file\n")
+    server = daemon.start_api(config, setup.hsm)
+    assert server is not None and server.port
+    try:
+        for token, expected in (("from-file", 200), ("wrong", 403)):
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=60)
+            conn.request("GET", volume_path(setup, setup.raw), headers={"Authorization": f"Bearer {token}"})
+            assert conn.getresponse().status == expected
+            conn.close()
+    finally:
+        server.stop()
 
 
 # Automatic mode (xtnd.hsm.udevwatch)
@@ -545,6 +560,8 @@ def test_udev_loop_device_grows_guest(setup: Setup) -> None:
         assert setup.guest_sizes(setup.loop_guest)[-1] == before
         setup.loop_disk.grow(before + 4 * MiB)
         wait_for(lambda: setup.guest_sizes(setup.loop_guest)[-1] == before + 4 * MiB, timeout=30, what="guest size")
+        # The guest may print its size before blockResize returns to the watcher.
+        wait_for(lambda: grown_at, timeout=30, what="the watcher's report")
         assert len(grown_at) == 1 and watcher.resizes >= 1
         # Another VM's disk on another device is left alone.
         assert setup.guest_sizes()[-1] == get_size(setup, setup.raw)
