@@ -1,0 +1,164 @@
+"""Unit tests of the replication rules (xtnd.hsm.replicate) and of the pure
+helpers of ``xtnd volume move``; the real path runs in test_move_guest.py."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import uuid
+from typing import Any
+
+import libvirt
+import pytest
+from xtnd.hsm import replicate, sizing
+from xtnd.hsm.drive import Drive
+from xtnd.tools import move_cli
+
+MiB = 1024**2
+GiB = 1024**3
+CONFIG = sizing.SizingConfig(chunk_mb=16, utilization_percent=20)
+
+XML = """<domain><devices>
+<disk type='block' device='disk'><driver name='qemu' type='qcow2'/>
+<source dev='/run/xtnd/a/b' index='1'/>
+<mirror type='file' job='copy' ready='yes'><format type='qcow2'/><source file='/run/xtnd/c/d' index='3'/></mirror>
+<target dev='vda' bus='virtio'/></disk>
+<disk type='block' device='disk'><driver name='qemu' type='raw'/><source dev='/dev/x' index='2'/>
+<target dev='vdb' bus='virtio'/></disk>
+</devices></domain>"""
+
+
+class FakeMailbox:
+    def __init__(self, log: list[tuple[str, int]]):
+        self.log = log
+
+    def submit(self, domain: uuid.UUID, volume: uuid.UUID, size: int) -> concurrent.futures.Future[int]:
+        self.log.append((str(volume), size))
+        f: concurrent.futures.Future[int] = concurrent.futures.Future()
+        f.set_result(size // MiB)
+        return f
+
+
+class FakeVolumes:
+    def __init__(self, mailbox: FakeMailbox):
+        self.mailbox = mailbox
+
+    def refresh(self, domain: uuid.UUID, volume: uuid.UUID) -> int:
+        return max(size for vol, size in self.mailbox.log if vol == str(volume))
+
+
+class FakeMonitor:
+    def __init__(self) -> None:
+        self.replicating: dict[tuple[str, str], bool] = {}
+
+    def set_replicating(self, vm_id: str, drive: str, on: bool) -> None:
+        self.replicating[(vm_id, drive)] = on
+
+
+class FakeDom:
+    def __init__(self, vm_id: str):
+        self.vm_id = vm_id
+
+    def UUIDString(self) -> str:
+        return self.vm_id
+
+    def name(self) -> str:
+        return "vm"
+
+
+def replicator(dst_block: bool = True, dest_first: bool = True) -> tuple[replicate.Replicator, list[Any], FakeMonitor]:
+    log: list[tuple[str, int]] = []
+    mailbox = FakeMailbox(log)
+    monitor = FakeMonitor()
+    r = replicate.Replicator(None, mailbox, FakeVolumes(mailbox), monitor, CONFIG, dest_first=dest_first)  # type: ignore[arg-type]
+    return r, log, monitor
+
+
+def test_mirror_index() -> None:
+    assert replicate.mirror_index(XML, "vda") == 3
+    assert replicate.mirror_index(XML, "vdb") is None
+    assert replicate.mirror_index(XML, "vdc") is None
+
+
+def test_dest_needs() -> None:
+    watermark = CONFIG.watermark(True)  # 80% of 32 MiB
+    assert replicate.dest_needs(64 * MiB, 64 * MiB - watermark, GiB, CONFIG) is None
+    assert replicate.dest_needs(64 * MiB, 64 * MiB - watermark + 1, GiB, CONFIG) == 96 * MiB
+    # Data beyond the destination (a copy far ahead): one chunk past the data.
+    assert replicate.dest_needs(32 * MiB, 50 * MiB, GiB, CONFIG) == 82 * MiB
+    # At max size nothing more.
+    assert replicate.dest_needs(sizing.max_size(GiB), sizing.max_size(GiB), GiB, CONFIG) is None
+
+
+def test_destination_extended_first() -> None:
+    r, log, monitor = replicator()
+    dst = str(uuid.uuid4())
+    r.begin("vm1", "vda", True, str(uuid.uuid4()), dst, True, 32 * MiB)
+    assert monitor.replicating[("vm1", "vda")] is True
+    drive = Drive("vm1", "vda", 1, "/p", str(uuid.uuid4()), str(uuid.uuid4()))
+    r.before_source_extend(drive, 64 * MiB)
+    assert log == [(dst, 64 * MiB)]
+    # Already large enough: no second request.
+    r.before_source_extend(drive, 48 * MiB)
+    assert log == [(dst, 64 * MiB)]
+    replica = r.end("vm1", "vda", replicate.PIVOTED)
+    assert (replica.extends_src, replica.extends_dst) == (2, 1)
+    assert monitor.replicating[("vm1", "vda")] is False
+    # Not replicating any more: the source extends alone.
+    r.before_source_extend(drive, 96 * MiB)
+    assert len(log) == 1
+
+
+def test_file_destination_not_extended() -> None:
+    r, log, _ = replicator()
+    r.begin("vm1", "vda", True, str(uuid.uuid4()), str(uuid.uuid4()), False, 0)
+    r.before_source_extend(Drive("vm1", "vda", 1, "/p", "d", "v"), 64 * MiB)
+    assert log == []
+
+
+def test_rule_off_only_for_tests() -> None:
+    r, log, _ = replicator(dest_first=False)
+    r.begin("vm1", "vda", True, str(uuid.uuid4()), str(uuid.uuid4()), True, 32 * MiB)
+    r.before_source_extend(Drive("vm1", "vda", 1, "/p", "d", "v"), 64 * MiB)
+    assert log == []
+
+
+def test_end_unknown() -> None:
+    r, _, _ = replicator()
+    with pytest.raises(replicate.NotReplicating):
+        r.end("vm1", "vda", replicate.ABORTED)
+
+
+def test_threshold_and_job_events() -> None:
+    r, _, _ = replicator()
+    replica = r.begin("vm1", "vda", False, str(uuid.uuid4()), str(uuid.uuid4()), True, 32 * MiB)
+    dom = FakeDom("vm1")
+    # No mirror index known yet: the event is the source's.
+    assert not r.block_threshold(dom, "vda[3]")
+    replica.dst_index = 3
+    assert not r.block_threshold(dom, "vda[1]")
+    assert not r.block_threshold(FakeDom("vm2"), "vda[3]")
+    assert r.block_threshold(dom, "vda[3]")
+    assert replica.dst_crossed
+    r.block_job(dom, "vda", libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COPY, libvirt.VIR_DOMAIN_BLOCK_JOB_READY)
+    assert replica.phase == replicate.READY
+    r.block_job(dom, "vda", libvirt.VIR_DOMAIN_BLOCK_JOB_TYPE_COPY, libvirt.VIR_DOMAIN_BLOCK_JOB_COMPLETED)
+    assert replica.phase == replicate.PIVOTED
+
+
+def test_move_helpers() -> None:
+    disk = move_cli.find_disk(XML, "vda")
+    assert (disk.type, disk.path, disk.format) == ("block", "/run/xtnd/a/b", "qcow2")
+    with pytest.raises(move_cli.MoveError):
+        move_cli.find_disk(XML, "vdz")
+    assert move_cli.has_mirror(XML, "vda") == (True, True)
+    assert move_cli.has_mirror(XML, "vdb") == (False, False)
+    moved = move_cli.retarget(XML, "vda", False, "/run/xtnd/c/d")
+    assert move_cli.find_disk(moved, "vda") == move_cli.Disk("vda", "file", "/run/xtnd/c/d", "qcow2")
+    assert move_cli.find_disk(moved, "vdb").path == "/dev/x"
+    assert 'type="block"' in move_cli.dest_xml(True, "/p", "qcow2")
+    chunk = CONFIG.chunk(True)
+    # Allocation plus a chunk; never below a block source; at most the max size.
+    assert move_cli.initial_size(GiB, 10 * MiB, 16 * MiB, True, chunk) == 42 * MiB
+    assert move_cli.initial_size(GiB, 10 * MiB, 96 * MiB, True, chunk) == 96 * MiB
+    assert move_cli.initial_size(GiB, 10 * MiB, 96 * MiB, False, chunk) == 42 * MiB
+    assert move_cli.initial_size(64 * MiB, 60 * MiB, 64 * MiB, True, chunk) == sizing.max_size(64 * MiB)
