@@ -218,6 +218,12 @@ class Mover:
         dst_block = isinstance(dst_domain, storage.BlockDomain)
         capacity, allocation, physical = dom.blockInfo(disk.name)
         size = initial_size(src_info.capacity, allocation, physical, src_block, self.cfg.sizing().chunk(True))
+        try:
+            self.hsm.call("ping")
+        except OSError as e:
+            raise MoveError(
+                f"cannot reach the HSM at {self.cfg.host.control_socket}: {e} (it extends both sides of the copy)"
+            ) from None
         backend = domain_cli._backend(self._ns())
         new = uuidlib.uuid4()
         self.out(f"creating volume {new} in domain {to_domain} ({size // MiB} MiB)")

@@ -406,3 +406,16 @@ def test_move_aborted_by_ctrl_c(setup: Setup) -> None:
     link_dir = os.path.join(pool.run_dir, str(d.block2.uuid))
     assert not os.path.isdir(link_dir) or not os.listdir(link_dir)
     assert d.open(pool.uuid).volume_info(src[1]).size >= 40 * MiB
+
+
+def test_move_refusals(domains: Domains, spm_env: str, capsys: pytest.CaptureFixture[str]) -> None:
+    """Bad input: one line on stderr, exit 1, nothing created."""
+    pool = domains.pool
+    conf = pool.write_config(pool.config(chunk_mb=16), os.path.join(pool.workdir, "hsm.conf"))
+    argv = ["volume", "move", "--vm", "xtnd-test-no-such-vm", "--disk", "vda", "--to-domain", str(domains.block2.uuid),
+            "--hsm-config", conf]  # fmt: skip
+    assert cli.xtnd(*argv) == 1
+    err = capsys.readouterr().err
+    assert "no vm xtnd-test-no-such-vm" in err and "Traceback" not in err
+    assert len(err.strip().splitlines()) == 1, err
+    assert domains.block2.list_volumes() == []
