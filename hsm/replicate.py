@@ -209,7 +209,9 @@ class Replicator:
             self._replicas[(vm_id, drive)] = replica
             self._cond.notify_all()
         self._monitor.set_replicating(vm_id, drive, True)
-        history.record("replicate", vm=vm_id, drive=drive, phase=STARTING, dst=replica.dst_volume)
+        history.record(
+            "replicate", vm=vm_id, drive=drive, phase=STARTING, dst=replica.dst_volume, dst_size=dst_physical
+        )
         log.info(
             "replication started vm=%s drive=%s dst_domain=%s dst_volume=%s src_block=%s dst_block=%s",
             vm_id, drive, replica.dst_domain, replica.dst_volume, src_block, dst_block,

@@ -203,8 +203,10 @@ def gone(d: storage.Domain, volume: uuid.UUID) -> bool:
 
 def extends_in_order(path: str, vm_id: str) -> tuple[int, int, list[str]]:
     """(source extends, destination extends, violations of destination-first)."""
-    events = [e for e in history.read(path) if e["ev"] == "replica_extend" and e.get("vm") == vm_id]
-    dst_size = 0
+    events = history.read(path)
+    # The destination's size when the copy started.
+    dst_size = max((int(e["dst_size"]) for e in events if e["ev"] == "replicate" and "dst_size" in e), default=0)
+    events = [e for e in events if e["ev"] == "replica_extend" and e.get("vm") == vm_id]
     bad = []
     src = dst = 0
     for e in events:
@@ -285,6 +287,7 @@ def run_move(
     chunk_mb: int = 16,
     dest_first: bool = True,
     abort_first: bool = False,
+    bandwidth: int = BANDWIDTH,
 ) -> dict[str, Any]:
     """Move the disk of a writing guest from src_sd to dst_sd (after an
     interrupted attempt with abort_first); check everything; the figures."""
@@ -299,7 +302,7 @@ def run_move(
         with guest.guest(s.conn, s.rig, src_link, workload, s.workdir) as g:
             g.start()
             g.wait_console("XTND-PROGRESS mb=2", timeout=120)
-            argv = move_argv(g, dst_sd, pool, BANDWIDTH)
+            argv = move_argv(g, dst_sd, pool, bandwidth)
             if abort_first:
                 interrupt_move(g, argv)
                 assert src_link in g.dom.XMLDesc(0)
@@ -370,11 +373,14 @@ def test_move_file_to_block(setup: Setup, capsys: pytest.CaptureFixture[str]) ->
 @pytest.mark.soak
 @pytest.mark.parametrize("dest_first", [True, False])
 def test_tiny_chunk_destination_first(setup: Setup, capsys: pytest.CaptureFixture[str], dest_first: bool) -> None:
-    """A 4 MiB chunk (8 while replicating): many extends during the copy.
-    With the rule no source extend ever goes beyond the destination's size;
-    without it the history shows the source ahead of the destination."""
+    """A 4 MiB chunk (8 while replicating) and a copy of ~20 s: many
+    extends during the copy. With the rule no source extend ever goes
+    beyond the destination's size; without it the history shows the source
+    ahead of the destination."""
     d = setup.domains
-    result = run_move(setup, d.pool.uuid, d.block2.uuid, capsys, chunk_mb=4, dest_first=dest_first)
+    result = run_move(
+        setup, d.pool.uuid, d.block2.uuid, capsys, write_mb=100, chunk_mb=4, dest_first=dest_first, bandwidth=8
+    )
     assert result["hist_src"] >= 3, result
     if dest_first:
         assert result["bad"] == [], result
