@@ -205,7 +205,10 @@ def extends_in_order(path: str, vm_id: str) -> tuple[int, int, list[str]]:
     """(source extends, destination extends, violations of destination-first)."""
     events = history.read(path)
     # The destination's size when the copy started.
-    dst_size = max((int(e["dst_size"]) for e in events if e["ev"] == "replicate" and "dst_size" in e), default=0)
+    dst_size = max(
+        (int(e["dst_size"]) for e in events if e["ev"] == "replicate" and e.get("vm") == vm_id and "dst_size" in e),
+        default=0,
+    )
     events = [e for e in events if e["ev"] == "replica_extend" and e.get("vm") == vm_id]
     bad = []
     src = dst = 0
