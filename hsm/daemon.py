@@ -271,6 +271,15 @@ def start_api(config: Config, hsm: HSM) -> api.ApiServer | None:
     return server
 
 
+def services_health(hsm: HSM, host_api: api.ApiServer | None, udev: UdevWatcher | None) -> tuple[bool, str]:
+    """hsm.health(), and the host API's and udev watcher's threads still run."""
+    if host_api is not None and not host_api.alive:
+        return False, "the host api thread is gone"
+    if udev is not None and not udev.alive:
+        return False, "the udev watcher thread is gone"
+    return hsm.health()
+
+
 def run(config: Config, ready_timeout: float = 10.0) -> int:
     """Run until SIGTERM or SIGINT; the exit code."""
     stop = threading.Event()
@@ -332,7 +341,7 @@ def run(config: Config, ready_timeout: float = 10.0) -> int:
         # Event.wait with no timeout would block signal handlers until it
         # returns; a timeout lets the main thread run them.
         while not stop.wait(watchdog.wait_time(1.0)):
-            watchdog.ping(*hsm.health())
+            watchdog.ping(*services_health(hsm, host_api, udev))
     finally:
         sdnotify.notify("STOPPING=1")
         with watchdog.covering("stop"):  # bounded: jobs end once the mailbox stops

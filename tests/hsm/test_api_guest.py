@@ -504,6 +504,7 @@ def test_api_from_config(setup: Setup) -> None:
     config.api.socket = os.path.join(setup.workdir, "from-config.sock")
     server = daemon.start_api(config, setup.hsm)
     assert server is not None
+    assert daemon.services_health(setup.hsm, server, None) == setup.hsm.health()
     try:
         conn = UnixConnection(config.api.socket)
         conn.request("GET", volume_path(setup, setup.raw))
@@ -513,6 +514,8 @@ def test_api_from_config(setup: Setup) -> None:
     finally:
         server.stop()
     assert not os.path.exists(config.api.socket)
+    # The systemd watchdog hears of an API thread that is gone.
+    assert daemon.services_health(setup.hsm, server, None) == (False, "the host api thread is gone")
     config.api.socket = ""
     assert daemon.start_api(config, setup.hsm) is None
     # TCP only, the token read from token_file.
@@ -579,6 +582,7 @@ def test_udev_lv_refresh_grows_guest(setup: Setup) -> None:
 def test_udev_ignores_other_events(setup: Setup) -> None:
     """Changes that are no resize, and devices under no VM, grow nothing."""
     watcher = udevwatch.UdevWatcher(setup.hsm.grower)
+    assert daemon.services_health(setup.hsm, None, watcher) == (False, "the udev watcher thread is gone")
     assert watcher.step("add", setup.loop_disk.device, "1") == []
     assert watcher.step("change", setup.loop_disk.device, None) == []
     assert watcher.step("change", "/dev/null", "1") == []
