@@ -20,6 +20,9 @@ from collections.abc import Callable, Iterator
 import pytest
 from testlib.lease_agent import AgentError, LeaseAgent
 from xtnd import lvm, storage
+from xtnd.mailbox import codec as notice_codec
+from xtnd.mailbox import notice
+from xtnd.mailbox.directio import DirectFile
 from xtnd.spm import control
 from xtnd.tools import cli, domain_cli
 from xtnd.tools.rig.sanlockd import SanlockDaemon
@@ -240,3 +243,36 @@ def test_refused_when_the_lease_cannot_be_taken(
     assert f"cannot take the SPM lease of master domain {master.uuid} as host {HOST_ID}" in err
     assert "Traceback" not in err
     assert lv_names(master) == before
+
+
+def test_resize_under_the_lease(
+    sanlockd: SanlockDaemon,
+    master: storage.BlockDomain,
+    spm: LeaseAgent,
+    config: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """``volume resize`` as create: refused while another host is the SPM;
+    with no SPM anywhere it takes the lease, records the capacity and writes
+    the resize notice into the master's outbox."""
+    vol = uuid.uuid4()
+    master.create_volume(vol, 64 * MiB, initial_size=8 * MiB)
+    argv = ["volume", "resize", "--domain", str(master.uuid), "--uuid", str(vol), "--host-id", str(HOST_ID)]
+
+    def sent() -> notice_codec.ResizeNotice | None:
+        with DirectFile(master.mailbox().outbox, readonly=True) as f:
+            return notice.read(f)
+
+    before = sent()
+    assert xtnd(config, *argv, "--size", "128M") == 2
+    assert f"run the command on host {SPM_HOST_ID}" in capsys.readouterr().err
+    assert master.volume_info(vol).capacity == 64 * MiB
+    assert sent() == before
+
+    spm.call("release")
+    assert xtnd(config, *argv, "--size", "128M") == 0
+    assert master.volume_info(vol).capacity == 128 * MiB
+    n = sent()
+    assert n is not None and (n.domain, n.volume, n.capacity) == (master.uuid, vol, 128 * MiB)
+    leader = master.spm_lease_leader()
+    assert leader is not None and not leader.held and leader.owner_id == HOST_ID
