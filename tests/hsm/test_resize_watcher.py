@@ -23,7 +23,7 @@ class Dom:
     def __init__(self, sizes: dict[str, int]):
         self.sizes = sizes
 
-    def blockInfo(self, drive: str) -> list[int]:  # noqa: N802 - libvirt's name
+    def blockInfo(self, drive: str) -> list[int]:
         return [self.sizes[drive], 0, 0]
 
 
