@@ -323,6 +323,7 @@ def test_hsm_restarted_while_vm_paused(
     disk = pool.thin_volume(initial=16 * MiB)
     config = pool.config(chunk_mb=16)
     config.metrics.listen = "127.0.0.1:0"  # a free port, logged by the daemon
+    config.api.udev = True
     conf = pool.write_config(config, os.path.join(workdir, "hsm.conf"))
     spm_conf = os.path.join(pool.workdir, f"spm{hsmrig.HOST_ID}.conf")  # written by spm_daemon()
 
@@ -376,6 +377,11 @@ def test_hsm_restarted_while_vm_paused(
             [drive] = report["hsm"]["drives"]
             assert drive["state"] == "extending" and drive["last_extend"] is None
             assert report["hsm"]["in_flight"] == 1
+            # The daemon serves the host API ([api] socket) and watches udev ([api] udev).
+            volume = hsmrig.volume_of(pool, disk)
+            answer = _api_get(config.api.socket, f"/v1/servers/{g.dom.UUIDString()}/volumes/{volume}")
+            assert answer == {"volume_blockdev": {"id": str(volume), "bytes": pool.volume_size(disk)}}
+            assert "watching udev for block devices that grow" in read(first)
             stopping = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             assert proc.wait(20) == 0, read(first)
@@ -413,6 +419,20 @@ def test_hsm_restarted_while_vm_paused(
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def _api_get(path: str, url: str) -> Any:
+    """GET url from the host API at unix socket path; its JSON (200 only)."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(30)
+        s.connect(path)
+        s.sendall(f"GET {url} HTTP/1.1\r\nHost: hsm\r\nConnection: close\r\n\r\n".encode())
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    head, _, body = data.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200"), data
+    return json.loads(body)
 
 
 def _progress(g: guest.Guest) -> int:
