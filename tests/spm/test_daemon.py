@@ -16,6 +16,8 @@ from collections.abc import Callable, Iterator
 
 import pytest
 from xtnd import lvm
+from xtnd.mailbox import notice
+from xtnd.mailbox.directio import DirectFile
 from xtnd.mailbox.hsm import ExtendFailed
 from xtnd.spm.control import ControlClient
 from xtnd.storage import constants as c
@@ -53,22 +55,33 @@ def test_extend_flow(pool: Pool, spm: SpmProcess) -> None:
         assert pool.lv_size(vol) == 32 * MiB
         # Exactly the max size (capacity x 1.1) is allowed.
         assert hsm.submit(pool.uuid, vol, 110 * MiB).result(timeout=60) == 112 * MiB
+        # volume resize through the daemon's socket: validation follows the
+        # new capacity at once, and the notice is in outbox block 0.
+        with pytest.raises(ExtendFailed):
+            hsm.submit(pool.uuid, vol, 125 * MiB).result(timeout=60)
+        sock = os.path.join(pool.workdir, "spm1.sock")
+        result = ControlClient(sock).call("volume_resize", domain=str(pool.uuid), uuid=str(vol), size=120 * MiB)
+        assert result["changed"] and result["volume"]["capacity"] == 120 * MiB
+        assert hsm.submit(pool.uuid, vol, 125 * MiB).result(timeout=60) == 128 * MiB
+        with DirectFile(pool.domain.mailbox().outbox, readonly=True) as f:
+            sent = notice.read(f)
+        assert sent is not None and (sent.volume, sent.capacity) == (vol, 120 * MiB)
     finally:
         hsm.stop()
     log = spm.log()
-    assert log.count("extend done result=extended") == 3
+    assert log.count("extend done result=extended") == 4
     assert log.count("extend done result=noop") == 2
     line = next(ln for ln in log.splitlines() if "extend done result=extended" in ln)
     for key in ("queue_ms=", "lock_ms=", "validate_ms=", "fence_ms=", "lvextend_ms=", "total_ms=", f"volume={vol}"):
         assert key in line
     # With the real lease, fence() (sanlock inquire + client status) runs before each lvextend.
     fences = [float(m) for m in re.findall(r"result=extended .*?fence_ms=([\d.]+)", log)]
-    assert len(fences) == 3 and all(f > 0 for f in fences)
+    assert len(fences) == 4 and all(f > 0 for f in fences)
     logging.getLogger("xtnd.tests.spm").info("fence_ms=%s", fences)
     stats = ControlClient(os.path.join(pool.workdir, "spm1.sock")).call("stats")
     assert stats["lease_held"] is True
-    assert stats["extends"]["results"]["extended"] == 3
-    assert stats["extends"]["lvextend"]["count"] == 3
+    assert stats["extends"]["results"]["extended"] == 4
+    assert stats["extends"]["lvextend"]["count"] == 4
 
 
 def test_refusals(pool: Pool, spm: SpmProcess) -> None:
