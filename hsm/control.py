@@ -97,4 +97,6 @@ def status(hsm: HSM, now: float | None = None) -> dict[str, Any]:
         "counters": dict(monitor.counters),
         "mailbox": dict(hsm.mailbox.stats),
         "drives": drives,
+        # Drives being copied to another domain (xtnd volume move).
+        "replications": [r.to_dict() for r in hsm.replicator.replicas()],
     }

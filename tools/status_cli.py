@@ -176,6 +176,14 @@ def render(report: dict[str, Any], now: float | None = None) -> str:
             if len(rows) > 1:
                 widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
                 out += ["  " + "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+            copies = hsm.get("replications") or []
+            if copies:
+                out.append("Copies to other domains:")
+                out += [
+                    f"  {c['vm_uuid']} {c['drive']} -> {c['dst_volume'][:8]}: {c['phase']}, extends src="
+                    f"{c['extends_src']} dst={c['extends_dst']}"
+                    for c in copies
+                ]
             disabled = [d for d in hsm["drives"] if d["state"] == "disabled"]
             if disabled:
                 out.append("Disabled drives:")
