@@ -112,6 +112,8 @@ class Trial:
         self.clients: list[HSMMailbox] = []
         self.processes: list[subprocess.Popen[bytes]] = []
         self.volumes: list[uuidlib.UUID] = []
+        # Guest volumes (guestrig.GuestVolume): unmapped before removal.
+        self.guest_volumes: list[Any] = []
         self.sizes_before: dict[str, int] = {}
         self.violations: list[str] = []
         self.may_die: set[str] = set()
@@ -309,6 +311,8 @@ class Trial:
             except lvm.LVMError as e:
                 self.fail(f"cannot read size of {vol}: {e}")
         history.disable()
+        for gv in self.guest_volumes:
+            gv.teardown()
         # Free the trial's space for the next trial (the SPMs are stopped).
         if self.volumes:
             vg = self.pool.domain.vg
@@ -359,6 +363,9 @@ def clean_stale() -> list[str]:
         pid = int(pid_text) if pid_text.isdigit() else 0
         if pid and _start_time(pid) == started:
             continue  # its harness still runs
+        from xtnd.tools.inject import guestrig  # libvirt: only when cleaning
+
+        guestrig.sweep(path)  # its guests and their libvirtd hold loop devices
         loops.detach_stale(_under(path))
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
@@ -379,6 +386,7 @@ class Rig:
         self._stack = contextlib.ExitStack()
         self.workdir = ""
         self.pool: Pool
+        self._guests: Any = None
 
     def __enter__(self) -> Rig:
         why = sanlockd.missing()
@@ -410,6 +418,17 @@ class Rig:
             self._stack.close()
             raise
         return self
+
+    def guests(self) -> Any:
+        """The run's guest rig (guestrig.GuestRig: private libvirtd, guest
+        kernel), built on first use, torn down with the rig."""
+        if self._guests is None:
+            from xtnd.tools.inject import guestrig  # libvirt: only for guest scenarios
+
+            progress("starting a private libvirtd for guests")
+            self._guests = guestrig.GuestRig(self.workdir)
+            self._stack.callback(self._guests.close)
+        return self._guests
 
     def _detach_own(self) -> None:
         """Hosts' own PV devices and the LV mappings over them."""

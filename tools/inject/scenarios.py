@@ -28,6 +28,7 @@ from xtnd.mailbox.directio import DirectFile
 from xtnd.mailbox.hsm import ExtendFailed
 from xtnd.spm.control import ControlClient
 from xtnd.storage import constants as c
+from xtnd.tools.inject import scen_guest
 from xtnd.tools.inject.harness import Trial, alive, descendants
 from xtnd.tools.rig import loops, spmd
 from xtnd.tools.rig.spmd import EXTENT, IO_TIMEOUT, MiB
@@ -45,6 +46,8 @@ class Scenario:
     func: Callable[[Trial], None]
     # Long (minutes per trial): left out of the default test run's short form.
     long: bool = False
+    # Needs real guests (xtnd.tools.inject.guestrig): run together in the tests.
+    guests: bool = False
 
     @property
     def summary(self) -> str:
@@ -473,4 +476,5 @@ SCENARIOS = [
     Scenario("old-vdsm", old_vdsm),
     Scenario("crash-after-lvextend", crash_after_lvextend),
 ]
+SCENARIOS += [Scenario(name, func, long=long, guests=True) for name, func, long in scen_guest.SCENARIOS]
 BY_NAME = {s.name: s for s in SCENARIOS}

@@ -34,7 +34,7 @@ from xtnd.mailbox.directio import DirectFile
 from xtnd.mailbox.spm import Request, SPMConfig, SPMMailbox
 from xtnd.storage import constants as storage_constants
 from xtnd.tools.rig import loops, spmd
-from xtnd.tools.rig.sanlockd import SanlockDaemon
+from xtnd.tools.rig.sanlockd import SanlockDaemon, die_with_parent
 from xtnd.tools.rig.wait import Timeout
 
 MiB = 1024**2
@@ -262,7 +262,8 @@ class NamespacedLibvirtd:
                 "sh",
                 "-c",
                 f"{mounts}; echo 'stdio_handler = \"file\"' >/etc/libvirt/qemu.conf; touch {ready}; exec sleep 86400",
-            ]
+            ],
+            preexec_fn=die_with_parent,
         )
         deadline = time.monotonic() + 10
         while not os.path.exists(ready):
@@ -286,6 +287,7 @@ class NamespacedLibvirtd:
                 ["nsenter", "-t", str(self.holder.pid), "-m", "libvirtd", "-f", self.conf, "-p", self.pidfile],
                 stdout=out,
                 stderr=subprocess.STDOUT,
+                preexec_fn=die_with_parent,
             )
         import socket as socketlib
 
