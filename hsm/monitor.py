@@ -529,7 +529,13 @@ class Monitor:
     def _check(self, vm: VM, t: Tracked, trigger: str, since: float) -> None:
         d = t.drive
         dom = self._dom(vm.uuid)
-        st = stats.parse(self._connection.get().domainListGetStats([dom], _STATS_FLAGS, _STATS_ALL)[0][1])
+        found = self._connection.get().domainListGetStats([dom], _STATS_FLAGS, _STATS_ALL)
+        if not found:
+            # It stopped since the check was scheduled (libvirt lists only
+            # running domains): its stop event drops it.
+            log.debug("vm gone before its check vm=%s drive=%s", vm.name, d.name)
+            return
+        st = stats.parse(found[0][1])
         block = st.blocks.get(d.name)
         if block is None:
             return

@@ -200,6 +200,21 @@ def test_stats_pass_catches_missed_threshold(make: object) -> None:
     assert rig.conn.bulk_calls == 1
 
 
+def test_check_of_a_vm_that_just_stopped(make: object, caplog: pytest.LogCaptureFixture) -> None:
+    """A check scheduled before the VM stopped: libvirt lists no stats for a
+    stopped domain, and the check ends quietly (found by xtnd inject: a
+    guest powering off right after a threshold)."""
+    disk = FakeDisk("vda", physical=16 * MiB, allocation=1 * MiB)
+    dom = FakeDomain("vm", disk)
+    rig = make(dom)  # type: ignore[operator]
+    rig.conn.domainListGetStats = lambda doms, stats, flags: []
+    caplog.set_level("DEBUG", "xtnd.hsm")
+    rig.monitor.block_threshold(dom, "vda[1]", disk.path, 3 * MiB, 2 * MiB)
+    assert rig.spm.requests == []
+    assert not [r for r in caplog.records if r.levelname in ("ERROR", "WARNING")]
+    assert any("vm gone before its check" in r.message for r in caplog.records)
+
+
 def test_reconnect_rearms(make: object) -> None:
     disk = FakeDisk("vda")
     dom = FakeDomain("vm", disk)
