@@ -15,7 +15,7 @@ import sys
 import pytest
 from xtnd import lvm
 from xtnd.tools.inject import harness, scenarios
-from xtnd.tools.rig import loops, sanlockd
+from xtnd.tools.rig import guest, loops, sanlockd
 from xtnd.tools.rig.wait import wait_for
 
 XTND = [sys.executable, "-m", "xtnd.tools.cli"]
@@ -53,8 +53,10 @@ def test_bad_usage() -> None:
     assert out.returncode == 2 and "Traceback" not in out.stderr
 
 
-SHORT = [s.name for s in scenarios.SCENARIOS if not s.long]
+SHORT = [s.name for s in scenarios.SCENARIOS if not s.long and not s.guests]
 LONG = [s.name for s in scenarios.SCENARIOS if s.long]
+# Scenarios with real guests: run together (one private libvirtd, one rig).
+GUESTS = [s.name for s in scenarios.SCENARIOS if s.guests and not s.long]
 
 # Scenarios that fail for a known product bug not fixed yet, with the
 # bug (none now: spm-stop found the stall guard's false loss after a freeze,
@@ -80,6 +82,82 @@ def test_short_scenarios() -> None:
     assert rc == (1 if known_failed else 0)
     if known_failed:
         pytest.xfail("; ".join(f"{n}: {by_name[n].get('reason')} (known: {KNOWN[n]})" for n in known_failed))
+
+
+def _need_guests() -> None:
+    _need_rig()
+    try:
+        guest.build_rig()
+    except guest.RigUnavailable as e:
+        pytest.skip(f"guest rig unavailable: {e}")
+
+
+def _check_short(names: list[str], rc: int, report: dict[str, object], err: str) -> None:
+    by_name = {s["scenario"]: s for s in report["scenarios"]}  # type: ignore[attr-defined]
+    assert sorted(by_name) == sorted(names)
+    for name, s in by_name.items():
+        assert s["trials"] == 1 and s["verdict"] == "pass", f"{name}: {s.get('reason')}\n{err[-3000:]}"
+        assert s["sent"] >= 1 and s["answered"] == s["sent"] and s["lost"] == 0, s
+    assert rc == 0
+
+
+@pytest.mark.timeout(600)
+def test_guest_scenarios() -> None:
+    """The scenarios with real guests (7: HSM killed while its VM is paused
+    on ENOSPC; 11, paused half: full VG; 14: libvirtd restarted), one trial
+    each, in one run: one private libvirtd, guests booted per trial."""
+    _need_guests()
+    rc, report, err = run(*GUESTS, "--seed", "1")
+    _check_short(GUESTS, rc, report, err)
+
+
+@pytest.mark.soak
+@pytest.mark.timeout(3600)
+def test_guest_scenarios_trials() -> None:
+    """Every variant of the guest scenarios: 5 trials each."""
+    _need_guests()
+    rc, report, err = run(*GUESTS, "--trials", "5", "--seed", "2", timeout=3600)
+    assert report["verdict"] == "pass", err[-3000:]
+    assert rc == 0
+
+
+def _qemus_under(path: str) -> list[int]:
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                argv = f.read()
+        except OSError:
+            continue
+        if b"qemu-system" in argv.split(b"\0")[0] and (path + "/").encode() in argv:
+            found.append(int(pid))
+    return found
+
+
+def test_guests_of_a_killed_harness_are_swept(tmp_path: object) -> None:
+    """A harness killed outright (SIGKILL) while its guest runs leaves the
+    QEMU process (libvirtd starts it detached); the next run kills it and
+    removes the rig."""
+    _need_guests()
+    err_path = os.path.join(str(tmp_path), "err")
+    with open(err_path, "w") as err:
+        proc = subprocess.Popen([*XTND, "inject", "libvirtd-restart"], stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        def booted() -> bool:
+            with open(err_path) as f:
+                return "started on volume" in f.read()
+
+        wait_for(booted, timeout=180, interval=0.05, what="a guest to start")
+        with open(err_path) as f:
+            rig = _rig_dir(f.read())
+        wait_for(lambda: _qemus_under(rig), timeout=30, what="its QEMU process")
+    finally:
+        proc.kill()
+        proc.wait()
+    assert _qemus_under(rig), "the guest died with the harness: nothing to sweep"
+    assert rig in harness.clean_stale()
+    assert not _qemus_under(rig)
+    assert not os.path.exists(rig) and not _loops_under(rig)
 
 
 @pytest.mark.soak

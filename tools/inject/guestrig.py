@@ -125,19 +125,29 @@ def _cmdline(pid: str) -> bytes:
         return b""
 
 
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(") ", 1)[-1][:1] not in ("Z", "X")
+    except OSError:
+        return False
+
+
 def sweep(path: str) -> list[int]:
     """SIGKILL every process whose command line names path (a rig's folder):
     the QEMU processes and the libvirtd of a rig whose harness died."""
     needle = (path.rstrip("/") + "/").encode()
-    killed = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        if int(pid) != os.getpid() and needle in _cmdline(pid):
+    killed: list[int] = []
+    for entry in filter(str.isdigit, os.listdir("/proc")):
+        if int(entry) != os.getpid() and needle in _cmdline(entry):
             with contextlib.suppress(OSError):
-                os.kill(int(pid), signal.SIGKILL)
-                killed.append(int(pid))
-    for pid in killed:
-        with contextlib.suppress(Exception):
-            wait_for(lambda p=pid: not _cmdline(str(p)), timeout=10, interval=0.02, what=f"pid {p} to exit")
+                os.kill(int(entry), signal.SIGKILL)
+                killed.append(int(entry))
+    # Gone or a zombie: its files (loop devices, the volumes) are closed
+    # (an empty cmdline comes earlier, before the files are closed).
+    with contextlib.suppress(Exception):
+        wait_for(lambda: not any(_running(pid) for pid in killed), timeout=10, interval=0.02,
+                 what=f"pids {killed} to exit")
     if killed:
         log.warning("killed processes of a dead rig under %s: %s", path, killed)
     return killed
@@ -197,8 +207,9 @@ class HsmDaemon:
         self.name = ""
         self.killed: set[int] = set()
 
-    def start(self) -> subprocess.Popen[bytes]:
-        """Start it and wait until it is connected to libvirt."""
+    def start(self, wait: bool = True) -> subprocess.Popen[bytes]:
+        """Start it; wait until it is connected to libvirt unless wait is False
+        (then call wait_connected())."""
         self.starts += 1
         self.name = "hsm1" if self.starts == 1 else f"hsm1.{self.starts - 1}"
         t = self.trial
@@ -208,7 +219,13 @@ class HsmDaemon:
             self.proc = t.rig.hosts[0].popen([sys.executable, "-m", "xtnd.tools.cli", "hsm", "--config", self.config],
                                              env=env, stdout=out, stderr=subprocess.STDOUT)
         t.processes.append(self.proc)
-        proc = self.proc
+        if wait:
+            self.wait_connected()
+        return self.proc
+
+    def wait_connected(self) -> None:
+        proc, t = self.proc, self.trial
+        assert proc is not None
 
         def connected() -> bool:
             if proc.poll() is not None:
@@ -216,7 +233,6 @@ class HsmDaemon:
             return "connected to libvirt" in t.log_of(self.name)
 
         wait_for(connected, timeout=60, interval=0.05, what=f"{self.name} connected to libvirt")
-        return proc
 
     def log(self) -> str:
         return self.trial.log_of(self.name)

@@ -25,7 +25,7 @@ import time
 import uuid as uuidlib
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from xtnd import lvm
 from xtnd.common import history
@@ -35,6 +35,9 @@ from xtnd.tools.inject import checker
 from xtnd.tools.rig import loops, sanlockd
 from xtnd.tools.rig.spmd import EXTENT, MiB, Pool, SpmProcess
 from xtnd.tools.rig.wait import wait_for
+
+if TYPE_CHECKING:
+    from xtnd.tools.inject.guestrig import GuestRig
 
 log = logging.getLogger("xtnd.inject")
 
@@ -386,7 +389,7 @@ class Rig:
         self._stack = contextlib.ExitStack()
         self.workdir = ""
         self.pool: Pool
-        self._guests: Any = None
+        self._guests: GuestRig | None = None
 
     def __enter__(self) -> Rig:
         why = sanlockd.missing()
@@ -419,7 +422,7 @@ class Rig:
             raise
         return self
 
-    def guests(self) -> Any:
+    def guests(self) -> GuestRig:
         """The run's guest rig (guestrig.GuestRig: private libvirtd, guest
         kernel), built on first use, torn down with the rig."""
         if self._guests is None:

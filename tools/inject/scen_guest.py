@@ -134,14 +134,16 @@ def hsm_kill_paused(t: Trial) -> None:
     run_dir = _run_dir(t)
     # The operator's volume (16 MiB) never fills.
     full, held = _volumes(t, run_dir, 8 * MiB, 16 * MiB)
-    if variant == "extend-in-flight":
-        t.spm(1, config=SPM_CONFIG)
+    # The daemons start while the guests boot.
+    spm = t.spm(1, config=SPM_CONFIG, wait=False) if variant == "extend-in-flight" else None
     hsm = HsmDaemon(t, run_dir, chunk_mb=8, utilization=100)
-    hsm.start()
+    hsm.start(wait=False)
     write_mb = 12
     with _guests(t) as start, contextlib.ExitStack() as lock:
         user = start(held, guest.Workload(write_mb=2, rate=1, hold=True))
-        if variant == "extend-in-flight":
+        hsm.wait_connected()
+        if spm is not None:
+            spm.proc.wait_serving(timeout=120)
             # Writers of the VG wait (the SPM's lvextend); readers do not.
             lock.enter_context(spmd.vg_locked(str(t.pool.uuid), shared=True))
         paused = start(full, guest.Workload(write_mb=write_mb))
@@ -206,19 +208,23 @@ def vg_full_guests(t: Trial) -> None:
         free = t.pool.free_extents()
         if free:
             rest = _filler(t, free * EXTENT)
-        t.spm(1, config=SPM_CONFIG)
+        spm = t.spm(1, config=SPM_CONFIG, wait=False)
         hsm = HsmDaemon(t, run_dir, chunk_mb=8, utilization=50)
-        hsm.start()
-        write_mb = 16
+        hsm.start(wait=False)
+        write_mb = 12
         with _guests(t) as start:
             t.inject("two guests writing into a full VG")
             guests = [start(vol, guest.Workload(write_mb=write_mb)) for vol in vols]
+            hsm.wait_connected()
+            spm.proc.wait_serving(timeout=120)
             for g in guests:
                 g.wait_state(*PAUSED_ENOSPC, timeout=GUEST_TIMEOUT)
             for vol in vols:
-                wait_for(lambda v=vol: any("no free space" in str(e.get("reason")) for e in
-                                           _events(t, "done", volume=v.uuid)),
-                         timeout=30, interval=0.05, what=f"a 'no free space' refusal for {vol.uuid}")
+
+                def refused(v: GuestVolume = vol) -> bool:
+                    return any("no free space" in str(e.get("reason")) for e in _events(t, "done", volume=v.uuid))
+
+                wait_for(refused, timeout=30, interval=0.05, what=f"a 'no free space' refusal for {vol.uuid}")
                 t.expect(t.pool.lv_size(vol.uuid) == 8 * MiB, f"{vol.uuid} changed although the VG is full")
             t.inject("the fillers next to the guest volumes removed")
             for filler in fillers:
@@ -238,7 +244,7 @@ def vg_full_guests(t: Trial) -> None:
 def libvirtd_restart(t: Trial) -> None:
     """libvirtd SIGKILLed and restarted under a running HSM while its guest crosses a threshold.
 
-    The guest writes steadily (3 MiB/s, 8 MiB chunks with 4 MiB of
+    The guest writes steadily (4 MiB/s, 8 MiB chunks with 4 MiB of
     headroom); libvirtd is killed before the guest crosses its next
     threshold and started again after it crossed (the event is lost), or
     killed while the extend for a crossing is in flight (the HSM cannot
@@ -253,16 +259,18 @@ def libvirtd_restart(t: Trial) -> None:
     t.phase(f"variant {variant}")
     run_dir = _run_dir(t)
     [vol] = _volumes(t, run_dir, 16 * MiB)
-    t.spm(1, config=SPM_CONFIG)
+    spm = t.spm(1, config=SPM_CONFIG, wait=False)
     hsm = HsmDaemon(t, run_dir, chunk_mb=8, utilization=50)
-    hsm.start()
+    hsm.start(wait=False)
     rig = t.rig.guests()
-    write_mb = 32
+    write_mb = 20
     with _guests(t) as start:
-        g = start(vol, guest.Workload(write_mb=write_mb, rate=3))
+        g = start(vol, guest.Workload(write_mb=write_mb, rate=4))
+        hsm.wait_connected()
+        spm.proc.wait_serving(timeout=120)
         if variant == "threshold-while-down":
             # The first threshold is at 12 MiB of allocation (16 - 4).
-            wait_for(lambda: _progress(g) >= 6, timeout=GUEST_TIMEOUT, interval=0.05, what="guest past 6 MiB")
+            wait_for(lambda: _progress(g) >= 3, timeout=GUEST_TIMEOUT, interval=0.05, what="guest past 3 MiB")
         else:
             wait_for(lambda: _events(t, "sent", volume=vol.uuid), timeout=GUEST_TIMEOUT, interval=0.02,
                      what="an extend request")
