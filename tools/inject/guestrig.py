@@ -190,6 +190,9 @@ class HsmDaemon:
         c.host.run_dir = run_dir
         c.host.control_socket = ""
         c.metrics.listen = ""
+        c.api.socket = ""  # several HSMs on one machine: no fixed socket
+        # Fixed chunks: the scenarios size their volumes' room by them.
+        c.thin.policy = "fixed"
         c.thin.chunk_mb = chunk_mb
         c.thin.utilization_percent = utilization
         c.monitor.stats_interval = 0.5
