@@ -97,6 +97,9 @@ class Drive:
     write_rate: float = 0.0
     rate_at: float | None = None
     rate_allocation: int = 0
+    # How far past its threshold the guest was when the last events came
+    # (bytes): its write size plus the event's delay. Halves at each event.
+    burst: int = 0
 
     @property
     def target(self) -> str:
@@ -122,10 +125,21 @@ class Drive:
             self.write_rate = sizing.write_rate(self.write_rate, self.rate_at, self.rate_allocation, now, allocation)
             self.rate_at, self.rate_allocation = now, allocation
 
+    def saw_excess(self, excess: int) -> None:
+        """A block-threshold event said the guest was excess bytes past it."""
+        self.burst = max(excess, self.burst // 2)
+
     def decide(self, config: sizing.SizingConfig, latency: float = 0.0) -> sizing.Decision:
         """The sizing decision now, for an extend latency of latency seconds."""
         return sizing.decide(
-            self.capacity, self.allocation, self.physical, config, self.replicating, self.write_rate, latency
+            self.capacity,
+            self.allocation,
+            self.physical,
+            config,
+            self.replicating,
+            self.write_rate,
+            latency,
+            self.burst,
         )
 
     def arm(self, threshold: int) -> None:

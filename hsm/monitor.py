@@ -219,7 +219,9 @@ class Monitor:
         chunk = self.config.sizing.chunk
         with self._lock:
             drives = [(vm.name, name, t.drive) for vm in self._vms.values() for name, t in vm.drives.items()]
-            return [(vm, name, d.write_rate, chunk(d.replicating, d.write_rate, latency)) for vm, name, d in drives]
+            return [
+                (vm, name, d.write_rate, chunk(d.replicating, d.write_rate, latency, d.burst)) for vm, name, d in drives
+            ]
 
     def vm_names(self) -> dict[str, str]:
         """VM uuid -> name of every monitored VM."""
@@ -294,6 +296,11 @@ class Monitor:
         now = self._clock()
         name = dev.partition("[")[0]
         log.info("threshold crossed vm=%s target=%s threshold=%d excess=%d", dom.name(), dev, threshold, excess)
+        with self._lock:
+            vm = self._vms.get(dom.UUIDString())
+            t = vm.drives.get(name) if vm else None
+            if t is not None:
+                t.drive.saw_excess(excess)
         self._submit(self._check_job, dom.UUIDString(), name, THRESHOLD, now)
 
     def io_error(self, dom: Any, src_path: str, dev_alias: str, action: int, reason: str) -> None:
@@ -634,7 +641,9 @@ class Monitor:
             if t.pending is None:
                 t.pending = (RECHECK, self._clock())
         # The next threshold keeps the headroom of the chunk just chosen.
-        threshold = sizing.threshold(size, self.config.sizing, d.replicating, d.write_rate, self.extend_latency())
+        threshold = sizing.threshold(
+            size, self.config.sizing, d.replicating, d.write_rate, self.extend_latency(), d.burst
+        )
         try:
             self._arm(dom, t, threshold)
         except libvirt.libvirtError as e:

@@ -6,7 +6,9 @@ SPM round trip and the refresh finish before the guest fills the rest:
 
     chunk      = chunk_mb MiB (policy fixed), or with policy adaptive
                  max(chunk_mb MiB, need * 100 / (100 - utilization_percent))
-                 where need = write rate x extend latency x safety_factor,
+                 where need = (write rate x extend latency + burst)
+                 x safety_factor and burst is how far past the threshold
+                 the guest already was when its event arrived,
                  capped by max_chunk_mb; then doubled while the disk is
                  replicated to another domain (both sides must keep up)
     watermark  = chunk * (100 - utilization_percent) / 100
@@ -15,7 +17,7 @@ SPM round trip and the refresh finish before the guest fills the rest:
     next size  = min(round_up(physical + chunk, 1 MiB), max size)
 
 A drive at max size needs nothing more. An allocation beyond the next size
-cannot come from a healthy image (qcow2 allocates in clusters at the end
+(with the floor chunk) cannot come from a healthy image (qcow2 allocates in clusters at the end
 of the file, a chunk at a time is far ahead): it is refused, so a corrupt
 image cannot ask for unbounded space.
 
@@ -82,12 +84,13 @@ class SizingConfig:
         if not self.safety_factor >= 1:
             raise ValueError(f"safety_factor must be at least 1, got {self.safety_factor}")
 
-    def chunk(self, replicating: bool = False, rate: float = 0.0, latency: float = 0.0) -> int:
+    def chunk(self, replicating: bool = False, rate: float = 0.0, latency: float = 0.0, burst: int = 0) -> int:
         """Bytes of one extend for a guest writing rate bytes/s when an
-        extend takes latency seconds (both ignored by the fixed policy)."""
+        extend takes latency seconds and the guest is burst bytes past
+        the threshold when we hear of it (all ignored by the fixed policy)."""
         size = self.chunk_mb * MiB
-        if self.policy == ADAPTIVE and rate > 0 and latency > 0:
-            need = rate * latency * self.safety_factor
+        need = (rate * latency + burst) * self.safety_factor
+        if self.policy == ADAPTIVE and need > 0:
             # The watermark is (100 - u)% of the chunk: size the chunk so
             # that the watermark covers need (with u = 100 there is no
             # watermark by choice: the chunk alone covers need).
@@ -96,8 +99,8 @@ class SizingConfig:
             size = max(size, min(wanted, self.max_chunk_mb * MiB))
         return replicated(size, replicating)
 
-    def watermark(self, replicating: bool = False, rate: float = 0.0, latency: float = 0.0) -> int:
-        return self.chunk(replicating, rate, latency) * (100 - self.utilization_percent) // 100
+    def watermark(self, replicating: bool = False, rate: float = 0.0, latency: float = 0.0, burst: int = 0) -> int:
+        return self.chunk(replicating, rate, latency, burst) * (100 - self.utilization_percent) // 100
 
 
 def replicated(chunk: int, replicating: bool) -> int:
@@ -127,10 +130,15 @@ def write_rate(
 
 
 def threshold(
-    physical: int, config: SizingConfig, replicating: bool = False, rate: float = 0.0, latency: float = 0.0
+    physical: int,
+    config: SizingConfig,
+    replicating: bool = False,
+    rate: float = 0.0,
+    latency: float = 0.0,
+    burst: int = 0,
 ) -> int:
     """The write offset at which libvirt should tell us to extend."""
-    return max(1, physical - config.watermark(replicating, rate, latency))
+    return max(1, physical - config.watermark(replicating, rate, latency, burst))
 
 
 def next_size(
@@ -140,8 +148,9 @@ def next_size(
     replicating: bool = False,
     rate: float = 0.0,
     latency: float = 0.0,
+    burst: int = 0,
 ) -> int:
-    return min(round_up(physical + config.chunk(replicating, rate, latency), MiB), max_size(capacity))
+    return min(round_up(physical + config.chunk(replicating, rate, latency, burst), MiB), max_size(capacity))
 
 
 class Action(enum.Enum):
@@ -171,15 +180,20 @@ def decide(
     replicating: bool = False,
     rate: float = 0.0,
     latency: float = 0.0,
+    burst: int = 0,
 ) -> Decision:
     """What to do with a drive given its current sizes in bytes, the
-    guest's write rate (bytes/s) and the extend latency (seconds)."""
+    guest's write rate (bytes/s), the extend latency (seconds) and its
+    burst (bytes, see SizingConfig.chunk)."""
     limit = max_size(capacity)
-    chunk = config.chunk(replicating, rate, latency)
+    chunk = config.chunk(replicating, rate, latency, burst)
     new_size = min(round_up(physical + chunk, MiB), limit)
     watermark = chunk * (100 - config.utilization_percent) // 100
     mark = max(1, physical - watermark)
-    if allocation > new_size:
+    # Improbable is judged against the floor: a healthy image never gets
+    # past its device, and a jump in allocation must not widen its own bound
+    # by raising the estimated rate.
+    if allocation > min(round_up(physical + config.chunk(replicating), MiB), limit):
         action = Action.IMPROBABLE
     elif physical >= limit:
         action = Action.AT_MAX

@@ -2,6 +2,8 @@
 
     xtnd hsm bench [--json] [--extends 8] [--pauses 8] [--rate-chunk-mb 1] [--rates 1,2,3,0]
                    [--spm daemon|inprocess]
+    xtnd hsm bench --policy fixed,adaptive [--json] [--policy-chunk-mb 2] [--policy-write-mb 48]
+                   [--max-chunk-mb 64]
 
 Needs root: it builds the guest rig (xtnd.tools.rig.guest, a TCG guest
 writing a known pattern, from Debian packages tools/run.sh installs), a
@@ -21,6 +23,15 @@ this process against the machine's libvirtd. Three runs, one guest each:
    rate in ``--rates`` (MiB/s, 0 = as fast as the guest can): the highest
    rate whose guest never paused. TCG guests write at most ~3.5 MiB/s
    here, so the chunk must be tiny for a limit to show.
+
+With ``--policy`` it runs only the sizing policy comparison instead: the
+same guest writing ``--policy-write-mb`` as fast as it can, once per policy,
+with a small floor (``--policy-chunk-mb``, 20% utilization) and the cap
+``--max-chunk-mb``; per policy the ENOSPC pauses and seconds paused (from
+lifecycle events), the pauses after the first extend, the extends, the
+largest chunk chosen and the over-allocation when the guest is done
+(physical minus allocation). Its JSON holds ``policies``: one object per
+policy keyed by its name.
 
 Each phase prints the completion lines' phase breakdown (p50/p99 of wait,
 extend, refresh, resume). ``--json`` prints one JSON object instead. The
@@ -85,6 +96,8 @@ class Lifecycle:
         self.conn = conn
         self.paused: dict[str, list[float]] = {}
         self.pauses: dict[str, list[float]] = {}
+        # name -> (paused at, resumed at) of every finished pause.
+        self.spans: dict[str, list[tuple[float, float]]] = {}
         self._id = conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._event, None)
 
     def _event(self, conn: Any, dom: Any, event: int, detail: int, _: Any) -> None:
@@ -94,7 +107,9 @@ class Lifecycle:
         if event == lv.VIR_DOMAIN_EVENT_SUSPENDED and detail == lv.VIR_DOMAIN_EVENT_SUSPENDED_IOERROR:
             self.paused.setdefault(name, []).append(now)
         elif event == lv.VIR_DOMAIN_EVENT_RESUMED and self.paused.get(name):
-            self.pauses.setdefault(name, []).append(now - self.paused[name].pop())
+            began = self.paused[name].pop()
+            self.pauses.setdefault(name, []).append(now - began)
+            self.spans.setdefault(name, []).append((began, now))
 
     def count(self, name: str) -> int:
         return len(self.pauses.get(name, [])) + len(self.paused.get(name, []))
@@ -248,6 +263,119 @@ class Bench:
         }
 
 
+# Sizing policy comparison (--policy): kept apart from the latency phases.
+
+
+def policy_guest(bench: Bench, pool: Any, policy: str) -> dict[str, Any]:
+    """One guest writing as fast as it can under an HSM with this policy."""
+    from xtnd.hsm.daemon import HSM
+    from xtnd.hsm.drive import State
+
+    args = bench.args
+    records: list[ExtendRecord] = []
+    lock = threading.Lock()
+
+    def on_extend(r: ExtendRecord) -> None:
+        with lock:
+            records.append(r)
+
+    disk = pool.thin_volume(initial=args.policy_initial_mb * MiB)
+    config = pool.config(chunk_mb=args.policy_chunk_mb, utilization_percent=args.policy_utilization, policy=policy)
+    config.thin.max_chunk_mb = args.max_chunk_mb
+    config.lvm.shell = args.lvm == "shell"
+    # hold: the guest stays up when done, so its final sizes can be read.
+    workload = bench.guest.Workload(write_mb=args.policy_write_mb, rate=0, verify=False, hold=True)
+    hsm = HSM(config, event_loop=bench.events, on_extend=on_extend, hold_host_id=False)
+    hsm.start()
+    try:
+        hsm.connection.wait_connected(30)
+        with bench.guest.guest(bench.conn, bench.rig, disk, workload, bench.workdir) as g:
+            g.start()
+            g.wait_console("XTND-START", timeout=120)
+            start = time.monotonic()
+            g.wait_console("XTND-WRITE-DONE", timeout=600)
+            elapsed = time.monotonic() - start
+            # Over-allocation once the HSM is done with what the guest wrote.
+            deadline = time.monotonic() + 30
+            idle = threading.Event()
+            while not idle.is_set() and time.monotonic() < deadline:
+                busy = [
+                    d for vm in hsm.monitor.snapshot().values() for d in vm.values()
+                    if d.state in (State.EXCEEDED, State.EXTENDING)
+                ]  # fmt: skip
+                if not busy:
+                    idle.set()
+                else:
+                    idle.wait(0.1)
+            _, allocation, physical = g.dom.blockInfo("vda")
+            name = g.name
+    finally:
+        hsm.stop()
+        bench._remove(pool, disk)
+    spans = bench.lifecycle.spans.get(name, [])
+    open_pauses = bench.lifecycle.paused.get(name, [])
+    first_done = min((r.t_done for r in records), default=float("inf"))
+    paused_s = sum(end - began for began, end in spans) + sum(time.monotonic() - t for t in open_pauses)
+    return {
+        "policy": policy,
+        "chunk_mb": args.policy_chunk_mb,
+        "max_chunk_mb": args.max_chunk_mb,
+        "utilization_percent": args.policy_utilization,
+        "write_mb": args.policy_write_mb,
+        "achieved_mbs": round(args.policy_write_mb / elapsed, 2) if elapsed > 0 else 0.0,
+        "pauses": len(spans) + len(open_pauses),
+        "paused_s": round(paused_s, 2),
+        "pauses_after_first_extend": sum(1 for began, _ in spans if began > first_done)
+        + sum(1 for t in open_pauses if t > first_done),
+        "extends": len(records),
+        "largest_chunk_mb": max((r.chunk for r in records), default=0) // MiB,
+        "largest_extend_mb": max((r.new_size - r.old_size for r in records), default=0) // MiB,
+        "peak_rate_mbs": round(max((r.rate for r in records), default=0.0) / MiB, 2),
+        "physical_mb": round(physical / MiB, 1),
+        "allocation_mb": round(allocation / MiB, 1),
+        "overallocation_mb": round((physical - allocation) / MiB, 1),
+    }
+
+
+def compare_policies(bench: Bench, pool: Any) -> dict[str, Any]:
+    a = bench.args
+    out: dict[str, Any] = {}
+    for policy in a.policy:
+        bench.say(
+            f"policy {policy}: floor {a.policy_chunk_mb} MiB at {a.policy_utilization}%, cap {a.max_chunk_mb} MiB, "
+            f"guest writing {a.policy_write_mb} MiB as fast as it can"
+        )
+        out[policy] = policy_guest(bench, pool, policy)
+    return out
+
+
+def _print_policies(result: dict[str, Any]) -> None:
+    print(
+        f"\n{'policy':<10} {'pauses':>6} {'paused_s':>9} {'after 1st':>9} {'extends':>7} {'max chunk':>9} "
+        f"{'overalloc':>9} {'MiB/s':>6}"
+    )
+    for name, p in result["policies"].items():
+        print(
+            f"{name:<10} {p['pauses']:>6} {p['paused_s']:>9.2f} {p['pauses_after_first_extend']:>9} "
+            f"{p['extends']:>7} {p['largest_chunk_mb']:>6} MiB {p['overallocation_mb']:>5.1f} MiB "
+            f"{p['achieved_mbs']:>6.2f}"
+        )
+    print(
+        f"\n{result['duration_s']} s (SPM: {result['spm']}, HSM LVM: {result['lvm']}, "
+        f"load {result['load_before']} -> {result['load_after']})"
+    )
+
+
+def _policies(text: str) -> list[str]:
+    from xtnd.hsm.sizing import POLICIES
+
+    names = [x.strip() for x in text.split(",") if x.strip()]
+    bad = [n for n in names if n not in POLICIES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(f"policies are {', '.join(POLICIES)}; got {text!r}")
+    return names
+
+
 def _run(args: argparse.Namespace) -> int:
     if os.geteuid() != 0:
         print("xtnd hsm bench: needs root (LVM, loop devices, libvirt)", file=sys.stderr)
@@ -265,11 +393,14 @@ def _run(args: argparse.Namespace) -> int:
         try:
             with bench.hsmrig.pool(workdir) as pool, bench.spm(pool):
                 started = time.monotonic()
-                result["threshold"] = bench.threshold(pool)
-                result["enospc"] = bench.enospc(pool)
-                if args.rates:
-                    result["rate"] = bench.rate(pool)
-                result["estimate"] = _estimate(result, args)
+                if args.policy:
+                    result["policies"] = compare_policies(bench, pool)
+                else:
+                    result["threshold"] = bench.threshold(pool)
+                    result["enospc"] = bench.enospc(pool)
+                    if args.rates:
+                        result["rate"] = bench.rate(pool)
+                    result["estimate"] = _estimate(result, args)
                 result["duration_s"] = round(time.monotonic() - started, 1)
                 result["load_after"] = _loadavg()
         finally:
@@ -277,6 +408,8 @@ def _run(args: argparse.Namespace) -> int:
     if args.json:
         json.dump(result, sys.stdout)
         print()
+    elif "policies" in result:
+        _print_policies(result)
     else:
         _print(result)
     return 0
@@ -393,4 +526,15 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--lvm", choices=["shell", "process"], default="shell", help="the HSM's LVM: [lvm] shell true or false"
     )
+    p.add_argument(
+        "--policy",
+        type=_policies,
+        default=[],
+        help="compare sizing policies instead, e.g. fixed,adaptive (one guest each, writing as fast as it can)",
+    )
+    p.add_argument("--policy-chunk-mb", type=int, default=2, help="--policy: chunk_mb, the floor (default 2)")
+    p.add_argument("--policy-write-mb", type=int, default=48, help="--policy: MiB each guest writes (default 48)")
+    p.add_argument("--policy-initial-mb", type=int, default=4, help="--policy: initial volume size (default 4)")
+    p.add_argument("--policy-utilization", type=int, default=20, help="--policy: utilization_percent (default 20)")
+    p.add_argument("--max-chunk-mb", type=int, default=64, help="--policy: max_chunk_mb, the cap (default 64)")
     p.set_defaults(func=_run)

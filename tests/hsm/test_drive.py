@@ -124,3 +124,12 @@ def test_drive_decide_uses_its_rate() -> None:
     d.update(GiB, 10 * MiB, 16 * MiB, now=1.0)
     assert d.decide(config).chunk == 2 * MiB  # no latency known yet
     assert d.decide(config, latency=0.5).chunk == 13 * MiB
+
+
+def test_drive_burst_halves_per_event() -> None:
+    d = Drive("vm", "vda", 1, "/p", "dom", "vol")
+    d.saw_excess(4 * MiB)
+    d.saw_excess(1 * MiB)
+    assert d.burst == 2 * MiB
+    d.saw_excess(0)
+    assert d.burst == 1 * MiB

@@ -219,3 +219,16 @@ def test_config_rejects_bad_policy_options() -> None:
         SizingConfig(max_chunk_mb=0)
     with pytest.raises(ValueError, match="safety_factor"):
         SizingConfig(safety_factor=0.5)
+
+
+def test_adaptive_burst_widens_the_headroom() -> None:
+    # The guest was already 1 MiB past the threshold when its event came:
+    # (1 MiB/s x 0.2 s + 1 MiB) x 2 = 2.4 MiB kept free, chunk 3 MiB.
+    assert ADAPTIVE.chunk(rate=1 * MiB, latency=0.2, burst=1 * MiB) == 3 * MiB
+    assert FIXED.chunk(rate=1 * MiB, latency=0.2, burst=1 * MiB) == 2 * MiB
+
+
+def test_adaptive_rate_does_not_widen_the_improbable_bound() -> None:
+    physical = 16 * MiB
+    d = sizing.decide(1 * GiB, 40 * MiB, physical, ADAPTIVE, rate=100 * MiB, latency=1.0, burst=24 * MiB)
+    assert d.action is Action.IMPROBABLE
