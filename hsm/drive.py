@@ -98,7 +98,8 @@ class Drive:
     rate_at: float | None = None
     rate_allocation: int = 0
     # How far past its threshold the guest was when the last events came
-    # (bytes): its write size plus the event's delay. Halves at each event.
+    # (bytes): its write size plus the event's delay; a pause raises it
+    # (outran). Halves at each threshold event.
     burst: int = 0
 
     @property
@@ -128,6 +129,13 @@ class Drive:
     def saw_excess(self, excess: int) -> None:
         """A block-threshold event said the guest was excess bytes past it."""
         self.burst = max(excess, self.burst // 2)
+
+    def outran(self, chunk: int) -> None:
+        """The guest ran out of space during an extend of chunk bytes: the
+        headroom was too small (rate underestimated while it was paused),
+        so the burst grows to the whole chunk; the recheck after the extend
+        then sizes the next one with it."""
+        self.burst = max(self.burst, chunk)
 
     def decide(self, config: sizing.SizingConfig, latency: float = 0.0) -> sizing.Decision:
         """The sizing decision now, for an extend latency of latency seconds."""

@@ -164,7 +164,8 @@ class Monitor:
         self._rlog = RateLimitedLog(log, interval=60.0)
         self.records: collections.deque[ExtendRecord] = collections.deque(maxlen=1000)
         self.counters = collections.Counter[str]()
-        # Trigger-to-refreshed seconds of recent extends (adaptive sizing).
+        # Trigger-to-refreshed seconds of recent extends (adaptive sizing),
+        # taken just before the threshold is re-armed.
         self._latencies: collections.deque[float] = collections.deque(maxlen=sizing.LATENCY_WINDOW)
         # When the stats loop last went round (the daemon's systemd watchdog
         # tells a stuck loop from a slow one by its age).
@@ -640,7 +641,10 @@ class Monitor:
             # The guest may already be past the new threshold: look again.
             if t.pending is None:
                 t.pending = (RECHECK, self._clock())
-        # The next threshold keeps the headroom of the chunk just chosen.
+        # This extend's latency counts at once: the next threshold keeps the
+        # headroom for it.
+        with self._lock:
+            self._latencies.append(self._clock() - since)
         threshold = sizing.threshold(
             size, self.config.sizing, d.replicating, d.write_rate, self.extend_latency(), d.burst
         )
@@ -651,6 +655,9 @@ class Monitor:
             self._libvirt_error("set threshold", e)
         t_refreshed = self._clock()
         resumed = self._maybe_resume(dom, vm, t)
+        if resumed:
+            with self._lock:
+                d.outran(chunk)
         record = ExtendRecord(
             vm=vm.uuid,
             vm_name=vm.name,
@@ -669,8 +676,6 @@ class Monitor:
             rate=d.write_rate,
             chunk=chunk,
         )
-        with self._lock:
-            self._latencies.append(record.t_refreshed - record.t_event)
         self.counters["extends"] += 1
         self.records.append(record)
         log.info("%s", record.line())

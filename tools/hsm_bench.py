@@ -2,8 +2,8 @@
 
     xtnd hsm bench [--json] [--extends 8] [--pauses 8] [--rate-chunk-mb 1] [--rates 1,2,3,0]
                    [--spm daemon|inprocess]
-    xtnd hsm bench --policy fixed,adaptive [--json] [--policy-chunk-mb 2] [--policy-write-mb 48]
-                   [--max-chunk-mb 64]
+    xtnd hsm bench --policy fixed,adaptive [--json] [--policy-chunk-mb 1] [--policy-write-mb 48]
+                   [--max-chunk-mb 64] [--spm inprocess --spm-delay-ms N]
 
 Needs root: it builds the guest rig (xtnd.tools.rig.guest, a TCG guest
 writing a known pattern, from Debian packages tools/run.sh installs), a
@@ -144,9 +144,11 @@ class Bench:
     @contextlib.contextmanager
     def spm(self, pool: Any) -> Iterator[None]:
         if self.args.spm == "inprocess":
-            with self.hsmrig.spm(pool):
+            with self.hsmrig.spm(pool, self.hsmrig.Gate(delay=self.args.spm_delay_ms / 1000)):
                 yield
             return
+        if self.args.spm_delay_ms:
+            raise SystemExit("xtnd hsm bench: --spm-delay-ms needs --spm inprocess")
         from xtnd.tools.rig import sanlockd
 
         reason = sanlockd.missing()
@@ -346,6 +348,7 @@ def compare_policies(bench: Bench, pool: Any) -> dict[str, Any]:
             f"guest writing {a.policy_write_mb} MiB as fast as it can"
         )
         out[policy] = policy_guest(bench, pool, policy)
+        out[policy]["spm_delay_ms"] = a.spm_delay_ms
     return out
 
 
@@ -532,9 +535,15 @@ def register(sub: Any) -> None:
         default=[],
         help="compare sizing policies instead, e.g. fixed,adaptive (one guest each, writing as fast as it can)",
     )
-    p.add_argument("--policy-chunk-mb", type=int, default=2, help="--policy: chunk_mb, the floor (default 2)")
+    p.add_argument("--policy-chunk-mb", type=int, default=1, help="--policy: chunk_mb, the floor (default 1)")
     p.add_argument("--policy-write-mb", type=int, default=48, help="--policy: MiB each guest writes (default 48)")
     p.add_argument("--policy-initial-mb", type=int, default=4, help="--policy: initial volume size (default 4)")
     p.add_argument("--policy-utilization", type=int, default=20, help="--policy: utilization_percent (default 20)")
     p.add_argument("--max-chunk-mb", type=int, default=64, help="--policy: max_chunk_mb, the cap (default 64)")
+    p.add_argument(
+        "--spm-delay-ms",
+        type=float,
+        default=0.0,
+        help="with --spm inprocess: add this to every extend (a busy SPM or slow storage; default 0)",
+    )
     p.set_defaults(func=_run)

@@ -133,3 +133,13 @@ def test_drive_burst_halves_per_event() -> None:
     assert d.burst == 2 * MiB
     d.saw_excess(0)
     assert d.burst == 1 * MiB
+
+
+def test_drive_outran_grows_the_burst_to_the_chunk() -> None:
+    config = SizingConfig(chunk_mb=1, policy="adaptive", max_chunk_mb=64)
+    d = Drive("vm", "vda", 1, "/p", "dom", "vol")
+    d.update(GiB, 0, 16 * MiB)
+    before = d.decide(config, latency=0.3).chunk
+    d.outran(4 * MiB)
+    assert d.burst == 4 * MiB
+    assert d.decide(config, latency=0.3).chunk >= 2 * 4 * MiB > before

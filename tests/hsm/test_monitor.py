@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Iterator
+from typing import Any
 
 import libvirt
 import pytest
@@ -21,7 +22,8 @@ from xtnd.hsm.metrics import parse_line
 from xtnd.hsm.monitor import Monitor, MonitorConfig
 from xtnd.tools.inject.checker import check
 
-CHUNK = sizing.SizingConfig(chunk_mb=16, utilization_percent=20)
+# Fixed: these tests count extends of a known chunk (adaptive has its own).
+CHUNK = sizing.SizingConfig(chunk_mb=16, utilization_percent=20, policy="fixed")
 
 
 class Clock:
@@ -38,11 +40,11 @@ def clock() -> Clock:
 
 
 class Rig:
-    def __init__(self, clock: Clock, *domains: FakeDomain):
+    def __init__(self, clock: Clock, *domains: FakeDomain, sizing_config: sizing.SizingConfig = CHUNK):
         self.conn = FakeConn(*domains)
         self.connection = FakeConnection(self.conn)
         self.spm = FakeSPM(self.conn)
-        config = MonitorConfig(sizing=CHUNK, run_dir=RUN, workers=0, backoff_initial=1.0, backoff_max=4.0)
+        config = MonitorConfig(sizing=sizing_config, run_dir=RUN, workers=0, backoff_initial=1.0, backoff_max=4.0)
         self.monitor = Monitor(self.connection, self.spm, self.spm, config, clock=clock)
         self.monitor.start(stats_thread=False)
 
@@ -337,3 +339,53 @@ def test_pause_and_resume_are_recorded_in_the_history(make: object, tmp_path: ob
     assert check(events).ok
     # Without the resume the checker fails the trial.
     assert not check([e for e in events if e["ev"] != "resumed"]).ok
+
+
+def _fast_writer(clock: Clock, policy: str, caplog: pytest.LogCaptureFixture) -> tuple[Rig, FakeDisk, list[str]]:
+    """A guest writing 13 MiB/s against extends that take 0.5 s each."""
+    config = sizing.SizingConfig(chunk_mb=4, utilization_percent=20, policy=policy, max_chunk_mb=64)
+    disk = FakeDisk("vda", physical=16 * MiB, allocation=1 * MiB)
+    dom = FakeDomain("vm", disk)
+    rig = Rig(clock, dom, sizing_config=config)
+    refresh = rig.spm.refresh
+
+    def slow_refresh(domain: Any, volume: Any) -> int:
+        clock.now += 0.5
+        return refresh(domain, volume)
+
+    rig.spm.refresh = slow_refresh  # type: ignore[method-assign]
+    caplog.set_level("INFO", "xtnd.hsm")
+    try:
+        rig.monitor.connected(rig.conn)
+        clock.now += 1.0
+        disk.allocation, disk.threshold = 14 * MiB, None
+        rig.monitor.block_threshold(dom, "vda[1]", disk.path, 12 * MiB, 1 * MiB)
+    finally:
+        rig.monitor.stop()
+    lines = [r.message for r in caplog.records if r.message.startswith("extend-complete")]
+    return rig, disk, lines
+
+
+def test_adaptive_chunk_grows_for_a_fast_writer(clock: Clock, caplog: pytest.LogCaptureFixture) -> None:
+    rig, disk, lines = _fast_writer(clock, "adaptive", caplog)
+    sizes = [size for _, size in rig.spm.requests]
+    # No latency known yet: the first extend is the floor (16 + 4 MiB).
+    assert sizes[0] == 20 * MiB
+    # Then rate x latency says the headroom is too small: it extends again
+    # at once, by more than the floor, never by more than the cap.
+    assert len(sizes) >= 2 and sizes[1] - sizes[0] > 4 * MiB
+    assert all(0 < b - a <= 64 * MiB for a, b in zip([16 * MiB, *sizes], sizes, strict=False))
+    first, second = parse_line(lines[0]), parse_line(lines[1])
+    assert first["chunk_mb"] == "4" and float(first["rate_mbs"]) == pytest.approx(13.0)
+    assert int(second["chunk_mb"]) > 4 and float(second["rate_mbs"]) > 12.0
+    assert rig.monitor.extend_latency() >= 0.5
+    (drive,) = rig.monitor.drive_sizing()
+    assert drive[:2] == ("vm", "vda") and drive[3] > 4 * MiB
+    # The guest keeps at least rate x latency free now.
+    assert disk.physical - disk.allocation >= 13 * MiB * 0.5
+
+
+def test_fixed_chunk_ignores_the_rate(clock: Clock, caplog: pytest.LogCaptureFixture) -> None:
+    rig, disk, lines = _fast_writer(clock, "fixed", caplog)
+    assert rig.spm.requests == [(disk.volume, 20 * MiB)]
+    assert parse_line(lines[0])["chunk_mb"] == "4"

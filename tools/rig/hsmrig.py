@@ -183,10 +183,13 @@ def spm_daemon(p: Pool, host: SanlockDaemon) -> Iterator[spmd.SpmProcess]:
 class Gate:
     """Controls the test SPM: hold replies, or refuse requests."""
 
-    def __init__(self) -> None:
+    def __init__(self, delay: float = 0.0) -> None:
         self.open = threading.Event()
         self.open.set()
         self.refuse = False
+        # Seconds added to every extend: the latency of a busy SPM or slow
+        # storage, so a benchmark can show what a writer does against it.
+        self.delay = delay
         self.requests: list[codec.Extend] = []
         self.held = threading.Event()
 
@@ -208,6 +211,8 @@ def spm(p: Pool, gate: Gate | None = None) -> Iterator[Gate]:
             gate.open.wait(60)
         if gate.refuse:
             raise RuntimeError("refused by the test")
+        if gate.delay > 0:
+            threading.Event().wait(gate.delay)
         mtime = os.stat(p.storage_config).st_mtime
         if mtime != loaded[0]:
             domains.clear()  # a PV was added: open with the new list
