@@ -227,3 +227,34 @@ def test_config_api(tmp_path: str) -> None:
         f.write(f"[host]\nhost_id = 1\nmaster_domain = {MASTER}\n[api]\nudev = maybe\n")
     with pytest.raises(hsm_config.ConfigError, match="udev"):
         hsm_config.load(path)
+
+
+def test_metrics_show_the_adaptive_sizing() -> None:
+    from prometheus_client import generate_latest
+
+    m = metrics.HsmMetrics(1)
+    m.sources = metrics.Sources(
+        counters=dict,
+        drive_states=list,
+        in_flight=lambda: 0,
+        io={},
+        drive_sizing=lambda: [("vm1", "vda", 3.5 * MiB, 16 * MiB)],
+        extend_latency=lambda: 0.25,
+    )
+    times = (1.0, 1.01, 1.2, 1.3, 1.3)
+    m.record(
+        metrics.ExtendRecord("u", "vm1", "vda", "d", "v", "stats", 0, 32 * MiB, *times, False, 3.5 * MiB, 16 * MiB)
+    )
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(generate_latest(m.registry).decode())
+        for s in family.samples
+    }
+    drive = (("drive", "vda"), ("vm", "vm1"))
+    assert samples[("xtnd_hsm_drive_write_rate_bytes_per_second", drive)] == 3.5 * MiB
+    assert samples[("xtnd_hsm_drive_chunk_bytes", drive)] == 16 * MiB
+    assert samples[("xtnd_hsm_extend_latency_p99_seconds", ())] == 0.25
+    assert samples[("xtnd_hsm_extend_chunk_bytes_count", ())] == 1
+    assert samples[("xtnd_hsm_extend_chunk_bytes_bucket", (("le", "8.388608e+06"),))] == 0
