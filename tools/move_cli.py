@@ -20,7 +20,9 @@ Runs on the host running the VM, next to its HSM. The steps:
 
 Ctrl-C or any failure before the pivot aborts: the job is cancelled (the
 VM stays on its source), the HSM is told, the half-copied destination is
-deactivated and removed. Nothing else changes.
+deactivated and removed. Nothing else changes. Interrupted once the
+pivot took effect, the VM keeps its new disk and the source is kept (the
+command says so; ``xtnd volume remove`` retires it).
 
 Exit codes: 0 moved, 1 failed (aborted cleanly), 130 interrupted (aborted
 cleanly).
@@ -264,6 +266,15 @@ class Mover:
             self._pivot(dom, disk.name, link)
             copying = False
         except BaseException as e:
+            if copying and link is not None and self._pivoted(dom, disk.name, link):
+                # Interrupted after the pivot took effect: the destination is
+                # the VM's disk now and must stay; the source is kept too.
+                with _no_sigint(), _step("tell the HSM"):
+                    self.hsm.call("replicate_end", vm_uuid=vm_id, drive=disk.name, outcome="pivoted")
+                raise MoveError(
+                    f"{e or type(e).__name__} after the pivot: the vm runs on {link}; the source volume "
+                    f"{src_volume} of domain {src_domain_id} was kept (remove it with xtnd volume remove)"
+                ) from None
             why = "interrupted" if isinstance(e, (KeyboardInterrupt, Interrupted)) else str(e)
             self.out(f"aborting: {why}")
             with _no_sigint():
@@ -324,6 +335,13 @@ class Mover:
             if ready and p.end and p.cur >= p.end:
                 return
             self.cancel.wait(POLL)
+
+    def _pivoted(self, dom: Any, name: str, link: str) -> bool:
+        try:
+            xml = dom.XMLDesc(0)
+            return not has_mirror(xml, name)[0] and find_disk(xml, name).path == link
+        except (libvirt.libvirtError, MoveError):
+            return False
 
     def _pivot(self, dom: Any, name: str, link: str) -> None:
         dom.blockJobAbort(name, libvirt.VIR_DOMAIN_BLOCK_JOB_ABORT_PIVOT)
