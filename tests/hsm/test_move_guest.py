@@ -337,6 +337,9 @@ def run_move(
             result["guest_wrote_after_pivot"] = "XTND-WRITE-DONE" not in console
             assert result["guest_mb_during_move"] >= 8, result
             assert result["path"] in g.dom.XMLDesc(0)
+            # The persistent definition follows: the VM starts from the destination next time.
+            assert result["path"] in g.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+            assert src_link not in g.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
             text = g.wait_console("XTND-HOLD", timeout=180)
             assert f"XTND-WRITE-DONE mb={write_mb}" in text and "XTND-VERIFY-OK" in text
             name, vm_id = g.name, g.dom.UUIDString()
