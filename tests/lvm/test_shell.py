@@ -237,6 +237,9 @@ def test_sysdir(tmp_path: object) -> None:
     assert host_view.stdout == mine_view.stdout and "r|#|" in mine_view.stdout
     local = open(os.path.join(mine, "lvmlocal.conf")).read()
     assert local.startswith('local {\n\tsystem_id = "h1"\n}\n') and "use_aio = 0" in local
+    # The shell keeps no history (LVM would rewrite it after every command).
+    history = subprocess.run(["lvmconfig", "shell/history_size"], env=env, capture_output=True, text=True)
+    assert history.stdout.strip() == "history_size=0"
     assert os.path.exists(os.path.join(mine, "profile", sysdir.SHELL_PROFILE + ".profile"))
     assert sysdir.prepare(mine, host_dir=host) == mine
 
