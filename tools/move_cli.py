@@ -173,6 +173,8 @@ class Mover:
         self.host = storage.HostConfig.load(self.storage_config)
         self.hsm = hsm_control.ControlClient(self.cfg.host.control_socket, timeout=60.0)
         self.progress = Progress()
+        self._replica: dict[str, Any] = {}
+        self._link = ""
 
     def _ns(self, **kw: Any) -> argparse.Namespace:
         base: dict[str, Any] = dict(
@@ -248,10 +250,12 @@ class Mover:
             self._check_cancel()
             device = dst_domain.prepare_volume(new)
             link = links.create(to_domain, new, device, self.run_dir)
-            self.hsm.call(
-                "replicate_start", vm_uuid=vm_id, drive=disk.name, src_block=src_block, dst_domain=str(to_domain),
-                dst_volume=str(new), dst_block=dst_block, dst_physical=device_size(link),
+            self._replica = dict(
+                vm_uuid=vm_id, drive=disk.name, src_block=src_block, dst_domain=str(to_domain), dst_volume=str(new),
+                dst_block=dst_block,
             )  # fmt: skip
+            self._link = link
+            self.hsm.call("replicate_start", dst_physical=device_size(link), **self._replica)
             told = True
             self._check_cancel()
             flags = libvirt.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT | libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB
@@ -287,9 +291,13 @@ class Mover:
                 raise MoveError(f"{e}; the vm stays on its source, the destination was removed") from e
             raise
         seconds = time.monotonic() - started
-        ended = self.hsm.call("replicate_end", vm_uuid=vm_id, drive=disk.name, outcome="pivoted")
-        self.progress.extends_src = ended["extends_src"]
-        self.progress.extends_dst = ended["extends_dst"]
+        try:
+            ended = self.hsm.call("replicate_end", vm_uuid=vm_id, drive=disk.name, outcome="pivoted")
+            self.progress.extends_src = ended["extends_src"]
+            self.progress.extends_dst = ended["extends_dst"]
+        except (hsm_control.ControlError, OSError) as e:
+            # The move is done; the HSM watches the new disk as any other.
+            log.warning("cannot tell the HSM the copy ended: %s", e)
         if dom.isPersistent():
             inactive = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
             conn.defineXML(retarget(inactive, disk.name, dst_block, link))
@@ -325,7 +333,12 @@ class Mover:
             p.cur, p.end = int(info.get("cur", 0)), int(info.get("end", 0))
             # The job copies in large steps: the average since the start reads best.
             p.rate = p.cur / (now - t_start) if now > t_start else 0.0
-            replica = self.hsm.call("replicate_status", vm_uuid=vm_id, drive=name) or {}
+            replica = self.hsm.call("replicate_status", vm_uuid=vm_id, drive=name)
+            if replica is None:
+                # The HSM restarted and forgot the copy: tell it again, or
+                # nothing extends the destination ahead of the copy.
+                self.out("the HSM does not know the copy (restarted?): telling it again")
+                replica = self.hsm.call("replicate_start", dst_physical=device_size(self._link), **self._replica)
             p.extends_src = replica.get("extends_src", p.extends_src)
             p.extends_dst = replica.get("extends_dst", p.extends_dst)
             p.phase = "ready" if ready else "copying"

@@ -4,6 +4,7 @@ helpers of ``xtnd volume move``; the real path runs in test_move_guest.py."""
 from __future__ import annotations
 
 import concurrent.futures
+import threading
 import uuid
 from typing import Any
 
@@ -162,3 +163,44 @@ def test_move_helpers() -> None:
     assert move_cli.initial_size(GiB, 10 * MiB, 96 * MiB, True, chunk) == 96 * MiB
     assert move_cli.initial_size(GiB, 10 * MiB, 96 * MiB, False, chunk) == 42 * MiB
     assert move_cli.initial_size(64 * MiB, 60 * MiB, 64 * MiB, True, chunk) == sizing.max_size(64 * MiB)
+
+
+class FakeHsm:
+    """The HSM's control socket as the move sees it; forgets the copy once (a restart)."""
+
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+        self.known = False
+
+    def call(self, op: str, **args: Any) -> Any:
+        self.calls.append(op)
+        if op == "replicate_start":
+            self.known = True
+        if op in ("replicate_start", "replicate_status"):
+            return {"extends_src": 1, "extends_dst": 2} if self.known else None
+        raise AssertionError(op)
+
+
+class CopyDom:
+    def blockJobInfo(self, disk: str, flags: int) -> dict[str, int]:
+        return {"cur": 10 * MiB, "end": 10 * MiB}
+
+    def XMLDesc(self, flags: int) -> str:
+        return XML
+
+
+def test_move_tells_a_restarted_hsm_again(tmp_path: Any) -> None:
+    """The HSM forgot the copy (restarted): the move registers it again, or
+    nothing would extend the destination ahead of the copy."""
+    mover = move_cli.Mover.__new__(move_cli.Mover)
+    mover.out = lambda line: None
+    mover.cancel = threading.Event()
+    mover.progress = move_cli.Progress()
+    mover.hsm = FakeHsm()  # type: ignore[assignment]
+    link = tmp_path / "dst"
+    link.write_bytes(b"\0" * 4096)
+    mover._link = str(link)
+    mover._replica = {"vm_uuid": "vm1", "drive": "vda"}
+    mover._wait_ready(CopyDom(), "vm1", "vda")
+    assert mover.hsm.calls == ["replicate_status", "replicate_start"]  # type: ignore[attr-defined]
+    assert (mover.progress.extends_src, mover.progress.extends_dst, mover.progress.phase) == (1, 2, "ready")
