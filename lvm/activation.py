@@ -105,6 +105,11 @@ class LoopActivator:
         self._runner = runner
         self._lock_path = os.path.join(lock_dir, "loop-activation.lock")
         self._pe_start: dict[tuple[str, str], int] = {}
+        # (PV, offset) -> devices found there by the last refresh: the next
+        # refresh checks them with one ioctl each (loop.still) and searches
+        # sysfs again only if one of them changed. activate() never attaches
+        # a second device where one exists, so no new one appears meanwhile.
+        self._found: dict[tuple[str, int], list[str]] = {}
 
     def activate(self, vg: str, lv: str) -> str:
         info = lv_info(self._runner, vg, lv)
@@ -119,13 +124,17 @@ class LoopActivator:
     def refresh(self, vg: str, lv: str) -> int:
         info = lv_info(self._runner, vg, lv)
         pv, offset = self._location(info)
-        existing = loop.find(pv, offset)
+        existing = self._found.get((pv, offset))
+        if not existing or not all(loop.still(path, pv, offset) for path in existing):
+            existing = [dev.path for dev in loop.find(pv, offset)]
+            self._found[(pv, offset)] = existing
         if not existing:
+            del self._found[(pv, offset)]
             raise ActivationError(f"cannot refresh {vg}/{lv}: not active")
         new_size = 0
-        for dev in existing:
-            new_size = loop.set_sizelimit(dev.path, info.size)
-            log.info("loop refreshed vg=%s lv=%s device=%s size=%d", vg, lv, dev.path, new_size)
+        for path in existing:
+            new_size = loop.set_sizelimit(path, info.size)
+            log.info("loop refreshed vg=%s lv=%s device=%s size=%d", vg, lv, path, new_size)
         return new_size
 
     def deactivate(self, vg: str, lv: str) -> None:

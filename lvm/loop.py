@@ -155,6 +155,21 @@ def over(dev: LoopDevice, backing_file: str) -> bool:
     return Backing(backing_file).under(dev)
 
 
+def still(device: str, backing_file: str, offset: int) -> bool:
+    """Is device still a loop device over backing_file at offset?
+
+    One LOOP_GET_STATUS64: the check of a device found earlier, instead of
+    find()'s walk over every loop device in sysfs (~3 ms with 50 of them).
+    """
+    info = _status(device)
+    if info is None or info.lo_offset != offset:
+        return False
+    try:
+        return _backing_id(info) == identity(backing_file)
+    except OSError:
+        return False
+
+
 def find(backing_file: str, offset: int) -> list[LoopDevice]:
     """Loop devices over backing_file at offset (normally zero or one)."""
     backing = Backing(backing_file)

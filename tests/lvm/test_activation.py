@@ -85,6 +85,29 @@ def test_refresh_grows_open_device(runner: lvm.Runner, vg: str, activator: lvm.A
         activator.deactivate(vg, "a")
 
 
+def test_refresh_after_the_device_changed(runner: lvm.Runner, vg: str, activator: lvm.Activator) -> None:
+    """refresh remembers the device it found; a detached or replaced one is
+    noticed (one ioctl) and the mapping looked up again."""
+    lvm.lvcreate(runner, vg, "a", 4 * MiB)
+    first = activator.activate(vg, "a")
+    try:
+        lvm.extend(runner, vg, "a", 8 * MiB)
+        assert activator.refresh(vg, "a") == 8 * MiB
+        (offset,) = [d.offset for d in loop.devices() if d.path == first]
+        assert loop.still(first, runner.devices[0], offset)
+        assert not loop.still(first, runner.devices[0], offset + 4096)
+        activator.deactivate(vg, "a")
+        assert not loop.still(first, runner.devices[0], offset)
+        with pytest.raises(lvm.ActivationError):
+            activator.refresh(vg, "a")
+        second = activator.activate(vg, "a")
+        lvm.extend(runner, vg, "a", 12 * MiB)
+        assert activator.refresh(vg, "a") == 12 * MiB
+        assert loop.size(second) == 12 * MiB
+    finally:
+        activator.deactivate(vg, "a")
+
+
 def test_refresh_inactive(runner: lvm.Runner, vg: str, activator: lvm.Activator) -> None:
     lvm.lvcreate(runner, vg, "a", 4 * MiB)
     with pytest.raises(lvm.ActivationError):
