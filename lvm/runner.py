@@ -78,7 +78,10 @@ class Runner:
     driverloaded: None detects device-mapper; False adds ``--driverloaded n``.
     read_only: LVM refuses every metadata change (see the module doc).
     backup: keep LVM's metadata backups and archives under /etc/lvm (off by
-    default: every extend would write a file, and the SPM does thousands).
+    default: every extend would write and fsync a file, and the SPM does
+    thousands; with a shared VG whose SPM moves between hosts, each host's
+    /etc/lvm would hold a stale, partial history of the VG, misleading for
+    vgcfgrestore. The metadata is kept twice on every PV instead).
     shell: run commands through this LVM shell instead of one process each
     (it may be shared by several runners; set or cleared at any time).
     system_dir: LVM's system directory; None: xtnd's (sysdir.prepare()),
