@@ -45,7 +45,7 @@ EXTRA_DEPENDS = [
     "sanlock",
     "qemu-utils",
 ]
-RECOMMENDS = ["python3-matplotlib", "libvirt-daemon-system", "python3-numpy"]
+RECOMMENDS = ["python3-matplotlib", "libvirt-daemon-system", "python3-numpy", "python3-fusepy"]
 ENTRY = """#!/usr/bin/python3
 # xtnd command line (Debian package); the code is in the xtnd.* modules.
 import sys

@@ -34,6 +34,8 @@ APT_PACKAGES=(
     # The HSM's host API (HTTP server; the venv sees system site packages)
     # and its automatic mode (udev events of grown block devices).
     python3-aiohttp python3-pyudev
+    # xtnd inject's FUSE layer (slow/failing mailbox storage: no device-mapper here).
+    python3-fusepy
     dpkg-dev lintian
 )
 
