@@ -31,7 +31,7 @@ from xtnd import lvm
 from xtnd.common import history
 from xtnd.lvm import loop as lvloop
 from xtnd.mailbox.hsm import HSMMailbox
-from xtnd.tools.inject import checker
+from xtnd.tools.inject import checker, fusefile
 from xtnd.tools.rig import loops, sanlockd
 from xtnd.tools.rig.spmd import EXTENT, MiB, Pool, SpmProcess
 from xtnd.tools.rig.wait import wait_for
@@ -370,6 +370,7 @@ def clean_stale() -> list[str]:
 
         guestrig.sweep(path)  # its guests and their libvirtd hold loop devices
         loops.detach_stale(_under(path))
+        fusefile.unmount_under(path)  # scenarios 12, 13: after the loops over them
         shutil.rmtree(path, ignore_errors=True)
         removed.append(path)
     if removed:
@@ -436,11 +437,20 @@ class Rig:
     def _detach_own(self) -> None:
         """Hosts' own PV devices and the LV mappings over them."""
         for device in self.own_devices:
-            loops.restore_storage(device)
-            for dev in lvloop.devices():
-                if lvloop.over(dev, device):
-                    loops.detach(dev.path)
-            loops.detach(device)
+            self.detach_over(device)
+
+    @staticmethod
+    def detach_over(device: str) -> None:
+        """Detach a host's own PV device and the LV mappings over it."""
+        loops.restore_storage(device)
+        for dev in lvloop.devices():
+            if lvloop.over(dev, device):
+                loops.detach(dev.path)
+        loops.detach(device)
+
+    def at_close(self, func: Callable[[], object]) -> None:
+        """Call func when the rig is torn down (before what was set up earlier)."""
+        self._stack.callback(func)
 
     def _remove_pool(self) -> None:
         self.pool.close()

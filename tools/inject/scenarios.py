@@ -28,7 +28,7 @@ from xtnd.mailbox.directio import DirectFile
 from xtnd.mailbox.hsm import ExtendFailed
 from xtnd.spm.control import ControlClient
 from xtnd.storage import constants as c
-from xtnd.tools.inject import scen_guest
+from xtnd.tools.inject import scen_fuse, scen_guest
 from xtnd.tools.inject.harness import Trial, alive, descendants
 from xtnd.tools.rig import loops, spmd
 from xtnd.tools.rig.spmd import EXTENT, IO_TIMEOUT, MiB
@@ -477,4 +477,5 @@ SCENARIOS = [
     Scenario("crash-after-lvextend", crash_after_lvextend),
 ]
 SCENARIOS += [Scenario(name, func, long=long, guests=True) for name, func, long in scen_guest.SCENARIOS]
+SCENARIOS += [Scenario(name, func, long=long) for name, func, long in scen_fuse.SCENARIOS]
 BY_NAME = {s.name: s for s in SCENARIOS}
