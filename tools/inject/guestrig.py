@@ -135,7 +135,8 @@ def _running(pid: int) -> bool:
 
 def sweep(path: str) -> list[int]:
     """SIGKILL every process whose command line names path (a rig's folder):
-    the QEMU processes and the libvirtd of a rig whose harness died."""
+    the QEMU processes of a rig whose harness died, or, at the end of an
+    interrupted run, its daemons still running."""
     needle = (path.rstrip("/") + "/").encode()
     killed: list[int] = []
     for entry in filter(str.isdigit, os.listdir("/proc")):
@@ -149,7 +150,7 @@ def sweep(path: str) -> list[int]:
         wait_for(lambda: not any(_running(pid) for pid in killed), timeout=10, interval=0.02,
                  what=f"pids {killed} to exit")
     if killed:
-        log.warning("killed processes of a dead rig under %s: %s", path, killed)
+        log.warning("killed processes left under %s: %s", path, killed)
     return killed
 
 
