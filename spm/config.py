@@ -68,6 +68,23 @@ class SpmSection:
         ini.positive,
     )
     stats_interval: float = option(300.0, "Seconds between stats log lines; 0 disables.", ini.non_negative)
+    full_warning: float = option(
+        3600.0,
+        "Warn when a domain's forecast time to full drops below this many seconds; 0 disables.",
+        ini.non_negative,
+    )
+    full_warning_interval: float = option(
+        600.0, "The most often the full warning is logged per domain (seconds).", ini.positive
+    )
+    forecast_interval: float = option(
+        10.0, "Seconds between reads of each domain's free space (VG free, file system free).", ini.positive
+    )
+    forecast_window: float = option(
+        900.0, "Seconds of free-space history the consumption rate is fitted over.", ini.positive
+    )
+    forecast_min_span: float = option(
+        60.0, "No forecast before the history spans this many seconds (one extend makes none).", ini.non_negative
+    )
 
 
 @dataclasses.dataclass
@@ -179,6 +196,14 @@ class Config:
                 section="lvm",
                 key="command_timeout",
                 value=f"{self.lvm.command_timeout:g}",
+            )
+        if self.spm.forecast_min_span > self.spm.forecast_window:
+            raise ConfigError(
+                f"must not be above [spm] forecast_window ({self.spm.forecast_window:g})",
+                file=file,
+                section="spm",
+                key="forecast_min_span",
+                value=f"{self.spm.forecast_min_span:g}",
             )
         for section in self.domain.values():
             if bool(section.pvs) == bool(section.path):

@@ -71,6 +71,8 @@ from .control import ControlServer, Op
 from .domains import DomainRegistry
 from .exits import GatedStorage, reap_children
 from .extend import ExtendService
+from .forecast import Forecast
+from .forecast import Settings as ForecastSettings
 from .metrics import Metrics
 from .ops import VolumeOps
 
@@ -206,6 +208,7 @@ class SpmDaemon:
         self._outbox: GatedStorage | None = None
         self.lease: spm_lease.SpmLease | None = None
         self.mailbox: SPMMailbox | None = None
+        self.forecast: Forecast | None = None
         # Control socket ops: volume commands only while serving.
         self.role = "starting"
         self.watchdog = Watchdog(sd_notify)
@@ -355,6 +358,8 @@ class SpmDaemon:
         # A domain whose storage hangs holds up neither the start nor the others.
         registry.open_all(wait=min(OPEN_ALL_WAIT, cfg.lvm.command_timeout))
         service = ExtendService(registry, lease.fence, self._on_lost, self.metrics, alloc=cfg.lvm.alloc)
+        self.forecast = forecast = self._start_forecast(registry)
+        service.on_extended = forecast.extended
         inbox = DirectFile(mbx.inbox)
         self._outbox = outbox = GatedStorage(DirectFile(mbx.outbox))
         self.mailbox = mailbox = SPMMailbox(inbox, outbox, mbx.max_hosts, mailbox_config(cfg))
@@ -400,9 +405,24 @@ class SpmDaemon:
         history.record("stopped", host=cfg.spm.host_id, reason=self._stop_reason)
         log.info("stats %s mailbox=%s", self.metrics.summary(), mailbox.stats)
         watchdog.stop(timeout=10)
+        forecast.stop()
         inbox.close()
         outbox.close()
         return EXIT_OK
+
+    def _start_forecast(self, registry: DomainRegistry) -> Forecast:
+        s = self.config.spm
+        settings = ForecastSettings(
+            interval=s.forecast_interval,
+            window=s.forecast_window,
+            min_span=s.forecast_min_span,
+            full_warning=s.full_warning,
+            warning_interval=s.full_warning_interval,
+        )
+        forecast = Forecast(registry, settings)
+        forecast.register(self.metrics.registry)
+        forecast.start()
+        return forecast
 
     def _wait_for_stop(self, health: ServingHealth) -> None:
         """The main loop while serving: stats lines and systemd watchdog pings."""
@@ -430,6 +450,7 @@ class SpmDaemon:
             "lease_acquisitions": lease.acquisitions,
             "in_flight": self.metrics.snapshot()["in_flight"],
             "results": self.metrics.snapshot()["results"],
+            "domains": self.forecast.snapshot() if self.forecast is not None else [],
         }
 
     def stats(self) -> dict[str, Any]:

@@ -189,6 +189,11 @@ class DomainRegistry:
         left = max(0.0, self._retry_interval - (self._clock() - attempt.ended))
         raise DomainNotManaged(uuid, f"cannot open: {attempt.error} (next try in {left:.0f}s)")
 
+    def opened(self, uuid: uuidlib.UUID) -> ManagedDomain | None:
+        """The domain if it is open now (never opens it)."""
+        with self._lock:
+            return self._open.get(uuid)
+
     def _try_open(self, uuid: uuidlib.UUID, attempt: _Opening) -> ManagedDomain:
         start = self._clock()
         try:

@@ -128,6 +128,8 @@ class ExtendService:
         self._running = 0
         self._draining = False
         self._parked = 0
+        # Called with (domain, volume, old size, new size) after each lvextend (the forecast).
+        self.on_extended: Callable[[uuidlib.UUID, uuidlib.UUID, int, int], None] | None = None
 
     # Shutdown
 
@@ -315,4 +317,6 @@ class ExtendService:
             history.record("lvm_done", cmd="lvextend", vg=block.vg, lv=lv.name, size=target, ok=ok)
         faults.point("spm.after_lvextend")
         managed.update_size(volume, new_size)
+        if self.on_extended is not None:
+            self.on_extended(domain, volume, lv.size, new_size)
         return "extended", new_size // MiB

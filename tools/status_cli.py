@@ -88,6 +88,23 @@ def _mib(n: int) -> str:
     return f"{n / 1024**2:.0f}M"
 
 
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "no forecast"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.1f}{unit}"
+    return f"{seconds:.0f}s"
+
+
+def _domain_line(d: dict[str, Any]) -> str:
+    """One managed domain: free space, consumption rate, time to full."""
+    free = _mib(d["free_bytes"]) if d["free_bytes"] is not None else "?"
+    rate = d["rate_bytes_per_s"] / (1024 * 1024)
+    left = _duration(d["seconds_to_full"])
+    return f"  domain {d['domain']} free {free}  consumed {rate:.2f} MiB/s  time to full: {left}"
+
+
 def _spm_health(spm: dict[str, Any]) -> tuple[int, list[str]]:
     if spm["role"] in ("serving", "standby"):
         return HEALTHY, []
@@ -153,6 +170,7 @@ def render(report: dict[str, Any], now: float | None = None) -> str:
                 f"SPM  {spm['role']:<10} host_id={spm['host_id']} lease holder: {who} since "
                 f"{_when(spm['lease_holder_since'], now)}  in flight: {spm['in_flight']}"
             )
+            out += [_domain_line(d) for d in spm.get("domains") or []]
     hsm = report["hsm"]
     if hsm is not None:
         if hsm["role"] == "down":

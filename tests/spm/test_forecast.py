@@ -1,0 +1,132 @@
+"""The domain fill forecast: the estimator (pure logic) and its warning."""
+
+from __future__ import annotations
+
+import logging
+import math
+import uuid
+
+import pytest
+from prometheus_client import generate_latest
+from xtnd.spm import domains as doms
+from xtnd.spm.forecast import Estimator, Forecast, Settings, fit_rate
+
+MiB = 1024 * 1024
+DOM = uuid.UUID("8adbc85e-e554-4ae0-b318-8a5465fe5fe1")
+
+
+def test_fit_rate_of_a_steady_line() -> None:
+    samples = [(float(t), 1000 * MiB - t * 2 * MiB) for t in range(0, 30)]
+    assert fit_rate(samples) == pytest.approx(2 * MiB)
+
+
+def test_fit_rate_never_negative_and_needs_two_times() -> None:
+    assert fit_rate([(0.0, 10), (1.0, 20)]) == 0.0
+    assert fit_rate([(5.0, 10)]) == 0.0
+    assert fit_rate([(5.0, 10), (5.0, 5)]) == 0.0
+
+
+def test_no_forecast_before_the_minimum_span() -> None:
+    est = Estimator(window=600, min_span=60)
+    est.sample(0.0, 1000 * MiB)
+    est.extended(1.0, "v1", 100 * MiB)  # one big extend makes no forecast
+    assert est.rate(1.0) == 0.0
+    assert math.isinf(est.seconds_to_full(1.0))
+    est.extended(61.0, "v1", 100 * MiB)
+    assert est.rate(61.0) > 0
+    assert est.seconds_to_full(61.0) < math.inf
+
+
+def test_no_forecast_when_nothing_is_consumed() -> None:
+    est = Estimator(window=600, min_span=10)
+    for t in range(0, 100, 10):
+        est.sample(float(t), 500 * MiB)
+    assert est.rate(100.0) == 0.0
+    assert math.isinf(est.seconds_to_full(100.0))
+
+
+def test_steady_extends_forecast_the_end() -> None:
+    # 4 MiB every 2 s from 1000 MiB: full at t = 500 s.
+    est = Estimator(window=120, min_span=30)
+    est.sample(0.0, 1000 * MiB)
+    for i in range(1, 31):
+        est.extended(2.0 * i, f"v{i % 3}", 4 * MiB)
+    now = 60.0
+    assert est.free == 880 * MiB
+    assert now + est.seconds_to_full(now) == pytest.approx(500, rel=0.02)
+
+
+def test_the_window_forgets_an_old_burst() -> None:
+    est = Estimator(window=100, min_span=10)
+    est.sample(0.0, 1000 * MiB)
+    est.extended(1.0, "burst", 500 * MiB)
+    for t in range(10, 400, 10):
+        est.sample(float(t), 500 * MiB)
+    assert est.rate(400.0) == 0.0
+    assert est.top_volumes(400.0) == []
+
+
+def test_storage_samples_correct_the_extend_estimate() -> None:
+    # Another writer (a create) takes space the extends do not show.
+    est = Estimator(window=600, min_span=10)
+    est.sample(0.0, 1000 * MiB)
+    est.extended(5.0, "v", 10 * MiB)
+    est.sample(10.0, 800 * MiB)
+    assert est.free == 800 * MiB
+    assert est.rate(10.0) > 10 * MiB
+
+
+def test_top_volumes_orders_by_growth() -> None:
+    est = Estimator(window=600, min_span=0)
+    est.sample(0.0, 1000 * MiB)
+    for t, v, n in [(1, "a", 1), (2, "b", 5), (3, "a", 1), (4, "c", 3)]:
+        est.extended(float(t), v, n * MiB)
+    assert est.top_volumes(5.0, 2) == [("b", 5 * MiB), ("c", 3 * MiB)]
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_warning_names_domain_and_volumes_and_is_rate_limited(caplog: pytest.LogCaptureFixture) -> None:
+    clock = _Clock()
+    registry = doms.DomainRegistry(lambda u: None, [DOM], ttl=60)  # type: ignore[arg-type,return-value]
+    fc = Forecast(registry, Settings(window=100, min_span=10, full_warning=300, warning_interval=50), clock)
+    fc.sample(DOM, 100 * MiB)
+    caplog.set_level(logging.WARNING, logger="xtnd.spm.forecast")
+    for i in range(1, 41):
+        clock.now = float(i)
+        fc.extended(DOM, uuid.UUID(int=i % 2 + 1), 0, (1 + i % 2) * MiB)
+    lines = [r.getMessage() for r in caplog.records if "domain filling" in r.getMessage()]
+    # First warning once the span reached 10 s, then at most one per 50 s.
+    assert len(lines) == 1, lines
+    assert f"domain={DOM}" in lines[0]
+    assert f"fastest_volumes={uuid.UUID(int=2)}:" in lines[0]
+    clock.now = 70.0
+    fc.extended(DOM, uuid.UUID(int=2), 0, MiB)
+    lines = [r.getMessage() for r in caplog.records if "domain filling" in r.getMessage()]
+    assert len(lines) == 2 and "similar messages suppressed" in lines[1]
+
+
+def test_metrics_and_snapshot() -> None:
+    clock = _Clock()
+    registry = doms.DomainRegistry(lambda u: None, [DOM], ttl=60)  # type: ignore[arg-type,return-value]
+    fc = Forecast(registry, Settings(window=100, min_span=10), clock)
+    from prometheus_client import CollectorRegistry
+
+    reg = CollectorRegistry()
+    fc.register(reg)
+    fc.sample(DOM, 100 * MiB)
+    text = generate_latest(reg).decode()
+    assert f'xtnd_domain_seconds_to_full{{domain="{DOM}"}} +Inf' in text
+    clock.now = 20.0
+    fc.sample(DOM, 80 * MiB)
+    snap = fc.snapshot()[0]
+    assert snap["seconds_to_full"] == pytest.approx(80.0)
+    assert snap["rate_bytes_per_s"] == pytest.approx(MiB)
+    text = generate_latest(reg).decode()
+    assert f'xtnd_domain_consumption_bytes_per_second{{domain="{DOM}"}} 1.048576e+06' in text
