@@ -130,3 +130,18 @@ def test_metrics_and_snapshot() -> None:
     assert snap["rate_bytes_per_s"] == pytest.approx(MiB)
     text = generate_latest(reg).decode()
     assert f'xtnd_domain_consumption_bytes_per_second{{domain="{DOM}"}} 1.048576e+06' in text
+
+
+def test_status_shows_time_to_full() -> None:
+    from xtnd.tools.status_cli import render
+
+    spm = {
+        "role": "serving", "host_id": 1, "lease_holder": 1, "lease_holder_since": 0.0, "in_flight": 0,
+        "domains": [
+            {"domain": str(DOM), "free_bytes": 512 * MiB, "rate_bytes_per_s": 2 * MiB, "seconds_to_full": 256.0},
+            {"domain": "other", "free_bytes": None, "rate_bytes_per_s": 0.0, "seconds_to_full": None},
+        ],
+    }  # fmt: skip
+    text = render({"spm": spm, "hsm": None, "problems": [], "status": "healthy"}, now=10.0)
+    assert f"domain {DOM} free 512M  consumed 2.00 MiB/s  time to full: 4.3m" in text
+    assert "domain other free ?  consumed 0.00 MiB/s  time to full: no forecast" in text

@@ -5,11 +5,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import uuid
 
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from xtnd.hsm.metrics import HsmMetrics, Sources
 from xtnd.mailbox.directio import Counters
+from xtnd.spm.domains import DomainRegistry
+from xtnd.spm.forecast import Forecast, Settings
 from xtnd.spm.metrics import Metrics
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -24,6 +27,10 @@ def exported() -> set[str]:
     spm.watch("outbox", Counters().snapshot)
     spm.started()
     spm.finished("refused", 1.0, None, {"queue": 0.1}, "unknown_volume")
+    domain = uuid.uuid4()
+    forecast = Forecast(DomainRegistry(lambda u: None, [domain], ttl=60), Settings())  # type: ignore[arg-type,return-value]
+    forecast.register(spm.registry)
+    forecast.sample(domain, 1 << 30)
     hsm = HsmMetrics(1)
     hsm.sources = Sources(
         counters=lambda: {"extends": 1},
