@@ -144,7 +144,11 @@ class Forecast:
         self._clock = clock
         self._lock = threading.Lock()
         self._est: dict[uuidlib.UUID, Estimator] = {}
+        # Extends served per domain: a free space read that overlapped one is
+        # dropped (it may or may not include that extend, which was counted).
+        self._served: collections.Counter[uuidlib.UUID] = collections.Counter()
         self._warn = RateLimitedLog(log, settings.warning_interval, clock)
+        self._warn_lock = threading.Lock()  # RateLimitedLog is not thread-safe; extends run in parallel
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -160,6 +164,7 @@ class Forecast:
         """The extend hook (called after each lvextend that succeeded)."""
         now = self._clock()
         with self._lock:
+            self._served[domain] += 1
             self._estimator(domain).extended(now, str(volume), new_size - old_size)
         self.check(domain)
 
@@ -174,11 +179,16 @@ class Forecast:
             managed = self.registry.opened(uuid)
             if managed is None:
                 continue
+            with self._lock:
+                served = self._served[uuid]
             try:
                 free = read_free(managed)
             except (lvm.LVMError, OSError) as e:
                 log.debug("cannot read free space domain=%s error=%s", uuid, e)
                 continue
+            with self._lock:
+                if self._served[uuid] != served:
+                    continue  # the next read will be exact
             self.sample(uuid, free)
 
     # Reading
@@ -195,16 +205,17 @@ class Forecast:
             free = est.free or 0
             top = est.top_volumes(now)
         volumes = ",".join(f"{v}:{n // (1024 * 1024)}MiB" for v, n in top) or "-"
-        self._warn.log(
-            logging.WARNING,
-            domain,
-            "domain filling domain=%s seconds_to_full=%.0f free_mb=%d rate_mbs=%.3f fastest_volumes=%s",
-            domain,
-            left,
-            free // (1024 * 1024),
-            rate / (1024 * 1024),
-            volumes,
-        )
+        with self._warn_lock:
+            self._warn.log(
+                logging.WARNING,
+                domain,
+                "domain filling domain=%s seconds_to_full=%.0f free_mb=%d rate_mbs=%.3f fastest_volumes=%s",
+                domain,
+                left,
+                free // (1024 * 1024),
+                rate / (1024 * 1024),
+                volumes,
+            )
 
     def snapshot(self) -> list[dict[str, object]]:
         """Per domain: free_bytes, rate_bytes_per_s, seconds_to_full (None: no forecast), top volumes."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import pathlib
 import uuid
 
 import pytest
@@ -145,3 +146,25 @@ def test_status_shows_time_to_full() -> None:
     text = render({"spm": spm, "hsm": None, "problems": [], "status": "healthy"}, now=10.0)
     assert f"domain {DOM} free 512M  consumed 2.00 MiB/s  time to full: 4.3m" in text
     assert "domain other free ?  consumed 0.00 MiB/s  time to full: no forecast" in text
+
+
+@pytest.mark.parametrize(
+    ("text", "key"),
+    [("full_warning = -1", "full_warning"), ("forecast_window = 10\nforecast_min_span = 20", "forecast_min_span")],
+)
+def test_config_errors(tmp_path: pathlib.Path, text: str, key: str) -> None:
+    from xtnd.spm import config
+
+    path = f"{tmp_path}/spm.conf"
+    with open(path, "w") as f:
+        f.write(f"[spm]\nhost_id = 1\nmaster_domain = {DOM}\n{text}\n")
+    with pytest.raises(config.ConfigError) as e:
+        config.load(path)
+    assert key in str(e.value)
+
+
+def test_config_defaults() -> None:
+    from xtnd.spm.config import SpmSection
+
+    s = SpmSection()
+    assert (s.full_warning, s.forecast_window, s.forecast_min_span) == (3600.0, 900.0, 60.0)
