@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import os
 import re
-import time
 from typing import Any
 
 from xtnd import lvm
@@ -39,6 +38,7 @@ from xtnd.storage import constants as c
 from xtnd.tools.inject.fusefile import FaultFile
 from xtnd.tools.inject.harness import Trial
 from xtnd.tools.rig import loops
+from xtnd.tools.rig.wait import wait_for
 
 
 class FuseStorage:
@@ -179,14 +179,10 @@ def _failing(t: Trial, hosts: list[int], per_host: int, steps: int, budget: int)
     try:
         futures = t.burst(hosts, volumes_per_host=per_host, steps=steps)
         t.wait_answers(futures)
-        # The write budget may outlast the burst's writes: the reads are
-        # spent by the SPM's own polling; wait for both while it serves.
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            inbox, outbox = _rule_counts(storage.fs)
-            if inbox["eios"] and outbox["eios"]:
-                break
-            time.sleep(0.2)
+        # A short burst may meet no failing read; the SPM's own polling of
+        # the event block does, soon.
+        wait_for(lambda: _rule_counts(storage.fs)[0]["eios"] > 0, timeout=30, interval=0.2,
+                 what="a failed inbox read")
         after = _spm_io(control)
         inbox, outbox = _rule_counts(storage.fs)
     finally:
@@ -194,6 +190,8 @@ def _failing(t: Trial, hosts: list[int], per_host: int, steps: int, budget: int)
     history.record("inject", what="mailbox storage healthy again")
     _prove_reached(t, before, after, inbox, outbox)
     eios = inbox["eios"] + outbox["eios"]
+    t.phase(f"{inbox['eios']} inbox reads and {outbox['eios']} outbox writes failed; "
+            f"the SPM counted {after['errors'] - before['errors']} mailbox errors")
     t.expect(inbox["eios"] > 0, "no inbox read failed: the fault did not reach the SPM")
     t.expect(after["errors"] > before["errors"], "the SPM counted no mailbox error")
     log = t.log_of(t.spms[0].name)
