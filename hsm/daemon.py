@@ -30,16 +30,14 @@ main loop while the monitor and mailbox threads run.
 from __future__ import annotations
 
 import logging
-import signal
 import threading
 import time
 import uuid as uuidlib
 from collections.abc import Callable
-from types import FrameType
 from typing import Any
 
 from xtnd import lvm
-from xtnd.common import sdnotify
+from xtnd.common import sdnotify, stopsignals
 from xtnd.common.cmd import CommandError
 from xtnd.common.promhttp import MetricsServer
 from xtnd.common.watchdog import Watchdog
@@ -285,16 +283,24 @@ def run(config: Config, ready_timeout: float = 10.0) -> int:
     stop = threading.Event()
     lost: list[lockspace.MembershipLost] = []
 
-    def on_signal(signo: int, _frame: FrameType | None) -> None:
-        log.info("signal %s received", signal.Signals(signo).name)
+    def on_signal(name: str) -> None:
+        log.info("signal %s received", name)
         stop.set()
 
     def on_lost(error: lockspace.MembershipLost) -> None:
         lost.append(error)
         stop.set()
 
-    for signo in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signo, on_signal)
+    # Not Event.set() in a signal handler: see common/stopsignals.py.
+    signals = stopsignals.install(on_signal)
+    try:
+        return _run(config, ready_timeout, stop, lost, on_lost)
+    finally:
+        signals.close()
+
+
+def _run(config: Config, ready_timeout: float, stop: threading.Event, lost: list[lockspace.MembershipLost],
+         on_lost: Callable[[lockspace.MembershipLost], None]) -> int:
     watchdog = Watchdog(sdnotify.notify)
     try:
         hsm = HSM(config, on_host_id_lost=on_lost)

@@ -48,14 +48,13 @@ from __future__ import annotations
 
 import logging
 import os
-import signal
 import threading
 import time
 import uuid as uuidlib
 from typing import Any
 
 from xtnd import lvm, storage
-from xtnd.common import cmd, history
+from xtnd.common import cmd, history, stopsignals
 from xtnd.common.control import set_log_level
 from xtnd.common.promhttp import MetricsServer
 from xtnd.common.sdnotify import notify as sd_notify
@@ -226,8 +225,6 @@ class SpmDaemon:
         self._stop_reason = reason
         self._stop.set()
 
-    def _on_signal(self, signo: int, frame: Any) -> None:
-        self.request_stop(signal.Signals(signo).name)
 
     def _on_lost(self, reason: str) -> None:
         """Lease gone: no further reply or LVM command; exit once our
@@ -263,8 +260,14 @@ class SpmDaemon:
         if missing:
             log.error("refusing to start: %s", missing)
             return EXIT_ERROR
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
+        # Not Event.set() in a signal handler: see common/stopsignals.py.
+        signals = stopsignals.install(self.request_stop)
+        try:
+            return self._run()
+        finally:
+            signals.close()
+
+    def _run(self) -> int:
         cfg = self.config
         master = self.opener(cfg.master_uuid)
         lockspace = master.lockspace()
