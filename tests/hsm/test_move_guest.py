@@ -268,7 +268,7 @@ def interrupt_move(g: guest.Guest, argv: list[str], at_mb: int = 24) -> str:
     passed at_mb MiB; its output. The VM is back on its source."""
     proc = subprocess.Popen(
         [sys.executable, "-m", "xtnd.tools.cli", *[a for a in argv if a != "--json"]],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, preexec_fn=cli.ctrl_c_default,
     )  # fmt: skip
     lines = []
     assert proc.stdout is not None

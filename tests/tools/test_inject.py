@@ -13,6 +13,7 @@ import subprocess
 import sys
 
 import pytest
+from testlib import cli
 from xtnd import lvm
 from xtnd.tools.inject import harness, scenarios
 from xtnd.tools.rig import guest, loops, sanlockd
@@ -200,7 +201,8 @@ def test_interrupt_tears_the_rig_down(tmp_path: object) -> None:
     _need_rig()
     err_path = os.path.join(str(tmp_path), "err")
     with open(err_path, "w") as err:
-        proc = subprocess.Popen([*XTND, "inject", "spm-kill"], stdout=subprocess.DEVNULL, stderr=err)
+        proc = subprocess.Popen([*XTND, "inject", "spm-kill"], stdout=subprocess.DEVNULL, stderr=err,
+                                preexec_fn=cli.ctrl_c_default)
     try:
         def started() -> bool:
             with open(err_path) as f:
