@@ -186,6 +186,14 @@ class Trial:
         return found
 
     def client(self, host_id: int, reoffer_timeout: float = 60.0) -> HSMMailbox:
+        """This trial's running HSM mailbox client of ``host_id``, started on
+        first use. One per host id, as on a real host: a second client would
+        write the same inbox block from its own image, and the two would
+        erase each other's requests (the SPM then rightly drops the reply of
+        a request that vanished, and the verdict blames the SPM)."""
+        for hsm in self.clients:
+            if hsm.host_id == host_id and hsm.alive:
+                return hsm
         hsm = self.pool.hsm(host_id=host_id, reoffer_timeout=reoffer_timeout)
         hsm.start()
         self.clients.append(hsm)
