@@ -49,16 +49,58 @@ MAX_SAMPLES = 1024
 
 def fit_rate(samples: list[tuple[float, int]]) -> float:
     """Consumption in bytes/s: minus the least-squares slope of free over time (>= 0)."""
-    n = len(samples)
-    if n < 2:
-        return 0.0
-    mt = sum(t for t, _ in samples) / n
-    mf = sum(f for _, f in samples) / n
-    var = sum((t - mt) ** 2 for t, _ in samples)
-    if var <= 0:
-        return 0.0
-    cov = sum((t - mt) * (f - mf) for t, f in samples)
-    return max(0.0, -cov / var)
+    fit = LineFit()
+    for t, f in samples:
+        fit.add(t, f)
+    return fit.rate()
+
+
+class LineFit:
+    """The least-squares line of free space over time, as running sums.
+
+    Adding or dropping a sample costs O(1), so the SPM can ask for the rate
+    after every extend it serves: refitting 1024 samples took ~1.4 ms of
+    CPU per extend, under the forecast's lock. Times are kept as whole
+    microseconds from the first sample and free space as whole bytes, so
+    the sums are Python ints and exact: float sums of products of ~1e12-byte
+    values lose the slope to cancellation, and a sample dropped later must
+    subtract exactly what it added.
+    """
+
+    def __init__(self) -> None:
+        self._origin: float | None = None
+        self.n = 0
+        self._st = self._sf = self._stt = self._stf = 0
+
+    def _micros(self, t: float) -> int:
+        if self._origin is None:
+            self._origin = t
+        return round((t - self._origin) * 1_000_000)
+
+    def add(self, t: float, free: int) -> None:
+        x = self._micros(t)
+        self.n += 1
+        self._st += x
+        self._sf += free
+        self._stt += x * x
+        self._stf += x * free
+
+    def remove(self, t: float, free: int) -> None:
+        """Drop a sample added before (the same t and free)."""
+        x = self._micros(t)
+        self.n -= 1
+        self._st -= x
+        self._sf -= free
+        self._stt -= x * x
+        self._stf -= x * free
+
+    def rate(self) -> float:
+        """Bytes/s consumed (minus the slope); 0 with fewer than two distinct times."""
+        den = self.n * self._stt - self._st * self._st
+        if self.n < 2 or den <= 0:
+            return 0.0
+        slope = (self.n * self._stf - self._st * self._sf) / den * 1_000_000
+        return max(0.0, -slope)
 
 
 class Estimator:
@@ -67,7 +109,8 @@ class Estimator:
     def __init__(self, window: float, min_span: float):
         self.window = window
         self.min_span = min_span
-        self._samples: collections.deque[tuple[float, int]] = collections.deque(maxlen=MAX_SAMPLES)
+        self._samples: collections.deque[tuple[float, int]] = collections.deque()
+        self._fit = LineFit()
         # (time, volume, bytes grown) of the extends served within the window.
         self._growth: collections.deque[tuple[float, str, int]] = collections.deque()
         self.free: int | None = None
@@ -75,14 +118,17 @@ class Estimator:
     def _trim(self, now: float) -> None:
         # Keep one sample older than the window start so the fit spans it all.
         while len(self._samples) > 2 and self._samples[1][0] <= now - self.window:
-            self._samples.popleft()
+            self._fit.remove(*self._samples.popleft())
         while self._growth and self._growth[0][0] <= now - self.window:
             self._growth.popleft()
 
     def sample(self, now: float, free: int) -> None:
         """Free space read from the storage."""
         self.free = free
+        if len(self._samples) == MAX_SAMPLES:
+            self._fit.remove(*self._samples.popleft())
         self._samples.append((now, free))
+        self._fit.add(now, free)
         self._trim(now)
 
     def extended(self, now: float, volume: str, grown: int) -> None:
@@ -103,7 +149,7 @@ class Estimator:
         self._trim(now)
         if self.span() < self.min_span:
             return 0.0
-        return fit_rate(list(self._samples))
+        return self._fit.rate()
 
     def seconds_to_full(self, now: float) -> float:
         """math.inf when there is no forecast (no history, nothing consumed)."""

@@ -168,3 +168,50 @@ def test_config_defaults() -> None:
 
     s = SpmSection()
     assert (s.full_warning, s.forecast_window, s.forecast_min_span) == (3600.0, 900.0, 60.0)
+
+
+def _two_pass_rate(samples: list[tuple[float, int]]) -> float:
+    """The plain least-squares fit, centred first (the reference)."""
+    n = len(samples)
+    mt = sum(t for t, _ in samples) / n
+    mf = sum(f for _, f in samples) / n
+    var = sum((t - mt) ** 2 for t, _ in samples)
+    cov = sum((t - mt) * (f - mf) for t, f in samples)
+    return max(0.0, -cov / var) if n > 1 and var > 0 else 0.0
+
+
+def test_running_fit_matches_a_full_refit_as_samples_come_and_go() -> None:
+    # Days of uptime (large monotonic times), a 10 TiB domain, a window and
+    # the sample cap both dropping samples: the running sums must give the
+    # fit of exactly the samples kept.
+    import random
+
+    from xtnd.spm import forecast
+
+    rng = random.Random(7)
+    est = Estimator(window=300, min_span=0)
+    t, free = 350_000.123, 10 * 1024**4
+    capped = False
+    for i in range(3 * forecast.MAX_SAMPLES):
+        # Fast samples first (the cap drops them), then slow ones (the window does).
+        t += rng.uniform(0.001, 0.1) if i < 2 * forecast.MAX_SAMPLES else rng.uniform(0.5, 1.5)
+        capped = capped or len(est._samples) == forecast.MAX_SAMPLES
+        if i % 7:
+            est.extended(t, f"v{i % 5}", rng.randrange(1, 64) * MiB)
+        else:
+            free = (est.free or free) - rng.randrange(0, 256) * MiB
+            est.sample(t, free)
+        if i % 97 == 0:
+            kept = list(est._samples)
+            assert len(kept) <= forecast.MAX_SAMPLES
+            assert est.rate(t) == pytest.approx(_two_pass_rate(kept), rel=1e-6)
+    assert capped and len(est._samples) < forecast.MAX_SAMPLES  # both dropped samples
+
+
+def test_running_fit_forgets_exactly_what_it_dropped() -> None:
+    est = Estimator(window=10, min_span=0)
+    est.sample(0.0, 1000 * MiB)
+    est.sample(1.0, 0)  # a steep drop, then the window moves past it
+    for t in range(2, 40):
+        est.sample(float(t), 0)
+    assert est.rate(40.0) == 0.0
