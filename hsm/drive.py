@@ -137,18 +137,13 @@ class Drive:
         then sizes the next one with it."""
         self.burst = max(self.burst, chunk)
 
+    def load(self, latency: float = 0.0) -> sizing.Load:
+        """The guest's load on this drive, for an extend latency of latency seconds."""
+        return sizing.Load(self.replicating, self.write_rate, latency, self.burst)
+
     def decide(self, config: sizing.SizingConfig, latency: float = 0.0) -> sizing.Decision:
         """The sizing decision now, for an extend latency of latency seconds."""
-        return sizing.decide(
-            self.capacity,
-            self.allocation,
-            self.physical,
-            config,
-            self.replicating,
-            self.write_rate,
-            latency,
-            self.burst,
-        )
+        return sizing.decide(self.capacity, self.allocation, self.physical, config, self.load(latency))
 
     def arm(self, threshold: int) -> None:
         """The threshold was set in libvirt."""

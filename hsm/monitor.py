@@ -220,9 +220,7 @@ class Monitor:
         chunk = self.config.sizing.chunk
         with self._lock:
             drives = [(vm.name, name, t.drive) for vm in self._vms.values() for name, t in vm.drives.items()]
-            return [
-                (vm, name, d.write_rate, chunk(d.replicating, d.write_rate, latency, d.burst)) for vm, name, d in drives
-            ]
+            return [(vm, name, d.write_rate, chunk(d.load(latency))) for vm, name, d in drives]
 
     def vm_names(self) -> dict[str, str]:
         """VM uuid -> name of every monitored VM."""
@@ -645,9 +643,7 @@ class Monitor:
         # headroom for it.
         with self._lock:
             self._latencies.append(self._clock() - since)
-        threshold = sizing.threshold(
-            size, self.config.sizing, d.replicating, d.write_rate, self.extend_latency(), d.burst
-        )
+        threshold = sizing.threshold(size, self.config.sizing, d.load(self.extend_latency()))
         try:
             self._arm(dom, t, threshold)
         except libvirt.libvirtError as e:

@@ -148,9 +148,9 @@ def dest_needs(dst_physical: int, data: int, capacity: int, config: sizing.Sizin
     """The size the destination must grow to for data bytes to fit with a
     watermark to spare (replicating chunk), or None when it has room."""
     limit = sizing.max_size(capacity)
-    if dst_physical >= limit or dst_physical - data >= config.watermark(True):
+    if dst_physical >= limit or dst_physical - data >= config.watermark(sizing.REPLICATING):
         return None
-    size = sizing.next_size(max(dst_physical, data), capacity, config, True)
+    size = sizing.next_size(max(dst_physical, data), capacity, config, sizing.REPLICATING)
     return size if size > dst_physical else None
 
 
@@ -324,7 +324,7 @@ class Replicator:
         data = block.allocation
         if replica.dst_crossed:
             # The copy wrote past the destination's threshold: extend now.
-            data = max(data, replica.dst_physical - self.config.watermark(True) + 1)
+            data = max(data, replica.dst_physical - self.config.watermark(sizing.REPLICATING) + 1)
         size = dest_needs(replica.dst_physical, data, block.capacity, self.config)
         if size is not None:
             self._extend_dst(replica, size, "copy")
@@ -360,7 +360,7 @@ class Replicator:
         target = replica.dst_target
         if target is None:
             return
-        threshold = sizing.threshold(replica.dst_physical, self.config, True)
+        threshold = sizing.threshold(replica.dst_physical, self.config, sizing.REPLICATING)
         dom.setBlockThreshold(target, threshold)
         replica.dst_threshold = threshold
         log.debug("destination threshold armed vm=%s target=%s threshold=%d", dom.name(), target, threshold)

@@ -56,6 +56,27 @@ LATENCY_WINDOW = 50
 
 
 @dataclass(frozen=True)
+class Load:
+    """What a guest does to its drive, as far as sizing cares; the fixed
+    policy looks at replicating only."""
+
+    # The drive is being copied to another domain (the chunk doubles).
+    replicating: bool = False
+    # The guest's write rate in bytes/s (write_rate()).
+    rate: float = 0.0
+    # How long an extend takes, trigger to refreshed, in seconds.
+    latency: float = 0.0
+    # How far past the threshold the guest was when we heard of it (bytes).
+    burst: int = 0
+
+
+# No writes known: the floor chunk.
+IDLE = Load()
+# A drive being copied, with no writes known.
+REPLICATING = Load(replicating=True)
+
+
+@dataclass(frozen=True)
 class SizingConfig:
     """The [thin] sizing options; chunk and utilization defaults are vdsm's."""
 
@@ -84,12 +105,12 @@ class SizingConfig:
         if not self.safety_factor >= 1:
             raise ValueError(f"safety_factor must be at least 1, got {self.safety_factor}")
 
-    def chunk(self, replicating: bool = False, rate: float = 0.0, latency: float = 0.0, burst: int = 0) -> int:
-        """Bytes of one extend for a guest writing rate bytes/s when an
-        extend takes latency seconds and the guest is burst bytes past
-        the threshold when we hear of it (all ignored by the fixed policy)."""
+    def chunk(self, load: Load = IDLE) -> int:
+        """Bytes of one extend for a guest writing load.rate bytes/s when
+        an extend takes load.latency seconds and the guest is load.burst
+        bytes past the threshold when we hear of it."""
         size = self.chunk_mb * MiB
-        need = (rate * latency + burst) * self.safety_factor
+        need = (load.rate * load.latency + load.burst) * self.safety_factor
         if self.policy == ADAPTIVE and need > 0:
             # The watermark is (100 - u)% of the chunk: size the chunk so
             # that the watermark covers need (with u = 100 there is no
@@ -97,10 +118,10 @@ class SizingConfig:
             free_share = (100 - self.utilization_percent) / 100 if self.utilization_percent < 100 else 1.0
             wanted = round_up(math.ceil(need / free_share), MiB)
             size = max(size, min(wanted, self.max_chunk_mb * MiB))
-        return replicated(size, replicating)
+        return replicated(size, load.replicating)
 
-    def watermark(self, replicating: bool = False, rate: float = 0.0, latency: float = 0.0, burst: int = 0) -> int:
-        return self.chunk(replicating, rate, latency, burst) * (100 - self.utilization_percent) // 100
+    def watermark(self, load: Load = IDLE) -> int:
+        return self.chunk(load) * (100 - self.utilization_percent) // 100
 
 
 def replicated(chunk: int, replicating: bool) -> int:
@@ -129,28 +150,13 @@ def write_rate(
     return rate * keep + now * (1 - keep)
 
 
-def threshold(
-    physical: int,
-    config: SizingConfig,
-    replicating: bool = False,
-    rate: float = 0.0,
-    latency: float = 0.0,
-    burst: int = 0,
-) -> int:
+def threshold(physical: int, config: SizingConfig, load: Load = IDLE) -> int:
     """The write offset at which libvirt should tell us to extend."""
-    return max(1, physical - config.watermark(replicating, rate, latency, burst))
+    return max(1, physical - config.watermark(load))
 
 
-def next_size(
-    physical: int,
-    capacity: int,
-    config: SizingConfig,
-    replicating: bool = False,
-    rate: float = 0.0,
-    latency: float = 0.0,
-    burst: int = 0,
-) -> int:
-    return min(round_up(physical + config.chunk(replicating, rate, latency, burst), MiB), max_size(capacity))
+def next_size(physical: int, capacity: int, config: SizingConfig, load: Load = IDLE) -> int:
+    return min(round_up(physical + config.chunk(load), MiB), max_size(capacity))
 
 
 class Action(enum.Enum):
@@ -172,28 +178,19 @@ class Decision:
     chunk: int = 0  # bytes of the chunk the decision used
 
 
-def decide(
-    capacity: int,
-    allocation: int,
-    physical: int,
-    config: SizingConfig,
-    replicating: bool = False,
-    rate: float = 0.0,
-    latency: float = 0.0,
-    burst: int = 0,
-) -> Decision:
-    """What to do with a drive given its current sizes in bytes, the
-    guest's write rate (bytes/s), the extend latency (seconds) and its
-    burst (bytes, see SizingConfig.chunk)."""
+def decide(capacity: int, allocation: int, physical: int, config: SizingConfig, load: Load = IDLE) -> Decision:
+    """What to do with a drive given its current sizes in bytes and the
+    guest's load on it."""
     limit = max_size(capacity)
-    chunk = config.chunk(replicating, rate, latency, burst)
+    chunk = config.chunk(load)
     new_size = min(round_up(physical + chunk, MiB), limit)
     watermark = chunk * (100 - config.utilization_percent) // 100
     mark = max(1, physical - watermark)
     # Improbable is judged against the floor: a healthy image never gets
     # past its device, and a jump in allocation must not widen its own bound
     # by raising the estimated rate.
-    if allocation > min(round_up(physical + config.chunk(replicating), MiB), limit):
+    floor = config.chunk(Load(replicating=load.replicating))
+    if allocation > min(round_up(physical + floor, MiB), limit):
         action = Action.IMPROBABLE
     elif physical >= limit:
         action = Action.AT_MAX

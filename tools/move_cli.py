@@ -51,6 +51,7 @@ from xtnd.common.units import MiB, round_up
 from xtnd.hsm import config as hsm_config
 from xtnd.hsm import control as hsm_control
 from xtnd.hsm import links
+from xtnd.hsm.sizing import REPLICATING
 from xtnd.hsm.volumes import device_size
 from xtnd.storage.model import max_size
 from xtnd.tools import domain_cli, errors, volume_host_cli
@@ -221,7 +222,7 @@ class Mover:
         src_block = isinstance(src_domain, storage.BlockDomain)
         dst_block = isinstance(dst_domain, storage.BlockDomain)
         capacity, allocation, physical = dom.blockInfo(disk.name)
-        size = initial_size(src_info.capacity, allocation, physical, src_block, self.cfg.sizing().chunk(True))
+        size = initial_size(src_info.capacity, allocation, physical, src_block, self.cfg.sizing().chunk(REPLICATING))
         try:
             self.hsm.call("ping")
         except OSError as e:

@@ -361,7 +361,7 @@ def run_move(
     # extend leaves less than a watermark plus a chunk free (the doubled
     # chunk while replicating), or the volume is at its max size.
     config = sizing.SizingConfig(chunk_mb=chunk_mb)
-    slack = config.chunk(True) + config.watermark(True)
+    slack = config.chunk(sizing.REPLICATING) + config.watermark(sizing.REPLICATING)
     assert end <= dst.size <= end + slack or dst.size >= sizing.max_size(CAPACITY), result
     return result
 

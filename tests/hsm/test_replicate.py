@@ -81,7 +81,7 @@ def test_mirror_index() -> None:
 
 
 def test_dest_needs() -> None:
-    watermark = CONFIG.watermark(True)  # 80% of 32 MiB
+    watermark = CONFIG.watermark(sizing.REPLICATING)  # 80% of 32 MiB
     assert replicate.dest_needs(64 * MiB, 64 * MiB - watermark, GiB, CONFIG) is None
     assert replicate.dest_needs(64 * MiB, 64 * MiB - watermark + 1, GiB, CONFIG) == 96 * MiB
     # Data beyond the destination (a copy far ahead): one chunk past the data.
@@ -157,7 +157,7 @@ def test_move_helpers() -> None:
     assert move_cli.find_disk(moved, "vda") == move_cli.Disk("vda", "file", "/run/xtnd/c/d", "qcow2")
     assert move_cli.find_disk(moved, "vdb").path == "/dev/x"
     assert 'type="block"' in move_cli.dest_xml(True, "/p", "qcow2")
-    chunk = CONFIG.chunk(True)
+    chunk = CONFIG.chunk(sizing.REPLICATING)
     # Allocation plus a chunk; never below a block source; at most the max size.
     assert move_cli.initial_size(GiB, 10 * MiB, 16 * MiB, True, chunk) == 42 * MiB
     assert move_cli.initial_size(GiB, 10 * MiB, 96 * MiB, True, chunk) == 96 * MiB

@@ -4,7 +4,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 from xtnd.hsm import sizing
-from xtnd.hsm.sizing import Action, MiB, SizingConfig
+from xtnd.hsm.sizing import Action, Load, MiB, SizingConfig
 
 GiB = 1024 * MiB
 DEFAULT = SizingConfig()
@@ -13,8 +13,8 @@ DEFAULT = SizingConfig()
 def test_vdsm_defaults() -> None:
     assert DEFAULT.chunk() == 2560 * MiB
     assert DEFAULT.watermark() == 2048 * MiB
-    assert DEFAULT.chunk(replicating=True) == 5120 * MiB
-    assert DEFAULT.watermark(replicating=True) == 4096 * MiB
+    assert DEFAULT.chunk(Load(replicating=True)) == 5120 * MiB
+    assert DEFAULT.watermark(Load(replicating=True)) == 4096 * MiB
 
 
 @pytest.mark.parametrize(
@@ -46,7 +46,7 @@ def test_next_size() -> None:
     assert sizing.next_size(2560 * MiB + 1, 100 * GiB, DEFAULT) == 5121 * MiB
     # Capped at max size.
     assert sizing.next_size(10 * GiB, 10 * GiB, DEFAULT) == 11 * GiB
-    assert sizing.next_size(2560 * MiB, 100 * GiB, DEFAULT, replicating=True) == 7680 * MiB
+    assert sizing.next_size(2560 * MiB, 100 * GiB, DEFAULT, sizing.REPLICATING) == 7680 * MiB
 
 
 def test_decide_arm_when_enough_free() -> None:
@@ -91,14 +91,14 @@ def test_config_validation() -> None:
 def test_sizes_are_consistent(capacity: int, physical: int, chunk_mb: int, utilization: int, replicating: bool) -> None:
     config = SizingConfig(chunk_mb=chunk_mb, utilization_percent=utilization)
     limit = sizing.max_size(capacity)
-    new = sizing.next_size(physical, capacity, config, replicating)
+    new = sizing.next_size(physical, capacity, config, Load(replicating))
     assert limit % MiB == 0 and limit >= capacity * 1.1 - 1
     assert new <= limit
     assert new % MiB == 0
     if physical < limit:
         # Every extend below max size makes progress.
         assert new > physical
-    assert 1 <= sizing.threshold(physical, config, replicating) <= max(1, physical)
+    assert 1 <= sizing.threshold(physical, config, Load(replicating)) <= max(1, physical)
 
 
 def test_one_max_size_rule() -> None:
@@ -122,47 +122,47 @@ def test_adaptive_is_the_default() -> None:
 
 
 def test_fixed_ignores_the_rate() -> None:
-    assert FIXED.chunk(rate=100 * MiB, latency=1.0) == 2 * MiB
-    assert FIXED.watermark(rate=100 * MiB, latency=1.0) == 2 * MiB * 80 // 100
+    assert FIXED.chunk(Load(rate=100 * MiB, latency=1.0)) == 2 * MiB
+    assert FIXED.watermark(Load(rate=100 * MiB, latency=1.0)) == 2 * MiB * 80 // 100
 
 
 def test_adaptive_floor_without_a_rate_or_a_latency() -> None:
     assert ADAPTIVE.chunk() == 2 * MiB
-    assert ADAPTIVE.chunk(rate=10 * MiB) == 2 * MiB
-    assert ADAPTIVE.chunk(latency=1.0) == 2 * MiB
+    assert ADAPTIVE.chunk(Load(rate=10 * MiB)) == 2 * MiB
+    assert ADAPTIVE.chunk(Load(latency=1.0)) == 2 * MiB
     # A slow guest: rate x latency x safety below the floor's headroom.
-    assert ADAPTIVE.chunk(rate=0.5 * MiB, latency=0.5) == 2 * MiB
+    assert ADAPTIVE.chunk(Load(rate=0.5 * MiB, latency=0.5)) == 2 * MiB
 
 
 def test_adaptive_grows_with_the_rate() -> None:
     # 10 MiB/s x 0.5 s x 2 = 10 MiB kept free: the watermark (80% of the
     # chunk) must cover it, so the chunk is 12.5 MiB, rounded up to 13.
-    assert ADAPTIVE.chunk(rate=10 * MiB, latency=0.5) == 13 * MiB
-    assert ADAPTIVE.watermark(rate=10 * MiB, latency=0.5) >= 10 * MiB
-    assert ADAPTIVE.chunk(rate=20 * MiB, latency=0.5) > ADAPTIVE.chunk(rate=10 * MiB, latency=0.5)
+    assert ADAPTIVE.chunk(Load(rate=10 * MiB, latency=0.5)) == 13 * MiB
+    assert ADAPTIVE.watermark(Load(rate=10 * MiB, latency=0.5)) >= 10 * MiB
+    assert ADAPTIVE.chunk(Load(rate=20 * MiB, latency=0.5)) > ADAPTIVE.chunk(Load(rate=10 * MiB, latency=0.5))
 
 
 def test_adaptive_cap_and_replication() -> None:
-    assert ADAPTIVE.chunk(rate=1000 * MiB, latency=1.0) == 64 * MiB
-    assert ADAPTIVE.chunk(rate=1000 * MiB, latency=1.0, replicating=True) == 128 * MiB
-    assert ADAPTIVE.chunk(rate=10 * MiB, latency=0.5, replicating=True) == 26 * MiB
+    assert ADAPTIVE.chunk(Load(rate=1000 * MiB, latency=1.0)) == 64 * MiB
+    assert ADAPTIVE.chunk(Load(rate=1000 * MiB, latency=1.0, replicating=True)) == 128 * MiB
+    assert ADAPTIVE.chunk(Load(rate=10 * MiB, latency=0.5, replicating=True)) == 26 * MiB
     # A cap below the floor leaves the floor.
     low = SizingConfig(chunk_mb=8, policy="adaptive", max_chunk_mb=4)
-    assert low.chunk(rate=1000 * MiB, latency=1.0) == 8 * MiB
+    assert low.chunk(Load(rate=1000 * MiB, latency=1.0)) == 8 * MiB
 
 
 def test_adaptive_with_no_headroom_still_grows_the_chunk() -> None:
     config = SizingConfig(chunk_mb=2, utilization_percent=100, policy="adaptive", max_chunk_mb=64)
-    assert config.chunk(rate=10 * MiB, latency=0.5) == 10 * MiB
-    assert config.watermark(rate=10 * MiB, latency=0.5) == 0
+    assert config.chunk(Load(rate=10 * MiB, latency=0.5)) == 10 * MiB
+    assert config.watermark(Load(rate=10 * MiB, latency=0.5)) == 0
 
 
 def test_adaptive_decide_extends_earlier_for_a_fast_writer() -> None:
     capacity, physical = 1 * GiB, 16 * MiB
     allocation = physical - 4 * MiB  # 4 MiB free: above the floor's 1.6 MiB watermark
-    slow = sizing.decide(capacity, allocation, physical, ADAPTIVE, rate=0.1 * MiB, latency=0.5)
+    slow = sizing.decide(capacity, allocation, physical, ADAPTIVE, Load(rate=0.1 * MiB, latency=0.5))
     assert slow.action is Action.ARM and slow.chunk == 2 * MiB
-    fast = sizing.decide(capacity, allocation, physical, ADAPTIVE, rate=10 * MiB, latency=0.5)
+    fast = sizing.decide(capacity, allocation, physical, ADAPTIVE, Load(rate=10 * MiB, latency=0.5))
     assert fast.action is Action.EXTEND
     assert fast.chunk == 13 * MiB and fast.new_size == physical + 13 * MiB
     assert fast.threshold == physical - fast.chunk * 80 // 100
@@ -171,7 +171,7 @@ def test_adaptive_decide_extends_earlier_for_a_fast_writer() -> None:
 def test_adaptive_next_size_stops_at_max_size() -> None:
     capacity = 100 * MiB
     limit = sizing.max_size(capacity)
-    assert sizing.next_size(limit - MiB, capacity, ADAPTIVE, rate=1000 * MiB, latency=1.0) == limit
+    assert sizing.next_size(limit - MiB, capacity, ADAPTIVE, Load(rate=1000 * MiB, latency=1.0)) == limit
 
 
 def test_write_rate_takes_a_burst_at_once_and_decays_slowly() -> None:
@@ -203,13 +203,13 @@ def test_adaptive_chunk_bounds(
 ) -> None:
     config = SizingConfig(chunk_mb=chunk_mb, utilization_percent=utilization, max_chunk_mb=max_chunk_mb)
     factor = 2 if replicating else 1
-    chunk = config.chunk(replicating, rate, latency)
+    chunk = config.chunk(Load(replicating, rate, latency))
     assert chunk % MiB == 0
     assert chunk_mb * MiB * factor <= chunk <= max(chunk_mb, max_chunk_mb) * MiB * factor
     need = rate * latency * config.safety_factor
     if utilization < 100 and chunk < max_chunk_mb * MiB * factor:
         # Below the cap, the headroom covers what the guest writes meanwhile.
-        assert config.watermark(replicating, rate, latency) >= min(need, chunk) - MiB
+        assert config.watermark(Load(replicating, rate, latency)) >= min(need, chunk) - MiB
 
 
 def test_config_rejects_bad_policy_options() -> None:
@@ -224,11 +224,11 @@ def test_config_rejects_bad_policy_options() -> None:
 def test_adaptive_burst_widens_the_headroom() -> None:
     # The guest was already 1 MiB past the threshold when its event came:
     # (1 MiB/s x 0.2 s + 1 MiB) x 2 = 2.4 MiB kept free, chunk 3 MiB.
-    assert ADAPTIVE.chunk(rate=1 * MiB, latency=0.2, burst=1 * MiB) == 3 * MiB
-    assert FIXED.chunk(rate=1 * MiB, latency=0.2, burst=1 * MiB) == 2 * MiB
+    assert ADAPTIVE.chunk(Load(rate=1 * MiB, latency=0.2, burst=1 * MiB)) == 3 * MiB
+    assert FIXED.chunk(Load(rate=1 * MiB, latency=0.2, burst=1 * MiB)) == 2 * MiB
 
 
 def test_adaptive_rate_does_not_widen_the_improbable_bound() -> None:
     physical = 16 * MiB
-    d = sizing.decide(1 * GiB, 40 * MiB, physical, ADAPTIVE, rate=100 * MiB, latency=1.0, burst=24 * MiB)
+    d = sizing.decide(1 * GiB, 40 * MiB, physical, ADAPTIVE, Load(rate=100 * MiB, latency=1.0, burst=24 * MiB))
     assert d.action is Action.IMPROBABLE
