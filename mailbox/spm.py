@@ -43,8 +43,9 @@ from .directio import Storage, StorageError
 from .inbox import InboxView, Reader
 from .outbox import OutboxImage
 from .spmtypes import Handler, NoReply, Request, SPMConfig
+from .waves import ThreadTimes, Wave, thread_times
 
-__all__ = ["Handler", "NoReply", "Request", "SPMConfig", "SPMMailbox"]
+__all__ = ["Handler", "NoReply", "Request", "SPMConfig", "SPMMailbox", "Wave"]
 
 log = logging.getLogger("xtnd.mailbox.spm")
 
@@ -103,11 +104,18 @@ class SPMMailbox:
             "errors": 0,
             "outbox_writes": 0,
         }
-        # Recent waves: (service seconds, requests, messages answered).
-        self.waves: collections.deque[tuple[float, int, int]] = collections.deque(maxlen=4096)
+        # Recent waves: service seconds, requests, messages answered, and
+        # where the time went (waves.Wave).
+        self.waves: collections.deque[Wave] = collections.deque(maxlen=4096)
         self._wave_start: float | None = None
         self._wave_requests = 0
         self._wave_messages = 0
+        self._wave_intake = 0.0  # end of the last scan that found a request
+        # At the wave's start: thread times, and (inbox bytes read, outbox
+        # writes, scans, handler seconds) so far.
+        self._wave_times = ThreadTimes(0.0, 0.0, 0.0)
+        self._wave_counts: tuple[int, int, int, float] = (0, 0, 0, 0.0)
+        self._handler_seconds = 0.0
         self._view = InboxView(inbox, max_hosts, self.config.scan_chunk, self._rlog, self.stats)
         # Called with the duration of each full inbox scan (metrics).
         self.on_scan: Callable[[float], None] | None = None
@@ -255,6 +263,9 @@ class SPMMailbox:
         began = time.monotonic() if began is None else began
         if self._wave_start is None:
             self._wave_start = began
+            self._wave_times = thread_times()
+            self._wave_counts = self._counts()
+        requests = self._wave_requests
         now = self._clock()
         self._next_scan = now + self.config.scan_interval
         self.stats["scans"] += 1
@@ -272,6 +283,8 @@ class SPMMailbox:
             if self.config.workers:
                 self._take_replies()
                 self._write_dirty(in_scan=True)
+        if self._wave_requests != requests:
+            self._wave_intake = time.monotonic()
         if self._wave_start == began and not (self._wave_requests or self._wave_messages) and self._idle():
             self._wave_start = None  # nothing new: no wave began
         if self.on_scan is not None:
@@ -302,7 +315,9 @@ class SPMMailbox:
         if self.config.workers == 0:
             with self._lock:
                 self._active += 1
-            self._hand_in(req, self._handle(req))
+            t0 = time.perf_counter()
+            reply = self._handle(req)
+            self._hand_in(req, reply, time.perf_counter() - t0)
         else:
             self._batch.append(req)
 
@@ -349,9 +364,33 @@ class SPMMailbox:
                 self._written = self._taken
                 self._flushed.notify_all()
         if self._wave_start is not None and not in_scan and self._idle():
-            self.waves.append((time.monotonic() - self._wave_start, self._wave_requests, self._wave_messages))
-            self._wave_start = None
-            self._wave_requests = self._wave_messages = 0
+            self._end_wave()
+
+    def _counts(self) -> tuple[int, int, int, float]:
+        return (self._inbox.counters.read_bytes, self.stats["outbox_writes"], self.stats["scans"],
+                self._handler_seconds)
+
+    def _end_wave(self) -> None:
+        assert self._wave_start is not None
+        end = time.monotonic()
+        times = thread_times()
+        t0 = self._wave_times
+        counts = [b - a for a, b in zip(self._wave_counts, self._counts(), strict=True)]
+        self.waves.append(Wave(
+            seconds=end - self._wave_start,
+            requests=self._wave_requests,
+            messages=self._wave_messages,
+            scans=int(counts[2]),
+            read_bytes=int(counts[0]),
+            outbox_writes=int(counts[1]),
+            intake_seconds=max(0.0, self._wave_intake - self._wave_start) if self._wave_requests else 0.0,
+            handler_seconds=counts[3],
+            io_cpu_seconds=times.cpu - t0.cpu,
+            io_wait_cpu_seconds=times.run_delay - t0.run_delay,
+            cpu_seconds=times.process_cpu - t0.process_cpu,
+        ))
+        self._wave_start = None
+        self._wave_requests = self._wave_messages = 0
 
     def _idle(self) -> bool:
         """Nothing dispatched, handed back, or waiting to be written."""
@@ -365,13 +404,16 @@ class SPMMailbox:
             req = self._work.get()
             if req is None:
                 return
-            if not self._hand_in(req, self._handle(req)):
+            t0 = time.perf_counter()
+            reply = self._handle(req)
+            if not self._hand_in(req, reply, time.perf_counter() - t0):
                 return
 
-    def _hand_in(self, req: Request, reply: bytes | None) -> bool:
+    def _hand_in(self, req: Request, reply: bytes | None, seconds: float = 0.0) -> bool:
         """Queue a handler's reply for the I/O thread; False once stopping."""
         with self._flushed:
             self._active -= 1
+            self._handler_seconds += seconds
             if self._stopping:
                 return False
             if reply is not None:

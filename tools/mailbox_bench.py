@@ -31,7 +31,7 @@ from typing import Any
 from xtnd.common import cmd, stats
 from xtnd.mailbox import codec, directio
 from xtnd.mailbox.hsm import HSMConfig
-from xtnd.mailbox.spm import SPMConfig, SPMMailbox
+from xtnd.mailbox.spm import SPMConfig, SPMMailbox, Wave
 from xtnd.tools.mailbox_hsms import hsm_main
 from xtnd.tools.mailbox_lean import lean_main
 
@@ -98,7 +98,7 @@ def _spm_main(box: Mailbox, config: SPMConfig, conn: Connection) -> None:
                 }
             )
         elif cmd == "waves":
-            # (seconds, requests, messages) of the waves since last asked.
+            # The waves since last asked (spm.Wave).
             conn.send([spm.waves.popleft() for _ in range(len(spm.waves))])
         elif cmd == "stop":
             spm.stop()
@@ -180,10 +180,10 @@ class Cluster:
             writes += s["writes"]
         return reads, writes
 
-    def waves(self) -> list[tuple[float, int, int]]:
-        """The SPM's waves since last asked: (seconds, requests, messages)."""
+    def waves(self) -> list[Wave]:
+        """The SPM's waves since last asked."""
         self.spm_conn.send("waves")
-        waves: list[tuple[float, int, int]] = self.spm_conn.recv()
+        waves: list[Wave] = self.spm_conn.recv()
         return waves
 
     def round(self, messages: int) -> tuple[list[float], int]:
@@ -259,7 +259,10 @@ def run_bench(
     ms = [x * 1000 for x in latencies]
     # The SPM's service time of the waves that carried requests (the clean
     # and free steps of the handshake make waves of their own).
-    wave_ms = sorted(w[0] * 1000 for w in waves if w[1])
+    request_waves = [w for w in waves if w.requests]
+    wave_ms = sorted(w.seconds * 1000 for w in request_waves)
+    detail = [_wave_detail(w) for w in request_waves]
+    worst = max(detail, key=lambda d: d["ms"], default=None)
     return {
         "hosts": hosts,
         "messages": messages,
@@ -277,6 +280,10 @@ def run_bench(
         "spm_wave_p50_ms": round(stats.percentile(wave_ms, 50), 2),
         "spm_wave_p99_ms": round(stats.percentile(wave_ms, 99), 2),
         "spm_wave_max_ms": round(wave_ms[-1], 2) if wave_ms else math.nan,
+        # Where each wave's time went (mailbox/waves.py), in host order of
+        # the waves; the slowest one again on its own.
+        "spm_wave_detail": detail,
+        "spm_wave_worst": worst,
         "spm_cpu_idle_pct": round(100 * (c1 - c0) / idle_wall, 2),
         "spm_cpu_busy_pct": round(100 * (c3 - c2) / busy_wall, 2),
         "reads_per_s_idle": round((r1 - r0) / idle_wall, 1),
@@ -297,6 +304,35 @@ def run_bench(
     }
 
 
+def _wave_detail(w: Wave) -> dict[str, Any]:
+    return {
+        "ms": round(w.seconds * 1000, 2),
+        "requests": w.requests,
+        "messages": w.messages,
+        "scans": w.scans,
+        "read_mib": round(w.read_bytes / 1024**2, 2),
+        "outbox_writes": w.outbox_writes,
+        # Start to the end of the last scan that found a request.
+        "intake_ms": round(w.intake_seconds * 1000, 2),
+        "handler_ms": round(w.handler_seconds * 1000, 2),
+        # The SPM's I/O thread: CPU used, and runnable but waiting for a CPU.
+        "io_cpu_ms": round(w.io_cpu_seconds * 1000, 2),
+        "io_wait_cpu_ms": round(w.io_wait_cpu_seconds * 1000, 2),
+        "process_cpu_ms": round(w.cpu_seconds * 1000, 2),
+    }
+
+
+def _format_wave(d: dict[str, Any] | None) -> str:
+    if d is None:
+        return "none"
+    return (
+        f"{d['ms']:.1f} ms: {d['requests']} requests, {d['scans']} scans ({d['read_mib']} MiB read), "
+        f"last request found at {d['intake_ms']:.1f} ms, {d['outbox_writes']} outbox writes; "
+        f"I/O thread CPU {d['io_cpu_ms']:.1f} ms + waiting for a CPU {d['io_wait_cpu_ms']:.1f} ms; "
+        f"process CPU {d['process_cpu_ms']:.1f} ms, handlers {d['handler_ms']:.1f} ms"
+    )
+
+
 def format_result(r: dict[str, Any]) -> str:
     return (
         f"hosts={r['hosts']} messages={r['messages']} rounds={r['rounds']} requests={r['requests']} "
@@ -306,6 +342,7 @@ def format_result(r: dict[str, Any]) -> str:
         f"  SPM wave   p50={r['spm_wave_p50_ms']:.2f} ms  p99={r['spm_wave_p99_ms']:.2f} ms  "
         f"max={r['spm_wave_max_ms']:.2f} ms  ({r['spm_waves']} waves with requests: first read to last reply "
         f"written)\n"
+        f"  worst wave {_format_wave(r['spm_wave_worst'])}\n"
         f"  SPM I/O    per round: {r['spm_scans_per_round']} inbox scans, "
         f"{r['spm_outbox_writes_per_round']} outbox writes\n"
         f"  SPM CPU    idle={r['spm_cpu_idle_pct']:.2f}%  busy={r['spm_cpu_busy_pct']:.2f}% of a core\n"

@@ -95,7 +95,10 @@ def test_wave_from_every_host_is_one_write(areas: Areas) -> None:
     for h, reqs in requests.items():
         replies = [codec.encode_reply(r, 2 * codec.decode(r).size_mb) for r in reqs]  # type: ignore[union-attr]
         assert data[h * BLOCK : (h + 1) * BLOCK] == codec.build_block(replies, with_checksum=False)
-    [(seconds, reqs_in_wave, messages)] = list(spm.waves)
+    [wave] = list(spm.waves)
+    seconds, reqs_in_wave, messages = wave[:3]
+    assert (wave.scans, wave.outbox_writes) == (1, 1)
+    assert wave.read_bytes >= MAX_HOSTS * BLOCK
     assert (reqs_in_wave, messages) == (2 * MAX_HOSTS, 2 * MAX_HOSTS)
     assert seconds > 0
     # Nothing new: no wave.

@@ -17,8 +17,16 @@ def test_lean_bench_reports_roundtrip_and_spm_waves() -> None:
     # A few scans and writes per round, not one per host.
     assert 1 <= r["spm_scans_per_round"] < 30
     assert 1 <= r["spm_outbox_writes_per_round"] < 30
+    # Where each wave's time went: its scans read the inbox, its writes
+    # answered, and it found the requests no later than it ended.
+    assert len(r["spm_wave_detail"]) == r["spm_waves"]
+    worst = r["spm_wave_worst"]
+    assert worst["ms"] == r["spm_wave_max_ms"]
+    assert worst["scans"] >= 1 and worst["read_mib"] > 0 and worst["outbox_writes"] >= 1
+    assert 0 <= worst["intake_ms"] <= worst["ms"]
+    assert worst["io_cpu_ms"] > 0
     text = mailbox_bench.format_result(r)
-    assert "SPM wave" in text and "roundtrip" in text
+    assert "SPM wave" in text and "roundtrip" in text and "worst wave" in text
 
 
 def test_hsm_clients_bench() -> None:
