@@ -41,6 +41,9 @@ Resize notice block (outbox block 0, no host's: host ids start at 1)
     HSMs poll it while they run VMs (a changed id: check your disks). vdsm
     never reads or writes outbox block 0.
 
+    An event block is this layout with only magic and id set: one struct
+    (_record_format) encodes and decodes both block-0 records.
+
 Decoding raises only MessageError / BlockError, both carrying the raw bytes.
 """
 
@@ -153,23 +156,21 @@ def _uuid_from_wire(raw: bytes) -> uuid.UUID:
 # A pool has a handful of domains: their UUIDs are built once.
 _domain_from_wire = functools.lru_cache(maxsize=256)(_uuid_from_wire)
 
-_event_format = c.Struct(
-    "magic" / c.Const(EVENT_MAGIC),
-    "uuid" / c.Bytes(16),
-    "padding" / c.Bytes(BLOCK_SIZE - 20),
-).compile()
-
-
 RESIZE_MAGIC = b"\0rsz"
 
-_notice_format = c.Struct(
-    "magic" / c.Const(RESIZE_MAGIC),
+# Block 0 of either area holds one record, not messages: the event block
+# (inbox) and the resize notice (outbox) share this layout. An event fills
+# only magic and id; the rest of its block is zeros.
+_RECORD_HEAD_SIZE = 4 + 16 + 16 + 16 + 8
+_record_format = c.Struct(
+    "magic" / c.Bytes(4),
     "id" / c.Bytes(16),
     "domain" / c.Bytes(16),
     "volume" / c.Bytes(16),
     "capacity" / c.Int64ul,
-    "padding" / c.Bytes(BLOCK_SIZE - 60),
+    c.Padding(BLOCK_SIZE - _RECORD_HEAD_SIZE),  # zeros when built, not checked when parsed
 ).compile()
+_NO_VOLUME = bytes(16)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -416,53 +417,59 @@ def put_slot(buf: bytearray, index: int, raw: bytes) -> None:
     buf[start : start + MESSAGE_SIZE] = raw
 
 
+def _encode_record(
+    magic: bytes, record_id: uuid.UUID, domain: bytes = _NO_VOLUME, volume: bytes = _NO_VOLUME, capacity: int = 0
+) -> bytes:
+    return bytes(
+        _record_format.build(
+            {
+                "magic": magic,
+                "id": record_id.bytes,
+                "domain": domain,
+                "volume": volume,
+                "capacity": capacity,
+            }
+        )
+    )
+
+
+def _decode_record(raw: bytes | memoryview, magic: bytes, name: str) -> c.Container | None:
+    """The fields of a block-0 record; None for an all-zero block."""
+    raw = bytes(raw)
+    if len(raw) != BLOCK_SIZE:
+        raise BlockError(f"{name} block must be {BLOCK_SIZE} bytes, got {len(raw)}", raw)
+    if raw == EMPTY_BLOCK:
+        return None
+    parsed = _record_format.parse(raw)
+    if parsed.magic != magic:
+        raise BlockError(f"not {name} block: magic {parsed.magic!r}, expected {magic!r}", raw)
+    return parsed
+
+
 def encode_event(event_id: uuid.UUID | None = None) -> bytes:
     """A fresh event block (random id unless given)."""
-    event_id = event_id or uuid.uuid4()
-    return bytes(_event_format.build({"uuid": event_id.bytes, "padding": bytes(BLOCK_SIZE - 20)}))
+    return _encode_record(EVENT_MAGIC, event_id or uuid.uuid4())
 
 
 def decode_event(raw: bytes | memoryview) -> uuid.UUID | None:
     """The event id of an event block; None for an all-zero (never written) block."""
-    raw = bytes(raw)
-    if len(raw) != BLOCK_SIZE:
-        raise BlockError(f"event block must be {BLOCK_SIZE} bytes, got {len(raw)}", raw)
-    if raw == EMPTY_BLOCK:
-        return None
-    try:
-        parsed = _event_format.parse(raw)
-    except c.ConstructError as e:
-        raise BlockError(f"not an event block: {e}", raw) from None
-    return uuid.UUID(bytes=parsed.uuid)
+    parsed = _decode_record(raw, EVENT_MAGIC, "an event")
+    return None if parsed is None else uuid.UUID(bytes=parsed.id)
 
 
 def encode_notice(notice: ResizeNotice) -> bytes:
     """The 4096-byte notice block (outbox block 0)."""
-    return bytes(
-        _notice_format.build(
-            {
-                "id": notice.id.bytes,
-                "domain": _uuid_to_wire(notice.domain),
-                "volume": _uuid_to_wire(notice.volume),
-                "capacity": notice.capacity,
-                "padding": bytes(BLOCK_SIZE - 60),
-            }
-        )
+    return _encode_record(
+        RESIZE_MAGIC, notice.id, _uuid_to_wire(notice.domain), _uuid_to_wire(notice.volume), notice.capacity
     )
 
 
 def decode_notice(raw: bytes | memoryview) -> ResizeNotice | None:
     """The notice in outbox block 0; None for an all-zero block (none yet,
     or an SPM zeroed the outbox when it started)."""
-    raw = bytes(raw)
-    if len(raw) != BLOCK_SIZE:
-        raise BlockError(f"notice block must be {BLOCK_SIZE} bytes, got {len(raw)}", raw)
-    if raw == EMPTY_BLOCK:
+    parsed = _decode_record(raw, RESIZE_MAGIC, "a resize notice")
+    if parsed is None:
         return None
-    try:
-        parsed = _notice_format.parse(raw)
-    except c.ConstructError as e:
-        raise BlockError(f"not a resize notice block: {e}", raw) from None
     return ResizeNotice(
         uuid.UUID(bytes=parsed.id),
         _uuid_from_wire(parsed.domain),
