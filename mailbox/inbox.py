@@ -19,8 +19,8 @@ whose bytes changed:
 
 The protocol does not say which host wrote (the event block is one id for
 all), so a scan reads every host's block; what changed is found by
-comparing each block with the kept one (memcmp), and only changed blocks
-cost more.
+comparing each chunk with the kept area in one numpy pass, and only
+changed blocks cost Python work (InboxView).
 """
 
 from __future__ import annotations
@@ -77,7 +77,9 @@ def checksums_valid(area: bytes, offsets: list[int]) -> list[bool]:
         return [codec.checksum_valid(area[o : o + BLOCK]) for o in offsets]
     blocks = len(area) // BLOCK
     rows = numpy.frombuffer(area, numpy.uint8).reshape(blocks, BLOCK)
-    sums: list[int] = rows[:, :codec.CHECKSUM_OFFSET].sum(axis=1, dtype=numpy.int64).tolist()
+    # 4092 bytes sum to at most 1,043,460: uint32 holds it, and summing
+    # into it is ~2x faster than into int64.
+    sums: list[int] = rows[:, :codec.CHECKSUM_OFFSET].sum(axis=1, dtype=numpy.uint32).tolist()
     stored: list[int] = numpy.ndarray(
         (blocks,), dtype="<i4", buffer=area, offset=codec.CHECKSUM_OFFSET, strides=(BLOCK,)
     ).tolist()
@@ -123,7 +125,15 @@ class Reader:
 
 
 class InboxView:
-    """Host blocks as last scanned, and the scan that compares with them."""
+    """The inbox as last scanned, and the scan that compares with it.
+
+    The area is kept as one bytearray, every block as the last scan saw it
+    (a block with a bad checksum kept as zeros). A chunk read is compared
+    with it whole, 8 bytes at a time with numpy: only changed blocks cost
+    Python work, and nothing is allocated per host, so an idle scan of a
+    2000-host inbox costs ~1 ms and a wave's cost follows the blocks that
+    changed. Without numpy, blocks are compared one by one (memcmp).
+    """
 
     def __init__(self, inbox: Storage, max_hosts: int, chunk: int, rlog: RateLimitedLog, stats: dict[str, int]):
         self._inbox = inbox
@@ -132,20 +142,21 @@ class InboxView:
         self._chunk = chunk
         self._rlog = rlog
         self._stats = stats
-        self._blocks = [codec.EMPTY_BLOCK] * (max_hosts + 1)
+        self._area = bytearray(self._length)
+        self._words = numpy.frombuffer(self._area, numpy.uint64) if _HAVE_NUMPY else None
         self.last_event = b""
         # Set by the SPM while its threads run; None reads in the caller.
         self.reader: Reader | None = None
 
     def forget(self) -> None:
         """Take every block as all zeros: every pending message is new."""
-        self._blocks = [codec.EMPTY_BLOCK] * (self.max_hosts + 1)
+        self._area[:] = bytes(self._length)
         self.last_event = b""
 
     def holds(self, host: int, index: int, raw: bytes) -> bool:
         """True if the last scan saw ``raw`` in slot ``index`` of ``host``."""
-        start = index * MESSAGE
-        return self._blocks[host][start : start + MESSAGE] == raw
+        start = host * BLOCK + index * MESSAGE
+        return self._area[start : start + MESSAGE] == raw
 
     def event_changed(self) -> bool:
         """Read the event block; True if it differs from the last one seen."""
@@ -155,25 +166,37 @@ class InboxView:
 
     def scan(self) -> Iterator[list[NewMessage]]:
         """Read the inbox; yield the new messages of each chunk as it is done."""
-        blocks = self._blocks
         for offset, data in self._read():
             if offset == 0:
                 self.last_event = data[:BLOCK]
-            first = max(1, offset // BLOCK)
-            changed: list[tuple[int, bytes]] = []
-            for host in range(first, first + len(data) // BLOCK - (offset == 0)):
-                start = host * BLOCK - offset
-                # bytes slices: comparing memoryviews goes item by item in
-                # CPython (milliseconds per scan); bytes compare with memcmp.
-                block = data[start : start + BLOCK]
-                if block != blocks[host]:
-                    changed.append((host, block))
             found: list[NewMessage] = []
-            # Checksums of all changed blocks at once (checksums_valid).
-            valid = checksums_valid(data, [host * BLOCK - offset for host, _ in changed])
-            for (host, block), ok in zip(changed, valid, strict=True):
-                self._changed(host, block, ok, found)
+            changed = [h for h in self._changed_hosts(offset, data) if h > 0]
+            if changed:
+                # Checksums of all changed blocks at once (checksums_valid).
+                valid = checksums_valid(data, [host * BLOCK - offset for host in changed])
+                for host, ok in zip(changed, valid, strict=True):
+                    start = host * BLOCK - offset
+                    self._block_changed(host, data[start : start + BLOCK], ok, found)
             yield found
+
+    def _changed_hosts(self, offset: int, data: bytes) -> list[int]:
+        """Block numbers in ``data`` (read at ``offset``) that differ from the kept ones."""
+        first = offset // BLOCK
+        if self._words is not None:
+            words = BLOCK // 8
+            new = numpy.frombuffer(data, numpy.uint64).reshape(-1, words)
+            old = self._words[offset // 8 : (offset + len(data)) // 8].reshape(-1, words)
+            rows: list[int] = numpy.flatnonzero((new != old).any(axis=1)).tolist()
+            return [first + r for r in rows]
+        area = self._area
+        out = []
+        for n in range(len(data) // BLOCK):
+            start = n * BLOCK
+            # bytes slices: comparing memoryviews goes item by item in
+            # CPython (milliseconds per scan); bytes compare with memcmp.
+            if data[start : start + BLOCK] != area[offset + start : offset + start + BLOCK]:
+                out.append(first + n)
+        return out
 
     def _read(self) -> Iterator[tuple[int, bytes]]:
         size = self._chunk * BLOCK
@@ -186,9 +209,11 @@ class InboxView:
         reads = [(offset, min(size, self._length - offset)) for offset in offsets]
         yield from zip(offsets, reader.read_all(reads), strict=True)
 
-    def _changed(self, host: int, block: bytes, valid: bool, found: list[NewMessage]) -> None:
+    def _block_changed(self, host: int, block: bytes, valid: bool, found: list[NewMessage]) -> None:
+        """Keep ``host``'s new block; add its new messages to ``found``."""
+        at = host * BLOCK
         if block == codec.EMPTY_BLOCK:
-            self._blocks[host] = block
+            self._area[at : at + BLOCK] = block
             return
         if not valid:
             self._stats["bad_blocks"] += 1
@@ -200,10 +225,10 @@ class InboxView:
                 codec.stored_checksum(block),
                 codec.checksum(block),
             )
-            self._blocks[host] = codec.EMPTY_BLOCK  # reconsider everything once valid
+            self._area[at : at + BLOCK] = codec.EMPTY_BLOCK  # reconsider everything once valid
             return
-        old = self._blocks[host]
-        self._blocks[host] = block
+        old = self._area[at : at + BLOCK]
+        self._area[at : at + BLOCK] = block
         marks = block[_FIRST_BYTES].translate(_HOLDS_MESSAGE)
         i = marks.find(1)
         while i != -1:

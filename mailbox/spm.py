@@ -310,7 +310,8 @@ class SPMMailbox:
             return
         self.stats["requests"] += 1
         self._wave_requests += 1
-        history.record("seen", host=host, slot=i, volume=str(msg.volume), size_mb=msg.size_mb)
+        if history.enabled():  # str() of a UUID costs ~1 us a request
+            history.record("seen", host=host, slot=i, volume=str(msg.volume), size_mb=msg.size_mb)
         req = Request(host, i, msg, raw, now)
         if self.config.workers == 0:
             with self._lock:

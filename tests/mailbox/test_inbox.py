@@ -26,10 +26,17 @@ def use_reader(request: pytest.FixtureRequest) -> bool:
     return bool(request.param)
 
 
-def test_new_messages_across_chunks(areas: Areas, use_reader: bool) -> None:
+@pytest.fixture(params=[True, False], ids=["numpy", "memcmp"])
+def compare_numpy(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param)
+
+
+def test_new_messages_across_chunks(areas: Areas, use_reader: bool, compare_numpy: bool) -> None:
     inbox, _ = areas.open()
     stats = {"event_reads": 0, "bad_blocks": 0}
     view = InboxView(inbox, MAX_HOSTS, 4, RateLimitedLog(logging.getLogger("test"), 60), stats)
+    if not compare_numpy:
+        view._words = None  # chunks compared block by block
     view.reader = Reader(inbox) if use_reader else None
     writer, _ = areas.open()
     reqs = {h: [request(), request()] for h in (1, 3, 4, 7, 8, 10)}  # chunks: 0-3, 4-7, 8-10
