@@ -143,6 +143,22 @@ class DirectFile:
         log.debug("read path=%s offset=%d length=%d", self.path, offset, length)
         return buf[:length]
 
+    def readinto(self, offset: int, buf: mmap.mmap) -> None:
+        """Read len(buf) bytes at ``offset`` straight into ``buf`` (page
+        aligned, as every mmap is): no copy, nothing allocated. The SPM's
+        inbox scan reads 8 MiB of a 2000-host inbox this way; a fresh
+        bytes object per read cost ~0.5 ms of page faults per 2 MiB here."""
+        length = len(buf)
+        _check_aligned(offset, length)
+        try:
+            n = os.preadv(self._fd, [buf], offset)
+        except OSError as e:
+            raise StorageError(e.errno, f"read {self.path} offset={offset} length={length}: {e.strerror}") from e
+        if n != length:
+            raise StorageError(errno.EIO, f"short read {self.path} offset={offset}: {n} of {length} bytes")
+        self.counters.reads += 1
+        self.counters.read_bytes += n
+
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         length = len(data)
         _check_aligned(offset, length)
@@ -205,6 +221,9 @@ class MemoryStorage:
             self.counters.reads += 1
             self.counters.read_bytes += length
             return bytes(self.data[offset : offset + length])
+
+    def readinto(self, offset: int, buf: mmap.mmap) -> None:
+        buf[:] = self.read(offset, len(buf))
 
     def write(self, offset: int, data: bytes | bytearray | memoryview) -> None:
         length = len(data)

@@ -73,11 +73,31 @@ def test_reader_passes_errors_on(areas: Areas) -> None:
     reader = Reader(inbox)
     try:
         chunks = reader.read_all([(0, BLOCK), (1 << 40, BLOCK), (BLOCK, BLOCK)])
-        assert next(chunks) == bytes(BLOCK)
+        assert next(chunks)[:] == bytes(BLOCK)
         with pytest.raises(directio.StorageError):
             next(chunks)
         # The reader thread lives on.
-        assert list(reader.read_all([(BLOCK, BLOCK)])) == [bytes(BLOCK)]
+        assert [c[:] for c in reader.read_all([(BLOCK, BLOCK)])] == [bytes(BLOCK)]
+    finally:
+        reader.close()
+
+
+def test_reader_reuses_its_buffers(areas: Areas) -> None:
+    """Reads go into kept buffers, one per read of a scan, refilled by the
+    next scan: what it yields is the storage's bytes at that moment."""
+    inbox, _ = areas.open()
+    writer, _ = areas.open()
+    reader = Reader(inbox)
+    try:
+        reads = [(0, 2 * BLOCK), (2 * BLOCK, BLOCK)]
+        first = [c[:] for c in reader.read_all(reads)]
+        assert first == [bytes(2 * BLOCK), bytes(BLOCK)]
+        block = codec.build_block([request()])
+        writer.write(2 * BLOCK, block)
+        writer.write(BLOCK, block)
+        buffers = list(reader.read_all(reads))
+        assert [b[:] for b in buffers] == [bytes(BLOCK) + block, block]
+        assert [id(b) for b in reader.read_all(reads)] == [id(b) for b in buffers]
     finally:
         reader.close()
 
