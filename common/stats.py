@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import json
 import math
-from collections.abc import Sequence
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
 
 
 def percentile(values: Sequence[float], p: float) -> float:
@@ -23,3 +27,36 @@ def percentile(values: Sequence[float], p: float) -> float:
 def json_number(x: float, digits: int) -> float | None:
     """x rounded for a JSON document; None (null) for NaN, which JSON lacks."""
     return None if math.isnan(x) else round(x, digits)
+
+
+def summary_ms(seconds: Sequence[float], digits: int = 1) -> dict[str, float]:
+    """count, min, p50, p99 and max of durations given in seconds, in ms.
+
+    The latency block every benchmark reports; ``{"count": 0}`` when there
+    is nothing to summarize (no NaN in a JSON document).
+    """
+    if not seconds:
+        return {"count": 0}
+    ms = [s * 1000 for s in seconds]
+    return {
+        "count": len(ms),
+        "min": round(min(ms), digits),
+        "p50": round(percentile(ms, 50), digits),
+        "p99": round(percentile(ms, 99), digits),
+        "max": round(max(ms), digits),
+    }
+
+
+def loadavg() -> list[float]:
+    """The machine's 1, 5 and 15 minute load averages, as benchmarks report them."""
+    return [round(x, 2) for x in os.getloadavg()]
+
+
+def emit(result: dict[str, Any], as_json: bool, text: Callable[[dict[str, Any]], str]) -> None:
+    """A benchmark's epilogue: one JSON object on a line, or text(result)."""
+    if as_json:
+        json.dump(result, sys.stdout)
+        sys.stdout.write("\n")
+    else:
+        print(text(result))
+    sys.stdout.flush()

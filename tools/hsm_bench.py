@@ -42,7 +42,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import logging
 import os
 import sys
@@ -52,7 +51,7 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from xtnd.common.stats import percentile
+from xtnd.common import stats
 from xtnd.hsm.metrics import ExtendRecord
 
 MiB = 1024**2
@@ -63,26 +62,13 @@ TARGET_ENOSPC_MS = 50
 log = logging.getLogger("xtnd.hsm.bench")
 
 
-def _summary(values: list[float]) -> dict[str, float]:
-    if not values:
-        return {"count": 0}
-    ms = [v * 1000 for v in values]
-    return {
-        "count": len(ms),
-        "min": round(min(ms), 1),
-        "p50": round(percentile(ms, 50), 1),
-        "p99": round(percentile(ms, 99), 1),
-        "max": round(max(ms), 1),
-    }
-
-
 def _phases(records: list[ExtendRecord]) -> dict[str, dict[str, float]]:
     return {
-        "wait": _summary([r.wait for r in records]),
-        "extend": _summary([r.extend for r in records]),
-        "refresh": _summary([r.refresh for r in records]),
-        "resume": _summary([r.resume for r in records]),
-        "total": _summary([r.total for r in records]),
+        "wait": stats.summary_ms([r.wait for r in records]),
+        "extend": stats.summary_ms([r.extend for r in records]),
+        "refresh": stats.summary_ms([r.refresh for r in records]),
+        "resume": stats.summary_ms([r.resume for r in records]),
+        "total": stats.summary_ms([r.total for r in records]),
     }
 
 
@@ -161,21 +147,25 @@ class Bench:
         finally:
             host.stop()
 
-    def run_guest(
-        self, pool: Any, chunk_mb: int, utilization: int, workload: Any, initial_mb: int
-    ) -> tuple[list[ExtendRecord], str, float, dict[str, Any]]:
-        """One guest on a fresh volume under a fresh HSM; records, name, write seconds."""
+    def run_hsm(
+        self,
+        config: Any,
+        disk: str,
+        workload: Any,
+        records: list[ExtendRecord],
+        inside: Callable[[Any, Any], Any] | None = None,
+    ) -> tuple[Any, str, float, Any]:
+        """An HSM in this process and one guest on disk, until the guest has
+        written its workload: (the stopped HSM, guest name, write seconds,
+        what inside(hsm, guest) returned while both still ran)."""
         from xtnd.hsm.daemon import HSM
 
-        records: list[ExtendRecord] = []
         lock = threading.Lock()
 
         def on_extend(r: ExtendRecord) -> None:
             with lock:
                 records.append(r)
 
-        disk = pool.thin_volume(initial=initial_mb * MiB)
-        config = pool.config(chunk_mb=chunk_mb, utilization_percent=utilization)
         config.lvm.shell = self.args.lvm == "shell"
         # The bench's SPM is in-process and no sanlock user: no host id to share.
         hsm = HSM(config, event_loop=self.events, on_extend=on_extend, hold_host_id=False)
@@ -188,11 +178,28 @@ class Bench:
                 start = time.monotonic()
                 g.wait_console("XTND-WRITE-DONE", timeout=600)
                 elapsed = time.monotonic() - start
-                g.wait_console("XTND-VERIFY-OK" if workload.verify else "XTND-WRITE-DONE", timeout=600)
+                extra = inside(hsm, g) if inside is not None else None
                 name = g.name
         finally:
             hsm.stop()
+        return hsm, name, elapsed, extra
+
+    def run_guest(
+        self, pool: Any, chunk_mb: int, utilization: int, workload: Any, initial_mb: int
+    ) -> tuple[list[ExtendRecord], str, float, dict[str, Any]]:
+        """One guest on a fresh volume under a fresh HSM; records, name, write seconds."""
+        records: list[ExtendRecord] = []
+        disk = pool.thin_volume(initial=initial_mb * MiB)
+        config = pool.config(chunk_mb=chunk_mb, utilization_percent=utilization)
+
+        def verified(hsm: Any, g: Any) -> None:
+            if workload.verify:
+                g.wait_console("XTND-VERIFY-OK", timeout=600)
+
+        try:
+            hsm, name, elapsed, _ = self.run_hsm(config, disk, workload, records, verified)
             costs = _costs(hsm, pool.uuid, len(records))
+        finally:
             self._remove(pool, disk)
         return records, name, elapsed, costs
 
@@ -217,7 +224,7 @@ class Bench:
             "chunk_mb": chunk,
             "extends": len(records),
             "paused": self.lifecycle.count(name),
-            "refreshed_ms": _summary(refreshed),
+            "refreshed_ms": stats.summary_ms(refreshed),
             "phases_ms": _phases(crossed),
             "per_extend": costs,
             "target_p50_ms": TARGET_THRESHOLD_MS,
@@ -234,9 +241,9 @@ class Bench:
             "chunk_mb": chunk,
             "extends": len(records),
             "resumed": len(resumed),
-            "running_again_ms": _summary([r.total for r in resumed]),
+            "running_again_ms": stats.summary_ms([r.total for r in resumed]),
             "phases_ms": _phases(resumed),
-            "libvirt_pause_ms": _summary(self.lifecycle.pauses.get(name, [])),
+            "libvirt_pause_ms": stats.summary_ms(self.lifecycle.pauses.get(name, [])),
             "per_extend": costs,
             "target_p50_ms": TARGET_ENOSPC_MS,
         }
@@ -270,49 +277,35 @@ class Bench:
 
 def policy_guest(bench: Bench, pool: Any, policy: str) -> dict[str, Any]:
     """One guest writing as fast as it can under an HSM with this policy."""
-    from xtnd.hsm.daemon import HSM
     from xtnd.hsm.drive import State
 
     args = bench.args
     records: list[ExtendRecord] = []
-    lock = threading.Lock()
-
-    def on_extend(r: ExtendRecord) -> None:
-        with lock:
-            records.append(r)
-
     disk = pool.thin_volume(initial=args.policy_initial_mb * MiB)
     config = pool.config(chunk_mb=args.policy_chunk_mb, utilization_percent=args.policy_utilization, policy=policy)
     config.thin.max_chunk_mb = args.max_chunk_mb
-    config.lvm.shell = args.lvm == "shell"
     # hold: the guest stays up when done, so its final sizes can be read.
     workload = bench.guest.Workload(write_mb=args.policy_write_mb, rate=0, verify=False, hold=True)
-    hsm = HSM(config, event_loop=bench.events, on_extend=on_extend, hold_host_id=False)
-    hsm.start()
+
+    def sizes(hsm: Any, g: Any) -> tuple[int, int]:
+        """(allocation, physical) once the HSM is done with what the guest wrote."""
+        deadline = time.monotonic() + 30
+        idle = threading.Event()
+        while not idle.is_set() and time.monotonic() < deadline:
+            busy = [
+                d for vm in hsm.monitor.snapshot().values() for d in vm.values()
+                if d.state in (State.EXCEEDED, State.EXTENDING)
+            ]  # fmt: skip
+            if not busy:
+                idle.set()
+            else:
+                idle.wait(0.1)
+        _, allocation, physical = g.dom.blockInfo("vda")
+        return allocation, physical
+
     try:
-        hsm.connection.wait_connected(30)
-        with bench.guest.guest(bench.conn, bench.rig, disk, workload, bench.workdir) as g:
-            g.start()
-            g.wait_console("XTND-START", timeout=120)
-            start = time.monotonic()
-            g.wait_console("XTND-WRITE-DONE", timeout=600)
-            elapsed = time.monotonic() - start
-            # Over-allocation once the HSM is done with what the guest wrote.
-            deadline = time.monotonic() + 30
-            idle = threading.Event()
-            while not idle.is_set() and time.monotonic() < deadline:
-                busy = [
-                    d for vm in hsm.monitor.snapshot().values() for d in vm.values()
-                    if d.state in (State.EXCEEDED, State.EXTENDING)
-                ]  # fmt: skip
-                if not busy:
-                    idle.set()
-                else:
-                    idle.wait(0.1)
-            _, allocation, physical = g.dom.blockInfo("vda")
-            name = g.name
+        _, name, elapsed, (allocation, physical) = bench.run_hsm(config, disk, workload, records, sizes)
     finally:
-        hsm.stop()
         bench._remove(pool, disk)
     spans = bench.lifecycle.spans.get(name, [])
     open_pauses = bench.lifecycle.paused.get(name, [])
@@ -352,21 +345,23 @@ def compare_policies(bench: Bench, pool: Any) -> dict[str, Any]:
     return out
 
 
-def _print_policies(result: dict[str, Any]) -> None:
-    print(
+def _format_policies(result: dict[str, Any]) -> str:
+    out: list[str] = []
+    out.append(
         f"\n{'policy':<10} {'pauses':>6} {'paused_s':>9} {'after 1st':>9} {'extends':>7} {'max chunk':>9} "
         f"{'overalloc':>9} {'MiB/s':>6}"
     )
     for name, p in result["policies"].items():
-        print(
+        out.append(
             f"{name:<10} {p['pauses']:>6} {p['paused_s']:>9.2f} {p['pauses_after_first_extend']:>9} "
             f"{p['extends']:>7} {p['largest_chunk_mb']:>6} MiB {p['overallocation_mb']:>5.1f} MiB "
             f"{p['achieved_mbs']:>6.2f}"
         )
-    print(
+    out.append(
         f"\n{result['duration_s']} s (SPM: {result['spm']}, HSM LVM: {result['lvm']}, "
         f"load {result['load_before']} -> {result['load_after']})"
     )
+    return "\n".join(out)
 
 
 def _policies(text: str) -> list[str]:
@@ -389,7 +384,7 @@ def _run(args: argparse.Namespace) -> int:
             print(msg, flush=True)
 
     os.makedirs("/var/tmp/xtnd-bench", exist_ok=True)
-    result: dict[str, Any] = {"spm": args.spm, "lvm": args.lvm, "load_before": _loadavg()}
+    result: dict[str, Any] = {"spm": args.spm, "lvm": args.lvm, "load_before": stats.loadavg()}
     with tempfile.TemporaryDirectory(dir="/var/tmp/xtnd-bench") as workdir:
         os.chmod(workdir, 0o755)  # QEMU runs as another user: it opens the volume links in here
         bench = Bench(args, workdir, say)
@@ -405,22 +400,11 @@ def _run(args: argparse.Namespace) -> int:
                         result["rate"] = bench.rate(pool)
                     result["estimate"] = _estimate(result, args)
                 result["duration_s"] = round(time.monotonic() - started, 1)
-                result["load_after"] = _loadavg()
+                result["load_after"] = stats.loadavg()
         finally:
             bench.close()
-    if args.json:
-        json.dump(result, sys.stdout)
-        print()
-    elif "policies" in result:
-        _print_policies(result)
-    else:
-        _print(result)
+    stats.emit(result, args.json, _format_policies if "policies" in result else _format)
     return 0
-
-
-def _loadavg() -> list[float]:
-    with open("/proc/loadavg") as f:
-        return [float(x) for x in f.read().split()[:3]]
 
 
 def _costs(hsm: Any, domain: Any, extends: int) -> dict[str, Any]:
@@ -468,37 +452,41 @@ def _line(label: str, s: dict[str, float]) -> str:
     )
 
 
-def _print(result: dict[str, Any]) -> None:
+def _format(result: dict[str, Any]) -> str:
+    out: list[str] = []
     t, e = result["threshold"], result["enospc"]
-    print(f"\nthreshold event -> refreshed and re-armed (ms), chunk {t['chunk_mb']} MiB, paused {t['paused']}x:")
-    print(_line("refreshed", t["refreshed_ms"]))
+    out.append(f"\nthreshold event -> refreshed and re-armed (ms), chunk {t['chunk_mb']} MiB, paused {t['paused']}x:")
+    out.append(_line("refreshed", t["refreshed_ms"]))
     for phase in ("wait", "extend", "refresh"):
-        print(_line(phase, t["phases_ms"][phase]))
-    print(_floor(t["per_extend"]))
-    print(f"\nENOSPC pause -> running again (ms), chunk {e['chunk_mb']} MiB, {e['resumed']} resumes:")
-    print(_line("running again", e["running_again_ms"]))
+        out.append(_line(phase, t["phases_ms"][phase]))
+    out.append(_floor(t["per_extend"]))
+    out.append(f"\nENOSPC pause -> running again (ms), chunk {e['chunk_mb']} MiB, {e['resumed']} resumes:")
+    out.append(_line("running again", e["running_again_ms"]))
     for phase in ("wait", "extend", "refresh", "resume"):
-        print(_line(phase, e["phases_ms"][phase]))
-    print(_line("libvirt pause", e["libvirt_pause_ms"]))
-    print(_floor(e["per_extend"]))
+        out.append(_line(phase, e["phases_ms"][phase]))
+    out.append(_line("libvirt pause", e["libvirt_pause_ms"]))
+    out.append(_floor(e["per_extend"]))
     if "rate" in result:
         r = result["rate"]
-        print(f"\nguest write rate vs pauses, chunk {r['chunk_mb']} MiB at {r['utilization_percent']}% utilization:")
+        out.append(
+            f"\nguest write rate vs pauses, chunk {r['chunk_mb']} MiB at {r['utilization_percent']}% utilization:"
+        )
         for row in r["tried"]:
-            print(
+            out.append(
                 f"  asked {row['rate_mbs'] or 'max':>4} MiB/s  achieved {row['achieved_mbs']:5.2f} MiB/s  "
                 f"extends {row['extends']:3}  paused {row['paused']}"
             )
-        print(f"  highest write rate that never paused: {r['max_rate_without_pause_mbs']} MiB/s (achieved)")
+        out.append(f"  highest write rate that never paused: {r['max_rate_without_pause_mbs']} MiB/s (achieved)")
     for est in (v for k, v in result.get("estimate", {}).items() if k != "latency_p99_ms"):
-        print(
+        out.append(
             f"  estimate at chunk {est['chunk_mb']} MiB, {est['utilization_percent']}%: "
             f"{est['max_rate_mbs']} MiB/s (headroom / p99 latency)"
         )
-    print(
+    out.append(
         f"\n{result['duration_s']} s (SPM: {result['spm']}, HSM LVM: {result['lvm']}, "
         f"load {result['load_before']} -> {result['load_after']})"
     )
+    return "\n".join(out)
 
 
 def _floor(c: dict[str, Any]) -> str:

@@ -15,13 +15,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import json
 import math
 import multiprocessing
 import multiprocessing.connection
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -254,7 +252,7 @@ def run_bench(
             # Busy.
             latencies: list[float] = []
             failures = 0
-            load_before = os.getloadavg()
+            load_before = stats.loadavg()
             c2, t2 = _cpu_seconds(cluster.spm_pid), time.monotonic()
             r2, w2 = cluster.io_counts()
             spm0 = cluster.spm_stats()
@@ -323,8 +321,8 @@ def run_bench(
         "event_interval_ms": spm_config.event_interval * 1000,
         "idle_event_interval_ms": spm_config.idle_event_interval * 1000,
         "cpus": os.cpu_count(),
-        "loadavg_before": [round(x, 2) for x in load_before],
-        "loadavg_after": [round(x, 2) for x in os.getloadavg()],
+        "loadavg_before": load_before,
+        "loadavg_after": stats.loadavg(),
     }
 
 
@@ -393,11 +391,7 @@ def _cmd_bench(args: argparse.Namespace) -> int:
         hsm_procs=args.hsm_procs,
         clients=args.clients,
     )
-    if args.json:
-        json.dump(result, sys.stdout)
-        sys.stdout.write("\n")
-    else:
-        print(format_result(result))
+    stats.emit(result, args.json, format_result)
     return 1 if result["failures"] else 0
 
 
