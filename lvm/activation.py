@@ -9,7 +9,9 @@ One interface, two implementations chosen at run time:
   pe_start + first_pe * extent_size, so a loop device with that offset and
   a size limit of the LV size is the same block device. Refresh changes the
   size limit in place (loop.set_sizelimit). An LV with several segments
-  cannot be mapped this way and raises MultiSegmentLV.
+  cannot be mapped this way and raises MultiSegmentLV. The LV's new size
+  is read straight from the PV's metadata area (metadata.py: two O_DIRECT
+  reads instead of an lvs), with lvs when that cannot be read.
 
 Activation is idempotent: activating an active LV returns its device.
 """
@@ -23,7 +25,7 @@ import os
 from collections.abc import Iterator
 from typing import Protocol
 
-from . import loop
+from . import loop, metadata
 from .errors import ActivationError, MultiSegmentLV
 from .lv import LVInfo, lv_info, lvs
 from .runner import Runner
@@ -110,6 +112,8 @@ class LoopActivator:
         # sysfs again only if one of them changed. activate() never attaches
         # a second device where one exists, so no new one appears meanwhile.
         self._found: dict[tuple[str, int], list[str]] = {}
+        self.metadata = metadata.Reader(runner.devices)
+        self.fallbacks = 0  # refreshes that asked LVM: the metadata could not be read directly
 
     def activate(self, vg: str, lv: str) -> str:
         info = lv_info(self._runner, vg, lv)
@@ -122,7 +126,7 @@ class LoopActivator:
             return loop.attach(pv, offset, info.size)
 
     def refresh(self, vg: str, lv: str) -> int:
-        info = lv_info(self._runner, vg, lv)
+        info = self._stored(vg, lv)
         pv, offset = self._location(info)
         existing = self._found.get((pv, offset))
         if not existing or not all(loop.still(path, pv, offset) for path in existing):
@@ -136,6 +140,19 @@ class LoopActivator:
             new_size = loop.set_sizelimit(path, info.size)
             log.info("loop refreshed vg=%s lv=%s device=%s size=%d", vg, lv, path, new_size)
         return new_size
+
+    def _stored(self, vg: str, lv: str) -> LVInfo:
+        """vg/lv as storage has it now: from a PV's metadata area, or from
+        LVM when that cannot be read (which also raises LVNotFound)."""
+        try:
+            return self.metadata.lv_info(vg, lv)
+        except metadata.Unavailable as e:
+            self.fallbacks += 1
+            log.info("cannot read the metadata of vg=%s lv=%s directly, asking lvm: %s", vg, lv, e)
+        except OSError as e:
+            self.fallbacks += 1
+            log.warning("cannot read the metadata of vg=%s lv=%s directly, asking lvm: %s", vg, lv, e)
+        return lv_info(self._runner, vg, lv)
 
     def deactivate(self, vg: str, lv: str) -> None:
         info = lv_info(self._runner, vg, lv)

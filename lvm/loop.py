@@ -233,7 +233,14 @@ def size(device: str) -> int:
 
 
 def set_sizelimit(device: str, sizelimit: int) -> int:
-    """Change a loop device's size limit in place; return its new size."""
+    """Change a loop device's size limit in place; return its new size.
+
+    LOOP_SET_STATUS64 freezes the device's queue (the kernel drains its
+    I/O before changing the limit: most of the cost), and since Linux 5.x
+    sets the new capacity itself. LOOP_SET_CAPACITY, which older kernels
+    need for that, only when the size did not follow: on newer kernels it
+    would just send another change uevent.
+    """
     fd = os.open(device, os.O_RDONLY)
     try:
         info = LoopInfo64()
@@ -241,10 +248,13 @@ def set_sizelimit(device: str, sizelimit: int) -> int:
         if info.lo_sizelimit != sizelimit:
             info.lo_sizelimit = sizelimit
             fcntl.ioctl(fd, LOOP_SET_STATUS64, info)
-        # Newer kernels resize on SET_STATUS already; older ones only here.
-        fcntl.ioctl(fd, LOOP_SET_CAPACITY, 0)
         buf = bytearray(8)
         fcntl.ioctl(fd, BLKGETSIZE64, buf)
-        return int.from_bytes(buf, "little")
+        size = int.from_bytes(buf, "little")
+        if size != sizelimit:
+            fcntl.ioctl(fd, LOOP_SET_CAPACITY, 0)
+            fcntl.ioctl(fd, BLKGETSIZE64, buf)
+            size = int.from_bytes(buf, "little")
+        return size
     finally:
         os.close(fd)

@@ -4,7 +4,7 @@ import os
 
 import pytest
 from xtnd import lvm
-from xtnd.lvm import loop
+from xtnd.lvm import loop, metadata
 
 MiB = 1024**2
 
@@ -83,6 +83,33 @@ def test_refresh_grows_open_device(runner: lvm.Runner, vg: str, activator: lvm.A
         assert activator.activate(vg, "a") == dev
     finally:
         activator.deactivate(vg, "a")
+
+
+def test_refresh_reads_the_metadata_area(runner: lvm.Runner, vg: str) -> None:
+    """A refresh reads the new size from the PV (two O_DIRECT reads), not
+    through LVM; when that cannot be read it asks LVM, whose errors stand."""
+    activator = lvm.LoopActivator(runner)
+    lvm.lvcreate(runner, vg, "a", 4 * MiB)
+    dev = activator.activate(vg, "a")
+    try:
+        lvm.extend(runner, vg, "a", 8 * MiB)
+        before = runner.history.counts()
+        assert activator.refresh(vg, "a") == 8 * MiB
+        assert runner.history.counts() == before, "no LVM command"
+        assert activator.metadata.counters.lookups == 1 and activator.fallbacks == 0
+        assert loop.size(dev) == 8 * MiB
+        # Nothing readable (no device to read from): lvs answers.
+        activator.metadata = metadata.Reader([])
+        lvm.extend(runner, vg, "a", 12 * MiB)
+        lvs = runner.history.counts()["lvs"]
+        assert activator.refresh(vg, "a") == 12 * MiB
+        assert runner.history.counts()["lvs"] == lvs + 1
+        assert activator.fallbacks == 1
+    finally:
+        activator.deactivate(vg, "a")
+    activator.metadata = metadata.Reader(runner.devices)
+    with pytest.raises(lvm.LVNotFound):
+        activator.refresh(vg, "gone")
 
 
 def test_refresh_after_the_device_changed(runner: lvm.Runner, vg: str, activator: lvm.Activator) -> None:
