@@ -36,6 +36,7 @@ import uuid as uuidlib
 from collections.abc import Callable
 from typing import Any
 
+import libvirt
 from xtnd import lvm
 from xtnd.common import sdnotify, stopsignals
 from xtnd.common.cmd import CommandError
@@ -164,6 +165,12 @@ class HSM:
     # Listener: the connection calls these; the monitor does the work.
 
     def connected(self, conn: Any) -> None:
+        # Copies running since before this start first: the monitor's
+        # first extend of their source then goes destination first.
+        try:
+            self.replicator.adopt(conn, self.config.host.run_dir)
+        except libvirt.libvirtError as e:
+            log.warning("cannot look for copies in progress: %s", e)
         self.monitor.connected(conn)
 
     def disconnected(self) -> None:

@@ -31,6 +31,7 @@ tells ``start`` and ``stop`` through the HSM's control socket.
 from __future__ import annotations
 
 import concurrent.futures
+import contextlib
 import dataclasses
 import logging
 import threading
@@ -42,7 +43,7 @@ from typing import Any, Protocol
 
 import libvirt
 from xtnd.common import history
-from xtnd.hsm import sizing, stats
+from xtnd.hsm import links, sizing, stats, volumes
 from xtnd.hsm.drive import Drive
 
 log = logging.getLogger("xtnd.hsm.replicate")
@@ -105,6 +106,7 @@ class Replica:
     extends_src: int = 0
     extends_dst: int = 0
     started: float = 0.0
+    adopted: bool = False  # found in libvirt after a restart: nobody will call end()
     lock: threading.Lock = dataclasses.field(default_factory=threading.Lock, repr=False)
 
     @property
@@ -142,6 +144,33 @@ def mirror_index(xml: str, drive: str) -> int | None:
         index = source.get("index") if source is not None else None
         return int(index) if index is not None else None
     return None
+
+
+@dataclasses.dataclass(frozen=True)
+class Mirror:
+    """A copy libvirt runs: a disk with a <mirror> in the live XML."""
+
+    drive: str
+    src_block: bool
+    path: str
+    dst_block: bool
+    ready: bool
+
+
+def mirrors(xml: str) -> list[Mirror]:
+    """The disks of a domain's live XML that libvirt copies somewhere."""
+    found = []
+    for disk in ET.fromstring(xml).iterfind("devices/disk"):
+        target, mirror = disk.find("target"), disk.find("mirror")
+        source = mirror.find("source") if mirror is not None else None
+        if target is None or mirror is None or source is None:
+            continue
+        path = source.get("dev") or source.get("file") or mirror.get("file")
+        if not path:
+            continue
+        found.append(Mirror(target.get("dev", ""), disk.get("type") == "block", path,
+                            mirror.get("type") == "block", mirror.get("ready") == "yes"))  # fmt: skip
+    return found
 
 
 def dest_needs(dst_physical: int, data: int, capacity: int, config: sizing.SizingConfig) -> int | None:
@@ -233,6 +262,39 @@ class Replicator:
         )  # fmt: skip
         return replica
 
+    def adopt(self, conn: Any, run_dir: str) -> list[Replica]:
+        """Register the copies libvirt runs to volume links under run_dir
+        that this HSM does not know (it restarted during a copy): their
+        destination is kept ahead of the guest from now on, with no word
+        from the command driving the copy. Called on every (re)connect,
+        before the monitor looks at the drives (so a source extend already
+        goes destination first)."""
+        adopted = []
+        for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+            try:
+                found, vm_id = mirrors(dom.XMLDesc(0)), dom.UUIDString()
+            except libvirt.libvirtError as e:
+                log.debug("cannot read a domain's disks: %s", e)  # it stopped meanwhile
+                continue
+            for m in found:
+                ids = links.parse(m.path, run_dir)
+                if ids is None or self.get(vm_id, m.drive) is not None:
+                    continue  # not a volume's copy, or known
+                try:
+                    physical = volumes.device_size(m.path)
+                except OSError as e:
+                    log.warning("cannot adopt the copy of vm=%s drive=%s to %s: %s", vm_id, m.drive, m.path, e)
+                    continue
+                replica = self.begin(vm_id, m.drive, m.src_block, str(ids[0]), str(ids[1]), m.dst_block, physical)
+                replica.phase = READY if m.ready else COPYING
+                replica.adopted = True
+                log.info(
+                    "replication found vm=%s drive=%s dst_volume=%s phase=%s dst_mb=%d (a copy from before)",
+                    dom.name(), m.drive, ids[1], replica.phase, physical // sizing.MiB,
+                )  # fmt: skip
+                adopted.append(replica)
+        return adopted
+
     def get(self, vm_id: str, drive: str) -> Replica | None:
         with self._lock:
             return self._replicas.get((vm_id, drive))
@@ -280,6 +342,9 @@ class Replicator:
         replica.phase = phase
         history.record("replicate", vm=replica.vm_id, drive=disk, phase=phase, dst=replica.dst_volume)
         log.info("block job vm=%s drive=%s phase=%s", dom.name(), disk, phase)
+        if replica.adopted and phase in (PIVOTED, ABORTED):
+            with contextlib.suppress(NotReplicating):
+                self.end(replica.vm_id, disk, phase)  # no command will (see adopt)
 
     # The watch loop
 
@@ -302,9 +367,18 @@ class Replicator:
         """One look at a replication: arm the destination's threshold on the
         mirror's index, extend a block destination the copy is catching up with."""
         conn = self._connection.get()
-        dom = conn.lookupByUUIDString(replica.vm_id)
-        index = mirror_index(dom.XMLDesc(0), replica.drive)
+        try:
+            dom = conn.lookupByUUIDString(replica.vm_id)
+            index = mirror_index(dom.XMLDesc(0), replica.drive)
+        except libvirt.libvirtError:
+            if not replica.adopted:
+                raise
+            index = None  # the vm is gone (a reconnect adopts the copy again if not)
         if index is None:
+            if replica.adopted:
+                # Found after a restart, so no command will say the copy ended: see it here.
+                with contextlib.suppress(NotReplicating):
+                    self.end(replica.vm_id, replica.drive, PIVOTED if replica.phase == PIVOTED else ABORTED)
             return  # not copying (yet, or any more)
         if replica.phase == STARTING:
             replica.phase = COPYING
@@ -321,13 +395,13 @@ class Replicator:
             return
         # The mirror holds at most what the source holds (same guest data,
         # same qcow2 clusters): the source's allocation bounds it.
-        data = block.allocation
+        data, why = block.allocation, "copy"
         if replica.dst_crossed:
             # The copy wrote past the destination's threshold: extend now.
-            data = max(data, replica.dst_physical - self.config.watermark(sizing.REPLICATING) + 1)
+            data, why = max(data, replica.dst_physical - self.config.watermark(sizing.REPLICATING) + 1), "threshold"
         size = dest_needs(replica.dst_physical, data, block.capacity, self.config)
         if size is not None:
-            self._extend_dst(replica, size, "copy")
+            self._extend_dst(replica, size, why)
         if replica.dst_threshold is None:
             self._arm(dom, replica)
 

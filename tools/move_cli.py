@@ -176,6 +176,7 @@ class Mover:
         self.progress = Progress()
         self._replica: dict[str, Any] = {}
         self._link = ""
+        self._hsm_away = False
 
     def _ns(self, **kw: Any) -> argparse.Namespace:
         base: dict[str, Any] = dict(
@@ -334,14 +335,10 @@ class Mover:
             p.cur, p.end = int(info.get("cur", 0)), int(info.get("end", 0))
             # The job copies in large steps: the average since the start reads best.
             p.rate = p.cur / (now - t_start) if now > t_start else 0.0
-            replica = self.hsm.call("replicate_status", vm_uuid=vm_id, drive=name)
-            if replica is None:
-                # The HSM restarted and forgot the copy: tell it again, or
-                # nothing extends the destination ahead of the copy.
-                self.out("the HSM does not know the copy (restarted?): telling it again")
-                replica = self.hsm.call("replicate_start", dst_physical=device_size(self._link), **self._replica)
-            p.extends_src = replica.get("extends_src", p.extends_src)
-            p.extends_dst = replica.get("extends_dst", p.extends_dst)
+            replica = self._hsm_replica(vm_id, name)
+            if replica is not None:
+                p.extends_src = replica.get("extends_src", p.extends_src)
+                p.extends_dst = replica.get("extends_dst", p.extends_dst)
             p.phase = "ready" if ready else "copying"
             if ready or now - last_print >= 1.0:
                 self.out(p.line())
@@ -349,6 +346,33 @@ class Mover:
             if ready and p.end and p.cur >= p.end:
                 return
             self.cancel.wait(POLL)
+
+    def _hsm_replica(self, vm_id: str, name: str) -> dict[str, Any] | None:
+        """The HSM's view of the copy, None while it does not answer.
+
+        An HSM that restarts (systemd after a crash, an upgrade) is away
+        for a few seconds: the copy goes on meanwhile, and the new HSM
+        finds it in libvirt by itself (xtnd.hsm.replicate.Replicator.adopt).
+        Aborting here would throw away a copy that needs nothing from us."""
+        try:
+            replica: dict[str, Any] | None = self.hsm.call("replicate_status", vm_uuid=vm_id, drive=name)
+            if replica is None:
+                # An HSM that forgot the copy and did not find it: tell it
+                # again, or nothing extends the destination ahead of the copy.
+                self.out("the HSM does not know the copy (restarted?): telling it again")
+                replica = self.hsm.call("replicate_start", dst_physical=device_size(self._link), **self._replica)
+        except (OSError, hsm_control.ControlError) as e:
+            if isinstance(e, hsm_control.ControlError) and e.error != "Disconnected":
+                raise  # it answered: a refusal is an answer
+            if not self._hsm_away:
+                self.out(f"the HSM does not answer ({e}): the copy goes on, waiting for it")
+                log.warning("the HSM does not answer during the copy: %s", e)
+            self._hsm_away = True
+            return None
+        if self._hsm_away:
+            self.out("the HSM answers again")
+            self._hsm_away = False
+        return replica
 
     def _pivoted(self, dom: Any, name: str, link: str) -> bool:
         try:

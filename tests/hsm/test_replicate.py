@@ -189,18 +189,124 @@ class CopyDom:
         return XML
 
 
-def test_move_tells_a_restarted_hsm_again(tmp_path: Any) -> None:
-    """The HSM forgot the copy (restarted): the move registers it again, or
-    nothing would extend the destination ahead of the copy."""
+def bare_mover(tmp_path: Any, hsm: Any, out: list[str] | None = None) -> move_cli.Mover:
     mover = move_cli.Mover.__new__(move_cli.Mover)
-    mover.out = lambda line: None
+    mover.out = (out if out is not None else []).append
     mover.cancel = threading.Event()
     mover.progress = move_cli.Progress()
-    mover.hsm = FakeHsm()  # type: ignore[assignment]
+    mover.hsm = hsm
     link = tmp_path / "dst"
     link.write_bytes(b"\0" * 4096)
     mover._link = str(link)
     mover._replica = {"vm_uuid": "vm1", "drive": "vda"}
+    mover._hsm_away = False
+    return mover
+
+
+def test_move_tells_a_restarted_hsm_again(tmp_path: Any) -> None:
+    """The HSM forgot the copy (restarted): the move registers it again, or
+    nothing would extend the destination ahead of the copy."""
+    mover = bare_mover(tmp_path, FakeHsm())
     mover._wait_ready(CopyDom(), "vm1", "vda")
     assert mover.hsm.calls == ["replicate_status", "replicate_start"]  # type: ignore[attr-defined]
     assert (mover.progress.extends_src, mover.progress.extends_dst, mover.progress.phase) == (1, 2, "ready")
+
+
+class AwayHsm:
+    """An HSM that does not answer (killed, restarting) for `away` calls, then knows the copy."""
+
+    def __init__(self, away: int, error: Exception):
+        self.away = away
+        self.error = error
+        self.calls = 0
+
+    def call(self, op: str, **args: Any) -> Any:
+        assert op == "replicate_status", op
+        self.calls += 1
+        if self.calls <= self.away:
+            raise self.error
+        return {"extends_src": 3, "extends_dst": 4}
+
+
+class SlowCopyDom(CopyDom):
+    """Ready only on the 4th look, so the move polls the HSM several times."""
+
+    def __init__(self) -> None:
+        self.looks = 0
+
+    def XMLDesc(self, flags: int) -> str:
+        self.looks += 1
+        return XML if self.looks >= 4 else XML.replace(" ready='yes'", "")
+
+
+@pytest.mark.parametrize(
+    "error", [ConnectionRefusedError(111, "refused"), move_cli.hsm_control.ControlError("Disconnected", "gone")]
+)
+def test_move_waits_for_an_hsm_that_does_not_answer(tmp_path: Any, error: Exception) -> None:
+    """The HSM restarts during the copy: the move goes on (it used to abort
+    the copy), says so once, and takes the HSM's figures when it is back."""
+    out: list[str] = []
+    mover = bare_mover(tmp_path, AwayHsm(2, error), out)
+    move_cli.POLL, saved = 0.0, move_cli.POLL
+    try:
+        mover._wait_ready(SlowCopyDom(), "vm1", "vda")
+    finally:
+        move_cli.POLL = saved
+    assert [line for line in out if "HSM" in line] == [
+        f"the HSM does not answer ({error}): the copy goes on, waiting for it",
+        "the HSM answers again",
+    ]
+    assert (mover.progress.extends_src, mover.progress.extends_dst, mover.progress.phase) == (3, 4, "ready")
+
+
+def test_move_stops_on_an_hsm_refusal(tmp_path: Any) -> None:
+    """An HSM that answers with an error is not 'away': the move fails (and aborts)."""
+    mover = bare_mover(tmp_path, AwayHsm(1, move_cli.hsm_control.ControlError("NotReplicating", "no")))
+    with pytest.raises(move_cli.hsm_control.ControlError):
+        mover._wait_ready(CopyDom(), "vm1", "vda")
+
+
+ADOPT_XML = """<domain><devices>
+<disk type='file' device='disk'><driver name='qemu' type='qcow2'/><source file='/f/src' index='1'/>
+<mirror type='block' job='copy'><format type='qcow2'/><source dev='{run}/{sd}/{vol}' index='4'/></mirror>
+<target dev='vda' bus='virtio'/></disk>
+<disk type='block' device='disk'><driver name='qemu' type='qcow2'/><source dev='/dev/y' index='2'/>
+<mirror type='block' job='copy' ready='yes'><format type='qcow2'/><source dev='/elsewhere/x' index='5'/></mirror>
+<target dev='vdb' bus='virtio'/></disk>
+</devices></domain>"""
+
+
+class AdoptDom(FakeDom):
+    def __init__(self, vm_id: str, xml: str):
+        super().__init__(vm_id)
+        self.xml = xml
+
+    def XMLDesc(self, flags: int) -> str:
+        return self.xml
+
+
+class AdoptConn:
+    def __init__(self, doms: list[AdoptDom]):
+        self.doms = doms
+
+    def listAllDomains(self, flags: int) -> list[AdoptDom]:
+        return self.doms
+
+
+def test_adopt_copies_found_in_libvirt(tmp_path: Any) -> None:
+    """A restarted HSM registers the copies libvirt runs to volume links of
+    its run dir (not others), once; an adopted copy ends with its job."""
+    sd, vol = uuid.uuid4(), uuid.uuid4()
+    run = tmp_path / "run"
+    (run / str(sd)).mkdir(parents=True)
+    (run / str(sd) / str(vol)).write_bytes(b"\0" * (3 * MiB))
+    conn = AdoptConn([AdoptDom("vm1", ADOPT_XML.format(run=run, sd=sd, vol=vol))])
+    r, _, monitor = replicator()
+    [replica] = r.adopt(conn, str(run))
+    assert (replica.vm_id, replica.drive, replica.src_block, replica.dst_block) == ("vm1", "vda", False, True)
+    assert (replica.dst_domain, replica.dst_volume, replica.dst_physical) == (str(sd), str(vol), 3 * MiB)
+    assert replica.adopted and replica.phase == replicate.COPYING
+    assert monitor.replicating == {("vm1", "vda"): True}
+    assert r.adopt(conn, str(run)) == []  # known now
+    r.block_job(FakeDom("vm1"), "vda", 0, libvirt.VIR_DOMAIN_BLOCK_JOB_CANCELED)
+    assert r.get("vm1", "vda") is None and monitor.replicating == {("vm1", "vda"): False}
