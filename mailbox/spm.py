@@ -49,6 +49,16 @@ __all__ = ["Handler", "NoReply", "Request", "SPMConfig", "SPMMailbox", "Wave"]
 
 log = logging.getLogger("xtnd.mailbox.spm")
 
+# An xtnd request as the scan found it: host id, slot, its 64 bytes, when.
+# The worker that serves it decodes it: that Python work (~5 us a request)
+# overlaps the I/O thread's reads and writes instead of following them.
+_Found = tuple[int, int, bytes, float]
+# A reply for the I/O thread: host id, slot, the request's bytes (still in
+# its slot?), the reply's bytes, and the request decoded (None if it was
+# malformed).
+_Reply = tuple[int, int, bytes, bytes, codec.Extend | None]
+_EXTEND_HEAD = codec.VERSION + codec.EXTEND_OPCODE
+
 
 class SPMMailbox:
     """Serve every host's requests through the mailbox."""
@@ -76,7 +86,7 @@ class SPMMailbox:
         self._last_mail = -1e9
         self._lock = threading.Lock()
         self._waker = Waker()
-        self._replies: list[tuple[Request, bytes]] = []
+        self._replies: list[_Reply] = []
         # Replies handed in so far, taken by the I/O thread, and on storage:
         # flush() waits for "written" to reach "handed".
         self._handed = 0
@@ -87,8 +97,8 @@ class SPMMailbox:
         # Requests dispatched and not yet handed back (or withheld).
         self._active = 0
         self._intake = True
-        self._work: queue.SimpleQueue[Request | None] = queue.SimpleQueue()
-        self._batch: list[Request] = []  # found by the scan under way
+        self._work: queue.SimpleQueue[_Found | None] = queue.SimpleQueue()
+        self._batch: list[_Found] = []  # found by the scan under way
         self._stopping = False
         self._threads: list[threading.Thread] = []
         self._rlog = RateLimitedLog(log, self.config.log_interval, clock)
@@ -291,6 +301,19 @@ class SPMMailbox:
             self.on_scan(time.monotonic() - began)
 
     def _dispatch(self, host: int, i: int, raw: bytes, now: float) -> None:
+        if raw[:5] == _EXTEND_HEAD and codec.EXTEND_OPCODE in self._handlers:
+            # An xtnd request, well formed or not: a worker decodes and
+            # serves it (a malformed one gets a failure reply).
+            self.stats["requests"] += 1
+            self._wave_requests += 1
+            found = (host, i, raw, now)
+            if self.config.workers == 0:
+                with self._lock:
+                    self._active += 1
+                self._serve(found)
+            else:
+                self._batch.append(found)
+            return
         try:
             msg = codec.decode(raw)
         except codec.MessageError as e:
@@ -305,22 +328,8 @@ class SPMMailbox:
             self._rlog.log(logging.WARNING, ("opcode", opcode), "unknown opcode %r host_id=%d slot=%d", opcode, host,
                            i)
             return
-        if codec.EXTEND_OPCODE not in self._handlers:
-            self._rlog.log(logging.WARNING, "no-handler", "no handler for extend requests, host_id=%d slot=%d", host, i)
-            return
-        self.stats["requests"] += 1
-        self._wave_requests += 1
-        if history.enabled():  # str() of a UUID costs ~1 us a request
-            history.record("seen", host=host, slot=i, volume=str(msg.volume), size_mb=msg.size_mb)
-        req = Request(host, i, msg, raw, now)
-        if self.config.workers == 0:
-            with self._lock:
-                self._active += 1
-            t0 = time.perf_counter()
-            reply = self._handle(req)
-            self._hand_in(req, reply, time.perf_counter() - t0)
-        else:
-            self._batch.append(req)
+        # An extend request here has no handler (else it went to a worker).
+        self._rlog.log(logging.WARNING, "no-handler", "no handler for extend requests, host_id=%d slot=%d", host, i)
 
     def _dispatch_batch(self) -> None:
         """Hand the requests a scan found to the workers, counted at once.
@@ -335,8 +344,8 @@ class SPMMailbox:
                     log.info("SPM mailbox takes no new requests dropped_found=%d", len(batch))
                     return
                 self._active += len(batch)
-            for req in batch:
-                self._work.put(req)
+            for found in batch:
+                self._work.put(found)
 
     def _put_reply(self, host: int, i: int, raw: bytes) -> None:
         self._image.put(host, i, raw)
@@ -346,15 +355,15 @@ class SPMMailbox:
         with self._lock:
             replies, self._replies = self._replies, []
             self._taken = self._handed
-        for req, raw in replies:
-            if not self._view.holds(req.host_id, req.slot, req.raw):
+        for host, slot, request, raw, msg in replies:
+            if not self._view.holds(host, slot, request):
                 self.stats["dropped"] += 1
-                log.info("request withdrawn, dropping reply host_id=%d slot=%d", req.host_id, req.slot)
+                log.info("request withdrawn, dropping reply host_id=%d slot=%d", host, slot)
                 continue
-            self._put_reply(req.host_id, req.slot, raw)
-            if history.enabled():
-                history.record("reply", host=req.host_id, slot=req.slot, volume=str(req.message.volume),
-                               size_mb=req.message.size_mb, granted=getattr(codec.decode(raw), "size_mb", 0))
+            self._put_reply(host, slot, raw)
+            if msg is not None and history.enabled():
+                history.record("reply", host=host, slot=slot, volume=str(msg.volume), size_mb=msg.size_mb,
+                               granted=getattr(codec.decode(raw), "size_mb", 0))
 
     def _write_dirty(self, in_scan: bool = False) -> None:
         if self._image.dirty:
@@ -402,23 +411,40 @@ class SPMMailbox:
 
     def _worker(self) -> None:
         while True:
-            req = self._work.get()
-            if req is None:
-                return
-            t0 = time.perf_counter()
-            reply = self._handle(req)
-            if not self._hand_in(req, reply, time.perf_counter() - t0):
+            found = self._work.get()
+            if found is None or not self._serve(found):
                 return
 
-    def _hand_in(self, req: Request, reply: bytes | None, seconds: float = 0.0) -> bool:
-        """Queue a handler's reply for the I/O thread; False once stopping."""
+    def _serve(self, found: _Found) -> bool:
+        """Decode a request the scan found, run its handler, hand the reply
+        in; False once stopping."""
+        host, i, raw, received = found
+        try:
+            msg = codec.decode(raw)
+        except codec.MessageError as e:
+            self._rlog.log(logging.WARNING, ("malformed", host), "malformed message host_id=%d slot=%d: %s", host, i,
+                           e)
+            # A broken xtnd request: tell the requester.
+            return self._hand_in((host, i, raw, codec.encode_reply(raw, 0), None))
+        assert isinstance(msg, codec.Extend)  # what an xtnd head decodes to
+        if history.enabled():  # str() of a UUID costs ~1 us a request
+            history.record("seen", host=host, slot=i, volume=str(msg.volume), size_mb=msg.size_mb)
+        req = Request(host, i, msg, raw, received)
+        t0 = time.perf_counter()
+        reply = self._handle(req)
+        seconds = time.perf_counter() - t0
+        return self._hand_in(None if reply is None else (host, i, raw, reply, msg), seconds)
+
+    def _hand_in(self, reply: _Reply | None, seconds: float = 0.0) -> bool:
+        """Queue a reply for the I/O thread (None: the handler withheld
+        it); False once stopping."""
         with self._flushed:
             self._active -= 1
             self._handler_seconds += seconds
             if self._stopping:
                 return False
             if reply is not None:
-                self._replies.append((req, reply))
+                self._replies.append(reply)
                 self._handed += 1
             if self._flush_waiters:  # notify_all costs ~1 us a request
                 self._flushed.notify_all()
