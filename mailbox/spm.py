@@ -398,6 +398,8 @@ class SPMMailbox:
             io_cpu_seconds=times.cpu - t0.cpu,
             io_wait_cpu_seconds=times.run_delay - t0.run_delay,
             cpu_seconds=times.process_cpu - t0.process_cpu,
+            start=self._wave_start,
+            end=end,
         ))
         self._wave_start = None
         self._wave_requests = self._wave_messages = 0

@@ -37,6 +37,10 @@ class Wave(NamedTuple):
     io_cpu_seconds: float = 0.0
     io_wait_cpu_seconds: float = 0.0
     cpu_seconds: float = 0.0
+    # time.monotonic() at the start and the end (one clock for every
+    # process of a machine: the bench lines waves up with its clients).
+    start: float = 0.0
+    end: float = 0.0
 
 
 class ThreadTimes(NamedTuple):

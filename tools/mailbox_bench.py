@@ -199,16 +199,20 @@ class Cluster:
         waves: list[Wave] = self.spm_conn.recv()
         return waves
 
-    def round(self, messages: int) -> tuple[list[float], int]:
+    def round(self, messages: int) -> tuple[list[float], int, list[dict[str, float]]]:
+        """Latencies, failures, and the lean client's timeline (none from
+        HSM clients)."""
         for conn in self.hsm_conns:
             conn.send(("round", messages))
         latencies: list[float] = []
         failures = 0
+        timelines: list[dict[str, float]] = []
         for conn in self.hsm_conns:
-            lat, failed = conn.recv()
+            lat, failed, *timeline = conn.recv()
             latencies.extend(lat)
             failures += failed
-        return latencies, failures
+            timelines.extend(timeline)
+        return latencies, failures, timelines
 
     def stop(self) -> None:
         for conn in self.hsm_conns:
@@ -257,10 +261,12 @@ def run_bench(
             r2, w2 = cluster.io_counts()
             spm0 = cluster.spm_stats()
             cluster.waves()  # forget the start-up's
+            timelines: list[dict[str, float]] = []
             for _ in range(rounds):
-                lat, failed = cluster.round(messages)
+                lat, failed, timeline = cluster.round(messages)
                 latencies.extend(lat)
                 failures += failed
+                timelines.extend(timeline)
             c3, t3 = _cpu_seconds(cluster.spm_pid), time.monotonic()
             r3, w3 = cluster.io_counts()
             spm1 = cluster.spm_stats()
@@ -276,6 +282,7 @@ def run_bench(
     wave_ms = sorted(w.seconds * 1000 for w in request_waves)
     detail = [_wave_detail(w) for w in request_waves]
     worst = max(detail, key=lambda d: d["ms"], default=None)
+    split = _round_split(timelines, request_waves)
     return {
         "hosts": hosts,
         "messages": messages,
@@ -297,6 +304,11 @@ def run_bench(
         # the waves; the slowest one again on its own.
         "spm_wave_detail": detail,
         "spm_wave_worst": worst,
+        # Lean client: each round's roundtrip split into the client's own
+        # write, the wait until the SPM's wave began, the wave, and the
+        # client noticing the last reply; then which side is the limit.
+        "round_split": split,
+        "limit": _limit(split),
         "spm_cpu_idle_pct": round(100 * (c1 - c0) / idle_wall, 2),
         "spm_cpu_busy_pct": round(100 * (c3 - c2) / busy_wall, 2),
         # The SPM's CPU per round (request wave, clean wave, frees).
@@ -324,6 +336,42 @@ def run_bench(
         "loadavg_before": load_before,
         "loadavg_after": stats.loadavg(),
     }
+
+
+def _round_split(timelines: list[dict[str, float]], waves: list[Wave]) -> list[dict[str, float]]:
+    """Line up each lean round with the SPM's request waves inside it
+    (one clock: time.monotonic() is the same in every process)."""
+    out: list[dict[str, float]] = []
+    if not timelines:  # HSM clients keep none
+        return out
+    # A round's request waves end after it began and before the next one
+    # began (its cleans were answered, so were its requests).
+    ends = [t["began"] for t in timelines[1:]] + [math.inf]
+    for t, next_began in zip(timelines, ends, strict=True):
+        inside = [w for w in waves if t["began"] <= w.end < next_began]
+        if not inside:
+            continue
+        start = min(w.start for w in inside)
+        end = max(w.end for w in inside)
+        out.append({
+            "client_write_ms": round((t["sent"] - t["began"]) * 1000, 2),
+            # Negative: the SPM's scan began while the client still wrote.
+            "until_wave_ms": round((start - t["sent"]) * 1000, 2),
+            "waves": len(inside),
+            "spm_ms": round((end - start) * 1000, 2),
+            "client_notice_ms": round((t["seen"] - end) * 1000, 2),
+            "roundtrip_max_ms": round((t["seen"] - t["sent"]) * 1000, 2),
+        })
+    return out
+
+
+def _limit(split: list[dict[str, float]]) -> str:
+    """Which side takes longer in the median round: "spm" or "client"."""
+    if not split:
+        return "unknown"
+    spm = stats.percentile(sorted(s["spm_ms"] for s in split), 50)
+    client = stats.percentile(sorted(s["client_write_ms"] + s["client_notice_ms"] for s in split), 50)
+    return "client" if client > spm else "spm"
 
 
 def _wave_detail(w: Wave) -> dict[str, Any]:
@@ -355,6 +403,19 @@ def _format_wave(d: dict[str, Any] | None) -> str:
     )
 
 
+def _format_split(split: list[dict[str, float]], limit: str) -> str:
+    if not split:
+        return ""
+    def p50(key: str) -> float:
+        return stats.percentile(sorted(s[key] for s in split), 50)
+    return (
+        f"  rounds     (p50) client write {p50('client_write_ms'):.1f} ms, SPM wave began "
+        f"{p50('until_wave_ms'):.1f} ms after it, wave {p50('spm_ms'):.1f} ms, client saw the last reply "
+        f"{p50('client_notice_ms'):.1f} ms after the wave: the limit is the "
+        f"{'lean client' if limit == 'client' else 'SPM'}\n"
+    )
+
+
 def format_result(r: dict[str, Any]) -> str:
     return (
         f"hosts={r['hosts']} messages={r['messages']} rounds={r['rounds']} requests={r['requests']} "
@@ -365,6 +426,7 @@ def format_result(r: dict[str, Any]) -> str:
         f"max={r['spm_wave_max_ms']:.2f} ms  ({r['spm_waves']} waves with requests: first read to last reply "
         f"written)\n"
         f"  worst wave {_format_wave(r['spm_wave_worst'])}\n"
+        f"{_format_split(r['round_split'], r['limit'])}"
         f"  SPM I/O    per round: {r['spm_scans_per_round']} inbox scans, "
         f"{r['spm_outbox_writes_per_round']} outbox writes\n"
         f"  SPM CPU    idle={r['spm_cpu_idle_pct']:.2f}%  busy={r['spm_cpu_busy_pct']:.2f}% of a core, "

@@ -45,6 +45,7 @@ class LeanHosts:
         self._runs = runs(self.host_ids, max_gap=0)
         self.domain = uuid.uuid4()
         self.poll = HSMConfig()
+        self.timeline: dict[str, float] = {}
 
     def _write_all(self, blocks: dict[int, bytes]) -> float:
         """Write every host's block, one write per run of adjacent hosts,
@@ -102,12 +103,18 @@ class LeanHosts:
 
     def round(self, messages: int) -> tuple[list[float], int]:
         """Every host submits ``messages`` requests at once; returns the
-        roundtrip latencies and the number of failures."""
+        roundtrip latencies and the number of failures. ``timeline`` then
+        says when (monotonic) the client began writing, its writes were
+        done, and it had seen the last reply: the bench lines these up
+        with the SPM's waves."""
         requests = {h: [codec.encode(codec.Extend(self.domain, uuid.uuid4(), 1024)) for _ in range(messages)]
                     for h in self.host_ids}
         deadline = time.monotonic() + 120
-        sent = self._write_all({h: codec.build_block(r) for h, r in requests.items()})
+        blocks = {h: codec.build_block(r) for h, r in requests.items()}
+        began = time.monotonic()
+        sent = self._write_all(blocks)
         latencies, wrong, missing = self._wait(requests, deadline, sent)
+        self.timeline = {"began": began, "sent": sent, "seen": sent + max(latencies, default=0.0)}
         # Finish the handshake so the next round starts clean.
         cleans = [codec.CLEAN_MESSAGE] * messages
         sent = self._write_all({h: codec.build_block(cleans) for h in self.host_ids})
@@ -131,4 +138,4 @@ def lean_main(inbox_path: str, outbox_path: str, host_ids: list[int], conn: Conn
             conn.send("stopped")
             return
         else:
-            conn.send(hosts.round(cmd[1]))
+            conn.send((*hosts.round(cmd[1]), hosts.timeline))

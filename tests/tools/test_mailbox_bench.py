@@ -25,8 +25,13 @@ def test_lean_bench_reports_roundtrip_and_spm_waves() -> None:
     assert worst["scans"] >= 1 and worst["read_mib"] > 0 and worst["outbox_writes"] >= 1
     assert 0 <= worst["intake_ms"] <= worst["ms"]
     assert worst["io_cpu_ms"] > 0
+    # Each round lined up with its waves: the client's write, the SPM's waves.
+    assert len(r["round_split"]) == 2
+    for split in r["round_split"]:
+        assert split["waves"] >= 1 and split["spm_ms"] > 0 and split["client_write_ms"] > 0
+    assert r["limit"] in ("spm", "client")
     text = mailbox_bench.format_result(r)
-    assert "SPM wave" in text and "roundtrip" in text and "worst wave" in text
+    assert "SPM wave" in text and "roundtrip" in text and "worst wave" in text and "the limit is the" in text
 
 
 def test_hsm_clients_bench() -> None:
