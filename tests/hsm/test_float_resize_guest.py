@@ -38,7 +38,7 @@ OLD = 64 * MiB
 NEW = 768 * MiB
 # The guest writes here: beyond the old capacity, inside the new one.
 OFFSET_MB = 600
-WRITE_MB = 12
+WRITE_MB = 6
 
 
 @pytest.fixture
