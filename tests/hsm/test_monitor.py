@@ -90,8 +90,13 @@ def test_threshold_event_extends_and_rearms(make: object, caplog: pytest.LogCapt
     rig = make(dom)  # type: ignore[operator]
     disk.allocation, disk.threshold = 5 * MiB, None  # crossed: libvirt dropped it
     caplog.set_level("INFO", "xtnd.hsm")
-    rig.monitor.block_threshold(dom, "vda[1]", disk.path, 3 * MiB, 2 * MiB)
+    calls = rig.conn.list_calls
+    armed = dom.thresholds[-1][1]
+    rig.monitor.block_threshold(dom, "vda[1]", disk.path, armed, 5 * MiB - armed)
     assert rig.spm.requests == [(disk.volume, 32 * MiB)]
+    # The event's numbers sized the extend: fresh stats only for the recheck after it.
+    assert rig.monitor.counters["checks_from_event"] == 1
+    assert rig.conn.list_calls == calls + 1
     assert disk.physical == 32 * MiB
     assert dom.thresholds[-1] == ("vda[1]", 32 * MiB - 16 * MiB * 80 // 100)
     assert rig.drive(dom) is State.ARMED
@@ -209,12 +214,29 @@ def test_check_of_a_vm_that_just_stopped(make: object, caplog: pytest.LogCapture
     disk = FakeDisk("vda", physical=16 * MiB, allocation=1 * MiB)
     dom = FakeDomain("vm", disk)
     rig = make(dom)  # type: ignore[operator]
-    rig.conn.domainListGetStats = lambda doms, stats, flags: []
+    dom.active = False
     caplog.set_level("DEBUG", "xtnd.hsm")
-    rig.monitor.block_threshold(dom, "vda[1]", disk.path, 3 * MiB, 2 * MiB)
+    armed = dom.thresholds[-1][1]
+    rig.monitor.block_threshold(dom, "vda[1]", disk.path, armed, 1 * MiB)  # sized from the event
+    rig.monitor.block_threshold(dom, "vda[1]", disk.path, 3 * MiB, 2 * MiB)  # from stats: not the armed one
     assert rig.spm.requests == []
     assert not [r for r in caplog.records if r.levelname in ("ERROR", "WARNING")]
     assert any("vm gone before its check" in r.message for r in caplog.records)
+
+
+def test_threshold_event_not_ours_reads_stats(make: object) -> None:
+    """An event for another threshold or image than the one armed (late, or
+    from before a snapshot) is no measure of the drive: fresh stats decide."""
+    disk = FakeDisk("vda", physical=16 * MiB, allocation=1 * MiB)
+    dom = FakeDomain("vm", disk)
+    rig = make(dom)  # type: ignore[operator]
+    armed = dom.thresholds[-1][1]
+    calls = rig.conn.list_calls
+    rig.monitor.block_threshold(dom, "vda[1]", disk.path, armed + 1, 1 * MiB)
+    rig.monitor.block_threshold(dom, "vda[2]", disk.path, armed, 1 * MiB)
+    rig.monitor.block_threshold(dom, "vda[1]", "/elsewhere", armed, 1 * MiB)
+    assert rig.conn.list_calls >= calls + 3
+    assert rig.monitor.counters["checks_from_event"] == 0
 
 
 def test_reconnect_rearms(make: object) -> None:

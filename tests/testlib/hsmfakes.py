@@ -50,6 +50,7 @@ class FakeDomain:
         self.resumes = 0
         self.suspends = 0
         self.thresholds: list[tuple[str, int]] = []
+        self.active = True
 
     def UUIDString(self) -> str:
         return self._uuid
@@ -63,6 +64,9 @@ class FakeDomain:
 
     def state(self) -> list[int]:
         return list(self.status)
+
+    def isActive(self) -> int:
+        return int(self.active)
 
     def diskErrors(self) -> dict[str, int]:
         return dict(self.errors)
@@ -101,13 +105,15 @@ class FakeConn:
     def __init__(self, *domains: FakeDomain):
         self.domains = {d.UUIDString(): d for d in domains}
         self.bulk_calls = 0
+        self.list_calls = 0  # domainListGetStats: fresh stats of one VM
 
     def getAllDomainStats(self, stats: int, flags: int) -> list[tuple[FakeDomain, dict[str, Any]]]:
         self.bulk_calls += 1
         return [(d, d.stats()) for d in self.domains.values()]
 
     def domainListGetStats(self, doms: list[FakeDomain], stats: int, flags: int) -> list[tuple[FakeDomain, Any]]:
-        return [(d, d.stats()) for d in doms]
+        self.list_calls += 1
+        return [(d, d.stats()) for d in doms if d.active]
 
     def lookupByUUIDString(self, uuid: str) -> FakeDomain:
         try:
