@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable
+from typing import NamedTuple
 
 from . import codec
 
@@ -41,9 +42,10 @@ class SPMConfig:
     log_interval: float = 60.0
 
 
-@dataclasses.dataclass(frozen=True)
-class Request:
-    """A new request found in the inbox."""
+class Request(NamedTuple):
+    """A new request found in the inbox (immutable; a NamedTuple because
+    a frozen dataclass costs ~1.3 us more to build, 2.6 ms of a 2000-host
+    wave)."""
 
     host_id: int
     slot: int
