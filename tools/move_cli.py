@@ -299,7 +299,11 @@ class Mover:
             self.progress.extends_dst = ended["extends_dst"]
         except (hsm_control.ControlError, OSError) as e:
             # The move is done; the HSM watches the new disk as any other.
-            log.warning("cannot tell the HSM the copy ended: %s", e)
+            if isinstance(e, hsm_control.ControlError) and e.error == "NotReplicating":
+                # It found the copy after a restart and saw its job end by itself.
+                log.info("the HSM had seen the copy end: %s", e)
+            else:
+                log.warning("cannot tell the HSM the copy ended: %s", e)
         if dom.isPersistent():
             inactive = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
             conn.defineXML(retarget(inactive, disk.name, dst_block, link))
@@ -366,7 +370,7 @@ class Mover:
                 raise  # it answered: a refusal is an answer
             if not self._hsm_away:
                 self.out(f"the HSM does not answer ({e}): the copy goes on, waiting for it")
-                log.warning("the HSM does not answer during the copy: %s", e)
+                log.info("the HSM does not answer during the copy: %s", e)
             self._hsm_away = True
             return None
         if self._hsm_away:

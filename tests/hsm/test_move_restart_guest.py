@@ -207,6 +207,7 @@ def test_move_survives_hsm_restart(setup: Setup, sig: int) -> None:
                 log.info("move output:\n%s", text)
                 assert rc == 0, text
                 assert "telling it again" not in text and "the HSM answers again" in text, text
+                assert "warning" not in text, text
                 console = g.wait_console("XTND-HOLD", timeout=180)
                 assert f"XTND-WRITE-DONE mb={write_mb}" in console and "XTND-VERIFY-OK" in console
                 path = links.link_path(d.block2.uuid, _moved_to(text), pool.run_dir)
