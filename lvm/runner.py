@@ -6,6 +6,11 @@ Every command is built as an argv (no shell) and carries:
   VGs to every host; scanning them all is slow and a host must never touch
   a VG that is not its domain's. It also keeps test VGs on one machine from
   seeing each other.
+- a scan directory (sysdir.device_dir) holding links to exactly those PVs:
+  with it LVM's device cache stats a handful of links instead of every node
+  under /dev per command (--devices alone does not stop that). LVM is given
+  the links' paths (in --devices and in arguments naming a device) and
+  reports them; the runner maps them back to the device paths in reports.
 - ``--driverloaded n`` when the kernel has no device-mapper: LVM then only
   reads and writes metadata (which is all the SPM needs) instead of failing
   on /dev/mapper/control. Detected at run time, can be forced either way.
@@ -134,8 +139,15 @@ class Runner:
             self.read_only,
         )
 
-    def _config(self) -> str:
-        parts = ['devices { hints="none" obtain_device_list_from_udev=0 }']
+    def _scan(self) -> tuple[str, tuple[str, ...]] | None:
+        """The scan directory and the devices' links in it (None: the host's config)."""
+        if not self.system_dir:
+            return None
+        return sysdir.device_dir(self.devices, self.system_dir)
+
+    def _config(self, scan_dir: str | None) -> str:
+        scan = f' scan=["{scan_dir}"]' if scan_dir else ""
+        parts = [f'devices {{ hints="none" obtain_device_list_from_udev=0{scan} }}']
         if not self.driverloaded:
             # No device-mapper means no udev events to wait for.
             parts.append("activation { udev_sync=0 udev_rules=0 monitoring=0 }")
@@ -150,11 +162,35 @@ class Runner:
         return " ".join(parts)
 
     def argv(self, subcmd: str, *args: str) -> list[str]:
-        cmd = [LVM, subcmd, "--devices", ",".join(self.devices), "--config", self._config()]
+        scan = self._scan()
+        devices: Sequence[str] = self.devices
+        if scan is not None:
+            devices = scan[1]
+            names = dict(zip(self.devices, devices, strict=True))
+            args = tuple(names.get(a, a) for a in args)
+        cmd = [LVM, subcmd, "--devices", ",".join(devices), "--config", self._config(scan and scan[0])]
         if not self.driverloaded:
             cmd += ["--driverloaded", "n"]
         cmd += args
         return cmd
+
+    def _device_names(self, rows: list[dict[str, str]]) -> None:
+        """Device paths for the scan directory's links in report rows."""
+        if not self.system_dir:
+            return
+        _, links = sysdir.device_dir(self.devices, self.system_dir)
+        names = dict(zip(links, self.devices, strict=True))
+        for row in rows:
+            name = row.get("pv_name")
+            if name:
+                row["pv_name"] = names.get(name, name)
+            ranges = row.get("seg_pe_ranges")
+            if ranges:
+                parts = []
+                for part in ranges.split():
+                    pv, sep, pe = part.rpartition(":")
+                    parts.append(f"{names.get(pv, pv)}{sep}{pe}" if sep else part)
+                row["seg_pe_ranges"] = " ".join(parts)
 
     def run(self, subcmd: str, *args: str) -> str:
         """Run ``lvm subcmd args``; return stdout, raise a typed LVMError."""
@@ -177,6 +213,7 @@ class Runner:
                         rows.extend(value)
         except (AttributeError, TypeError) as e:
             raise LVMError([subcmd, *args], 0, str(reports)[-400:], f"cannot parse LVM report: {e}") from None
+        self._device_names(rows)
         return rows
 
     def _execute(self, subcmd: str, args: Sequence[str]) -> tuple[str, list[Any] | None]:

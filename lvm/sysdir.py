@@ -21,14 +21,23 @@ here instead of /etc/lvm:
   (shell.py): JSON reports in bytes and a command log whose "shell"
   status entry carries each command's exit code.
 
+dev/<key>/ holds one symbolic link per PV of a runner's device list (key:
+a hash of the list). The runner points LVM's device scan at it
+(``devices/scan``): otherwise LVM stats every node under /dev in every
+command even with ``--devices`` (hundreds of loop devices here; SCSI paths
+and dm nodes on a SAN host). Links, not device nodes: a link follows a
+multipath node that was re-created with another major:minor.
+
 Paths LVM derives from the system directory are pinned back to the host's
 (metadata backups and archives, when enabled) by the runner's --config.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import threading
+from collections.abc import Sequence
 
 HOST_DIR = "/etc/lvm"
 DEFAULT_DIR = "/run/xtnd/lvm"
@@ -113,3 +122,27 @@ def prepare(path: str = DEFAULT_DIR, host_dir: str = HOST_DIR) -> str:
         if _read(profile) != _PROFILE:
             _replace(profile, _PROFILE)
     return path
+
+
+def device_dir(devices: Sequence[str], path: str = DEFAULT_DIR) -> tuple[str, tuple[str, ...]]:
+    """The scan directory of a device list and its links (in the list's order).
+
+    Creates the directory and its links if missing and re-points a link whose
+    target differs (cheap: one readlink per device when nothing changed).
+    """
+    key = hashlib.sha256("\0".join(devices).encode()).hexdigest()[:16]
+    dirpath = os.path.join(path, "dev", key)
+    links = tuple(os.path.join(dirpath, f"pv{i}") for i in range(len(devices)))
+    for link, device in zip(links, devices, strict=True):
+        try:
+            if os.readlink(link) == device:
+                continue
+        except FileNotFoundError:
+            os.makedirs(dirpath, mode=0o755, exist_ok=True)
+        except OSError:
+            pass
+        with _lock:
+            tmp = f"{link}.tmp.{os.getpid()}.{threading.get_ident()}"
+            os.symlink(device, tmp)
+            os.rename(tmp, link)
+    return dirpath, links

@@ -29,6 +29,7 @@ import argparse
 import json
 import logging
 import os
+import resource
 import shutil
 import tempfile
 import threading
@@ -141,7 +142,9 @@ class Bench:
         hsm = HSMMailbox(DirectFile(mbx.inbox), DirectFile(mbx.outbox), 1, HSMConfig(poll_growth=args.poll_growth))
         shell = lvm.LvmShell("bench-lvm") if args.lvm == "shell" else None
         domain.runner.shell = shell
+        mda_start = _metadata_size(domain)
         commands_before = _commands(domain.runner)
+        cpu_before = _children_cpu(), time.process_time()
         volumes = [v for v in domain.list_volumes()]
         per_volume = [args.requests // len(volumes) + (i < args.requests % len(volumes)) for i in range(len(volumes))]
         latencies: list[float] = []
@@ -176,12 +179,15 @@ class Bench:
             for t in threads:
                 t.join()
             elapsed = time.monotonic() - start
+            python_cpu = time.process_time() - cpu_before[1]
         finally:
             hsm.stop()
             spm.stop()
             domain.runner.shell = None
             if shell is not None:
                 shell.close()
+        # Every LVM process of the run (commands, or the shell) has exited and been waited for.
+        lvm_cpu = _children_cpu() - cpu_before[0]
         if errors:
             raise errors[0]
         commands = {k: v - commands_before.get(k, 0) for k, v in _commands(domain.runner).items()}
@@ -193,6 +199,9 @@ class Bench:
         for f in spm_files:
             f.close()
         return {
+            "lvm_cpu_s": lvm_cpu,
+            "python_cpu_s": python_cpu,
+            "metadata_bytes": [mda_start, _metadata_size(domain)],
             "lvm_commands": commands,
             "spm_io": spm_io,
             "extends": len(latencies),
@@ -242,12 +251,32 @@ class Bench:
             "mailbox_overhead_p50_ms": round(spm["p50_ms"] - spm["spm_total_p50_ms"], 3),
             "lvm_commands_per_extend": per_extend,
             "spm_io_per_extend": {k: round(v / extends, 3) for k, v in spm["spm_io"].items()},
+            # CPU per extend during the SPM run: of the LVM process(es), and of
+            # this process (SPM and HSM mailbox client together). One core
+            # running LVM without a pause is the floor: 1000 / lvm_cpu_ms extends/s.
+            "lvm_cpu_ms_per_extend": round(spm["lvm_cpu_s"] * 1000 / extends, 3),
+            "python_cpu_ms_per_extend": round(spm["python_cpu_s"] * 1000 / extends, 3),
+            "lvm_floor_extends_per_s": round(extends / spm["lvm_cpu_s"], 1) if spm["lvm_cpu_s"] else None,
+            # Used VG metadata (vg_mda_size - vg_mda_free) before and after the
+            # SPM run: interleaved extends fragment LVs and each lvextend gets
+            # slower as the metadata grows, so compare figures at similar sizes.
+            "metadata_kb": [round(b / 1024, 1) for b in spm["metadata_bytes"]],
         }
 
 
 def _commands(runner: lvm.Runner) -> dict[str, int]:
     """LVM commands run so far, by subcommand."""
     return runner.history.counts()
+
+
+def _metadata_size(domain: storage.BlockDomain) -> int:
+    info = lvm.vg_info(domain.runner, domain.vg)
+    return info.mda_size - info.mda_free
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def _loadavg() -> list[float]:
@@ -276,6 +305,12 @@ def _print(result: dict[str, Any]) -> None:
     print(
         f"floor per extend: LVM commands {cmds}; SPM mailbox O_DIRECT I/Os: "
         f"{io['reads']} reads, {io['writes']} writes"
+    )
+    print(
+        f"CPU per extend: LVM {result['lvm_cpu_ms_per_extend']:.2f} ms (floor with LVM never waiting: "
+        f"{result['lvm_floor_extends_per_s']} extends/s), Python (SPM + HSM client) "
+        f"{result['python_cpu_ms_per_extend']:.2f} ms; VG metadata used {result['metadata_kb'][0]} -> "
+        f"{result['metadata_kb'][1]} KiB"
     )
 
 

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import logging
+import os
 
 import pytest
 from xtnd import lvm
@@ -9,7 +10,15 @@ from xtnd import lvm
 def test_argv_restricts_devices(runner: lvm.Runner, pvs: list[str]) -> None:
     argv = runner.argv("vgs")
     assert argv[:2] == ["lvm", "vgs"]
-    assert argv[argv.index("--devices") + 1] == ",".join(pvs)
+    # LVM is given links to the PVs in a scan directory of their own.
+    links = argv[argv.index("--devices") + 1].split(",")
+    assert [os.readlink(link) for link in links] == pvs
+    scan_dir = os.path.dirname(links[0])
+    assert sorted(os.listdir(scan_dir)) == sorted(os.path.basename(link) for link in links)
+    assert f'scan=["{scan_dir}"]' in argv[argv.index("--config") + 1]
+    # The host's own configuration: no scan directory, the devices as given.
+    plain = lvm.Runner(pvs, system_dir="").argv("vgs")
+    assert plain[plain.index("--devices") + 1] == ",".join(pvs)
     if not lvm.device_mapper_available():
         assert argv[argv.index("--driverloaded") + 1] == "n"
 
