@@ -9,13 +9,15 @@ One I/O thread ("mailbox-spm") owns all mailbox storage I/O:
   event id changes, or every ``scan_interval`` anyway (vdsm HSMs of older
   versions write no events), it scans the whole inbox for new messages
   (inbox.InboxView: checksums, changed slots, reads overlapped);
-- new requests go to a bounded pool of worker threads running the handler
-  registered for the opcode, so a slow extend never blocks the scan;
+- new requests go to a bounded pool of worker threads, which decode them
+  and run the handler registered for the opcode, so a slow extend never
+  blocks the scan and decoding overlaps the I/O thread's reads and writes;
 - workers hand replies back; the I/O thread echoes clean messages and
   writes the touched host blocks of the outbox, adjacent ones in one write
   (outbox.OutboxImage): a wave's cost follows its I/Os, not its hosts;
-- ``waves``: service time of recent waves, from the read that saw new mail
-  while nothing was in flight to the write that left nothing in flight.
+- ``waves``: recent waves (waves.Wave), from the read that saw new mail
+  while nothing was in flight to the write that left nothing in flight:
+  service time, and its scans, bytes read, writes and CPU.
 
 A reply is written only if the request is still in its slot: a request the
 HSM withdrew or moved meanwhile gets no stale reply.
