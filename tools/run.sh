@@ -129,7 +129,7 @@ run_tests() {
     say "pytest"
     local marks="not soak"
     [ "${XTND_SOAK:-0}" = 1 ] && marks=""
-    "$VENV/bin/python" -m pytest -m "$marks" "$@"
+    "$VENV/bin/python" -m pytest --durations=25 -m "$marks" "$@"
 }
 
 cmd=${1:-help}
