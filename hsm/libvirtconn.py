@@ -27,6 +27,7 @@ from typing import Any, Protocol
 
 import libvirt
 from xtnd.common.ratelimit import RateLimitedLog
+from xtnd.common.worker import Worker
 
 log = logging.getLogger("xtnd.hsm.libvirt")
 
@@ -81,57 +82,47 @@ def _libvirt_error(_opaque: object, error: Any) -> None:
     log.debug("libvirt error=%s", error)
 
 
-class EventLoop:
+class EventLoop(Worker):
     """Runs libvirt's default event loop in a daemon thread."""
 
     def __init__(self, name: str = "xtnd-libvirt-events"):
-        self._name = name
-        self._thread: threading.Thread | None = None
-        self._stopping = threading.Event()
+        super().__init__(name)
 
     def start(self) -> None:
         """Register the default event implementation (once) and run it."""
-        if self._thread is not None:
-            raise RuntimeError("event loop already started")
         _register_default_impl()
-        self._stopping.clear()
-        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-        self._thread.start()
+        super().start()
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, timeout: float = 5.0) -> bool:
         """Stop the loop; returns once the thread ended (or timeout)."""
-        thread = self._thread
-        if thread is None:
-            return
-        self._stopping.set()
+        stopped = super().stop(timeout)
+        if not stopped:
+            log.warning("event loop did not stop in %.1f seconds", timeout)
+        return stopped
+
+    def _wake(self) -> None:
         # virEventRunDefaultImpl blocks until something happens; adding a
         # timer interrupts its poll() so the loop sees the flag at once.
         libvirt.virEventAddTimeout(0, self._wakeup, None)
-        thread.join(timeout)
-        if thread.is_alive():
-            log.warning("event loop did not stop in %.1f seconds", timeout)
-        else:
-            self._thread = None
-
-    @property
-    def running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
 
     def _wakeup(self, timer: int, _opaque: object) -> None:
         libvirt.virEventRemoveTimeout(timer)
 
     def _run(self) -> None:
         log.debug("event loop started")
-        while not self._stopping.is_set():
+        while not self.stopping:
             if libvirt.virEventRunDefaultImpl() < 0:
                 log.error("libvirt event loop iteration failed")
                 # Do not spin on a broken loop; stop() still wakes this.
-                self._stopping.wait(1.0)
+                self._pause(1.0)
         log.debug("event loop stopped")
 
 
-class Connection:
-    """One libvirt connection kept open, with events, across libvirtd restarts."""
+class Connection(Worker):
+    """One libvirt connection kept open, with events, across libvirtd restarts.
+
+    start() connects in the background and needs a running EventLoop.
+    """
 
     def __init__(
         self,
@@ -148,35 +139,22 @@ class Connection:
         self._backoff_initial = backoff_initial
         self._backoff_max = backoff_max
         self._keepalive = (keepalive_interval, keepalive_count)
-        self._name = name
-        self._cond = threading.Condition()
+        super().__init__(name)
         self._conn: libvirt.virConnect | None = None
         self._lost = False
-        self._stopping = False
         self._generation = 0
         self._ready = 0
         self._callbacks: list[int] = []
-        self._thread: threading.Thread | None = None
         self._errors = RateLimitedLog(log, interval=60.0)
 
     # Public
 
-    def start(self) -> None:
-        """Start connecting in the background; requires a running EventLoop."""
-        if self._thread is not None:
-            raise RuntimeError("connection already started")
-        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
+    def stop(self, timeout: float = 10.0) -> bool:
         """Close the connection and end the thread; wakes any backoff wait."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                log.warning("connection thread did not stop in %.1f seconds", timeout)
+        stopped = super().stop(timeout)
+        if not stopped:
+            log.warning("connection thread did not stop in %.1f seconds", timeout)
+        return stopped
 
     def get(self) -> libvirt.virConnect:
         """The live connection; raise NotConnected while there is none."""
@@ -234,14 +212,14 @@ class Connection:
 
     def _run(self) -> None:
         delay = self._backoff_initial
-        while not self._should_stop():
+        while not self.stopping:
             try:
                 conn = self._open()
             except libvirt.libvirtError as e:
                 self._errors.log(
                     logging.WARNING, "open", "cannot connect uri=%s error=%s retry_in=%.1f", self.uri, e, delay
                 )
-                self._sleep(delay)
+                self._pause(delay)
                 delay = min(delay * 2, self._backoff_max)
                 continue
             delay = self._backoff_initial
@@ -256,14 +234,6 @@ class Connection:
             if lost:
                 self._notify_disconnected()
         log.info("libvirt connection stopped uri=%s", self.uri)
-
-    def _should_stop(self) -> bool:
-        with self._cond:
-            return self._stopping
-
-    def _sleep(self, seconds: float) -> None:
-        with self._cond:
-            self._cond.wait_for(lambda: self._stopping, seconds)
 
     def _open(self) -> libvirt.virConnect:
         conn = libvirt.open(self.uri)

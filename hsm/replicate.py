@@ -43,6 +43,7 @@ from typing import Any, Protocol
 
 import libvirt
 from xtnd.common import history
+from xtnd.common.worker import Worker
 from xtnd.hsm import links, sizing, stats, volumes
 from xtnd.hsm.drive import Drive
 
@@ -183,7 +184,7 @@ def dest_needs(dst_physical: int, data: int, capacity: int, config: sizing.Sizin
     return size if size > dst_physical else None
 
 
-class Replicator:
+class Replicator(Worker):
     def __init__(
         self,
         connection: Connection,
@@ -208,24 +209,9 @@ class Replicator:
         self.dest_first = dest_first
         self._clock = clock
         self._lock = threading.Lock()
-        self._cond = threading.Condition(self._lock)
+        super().__init__("xtnd-hsm-replicate", self._lock)
         self._replicas: dict[tuple[str, str], Replica] = {}
-        self._stopping = False
         self._kick = False
-        self._thread: threading.Thread | None = None
-
-    # Life cycle
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="xtnd-hsm-replicate", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        with self._cond:
-            self._stopping = True
-            self._cond.notify_all()
-        if self._thread is not None:
-            self._thread.join(timeout)
 
     # Control (from the control socket)
 
@@ -349,18 +335,14 @@ class Replicator:
     # The watch loop
 
     def _run(self) -> None:
-        while True:
-            with self._cond:
-                self._cond.wait_for(lambda: self._stopping or bool(self._replicas), None)
-                if self._stopping:
-                    return
+        while self._pause(None, lambda: bool(self._replicas)):
             for replica in self.replicas():
                 try:
                     self.check(replica)
                 except Exception as e:  # noqa: BLE001 - retried on the next round
                     log.warning("replication check failed vm=%s drive=%s: %s", replica.vm_id, replica.drive, e)
+            self._pause(self.interval, lambda: self._kick)
             with self._cond:
-                self._cond.wait_for(lambda: self._stopping or self._kick, self.interval)
                 self._kick = False
 
     def check(self, replica: Replica) -> None:

@@ -25,12 +25,12 @@ was down is not lost.
 from __future__ import annotations
 
 import logging
-import threading
 import uuid as uuidlib
 from typing import Protocol
 
 import libvirt
 from xtnd import lvm, storage
+from xtnd.common.worker import Worker
 from xtnd.hsm.growdisk import DiskGrower, GrowError, GrowFailed, Target
 from xtnd.hsm.libvirtconn import NotConnected
 from xtnd.mailbox import notice
@@ -50,7 +50,7 @@ class Monitor(Protocol):
 _NEVER = uuidlib.UUID(int=0)
 
 
-class ResizeWatcher:
+class ResizeWatcher(Worker):
     def __init__(
         self,
         outbox: Storage,
@@ -65,25 +65,11 @@ class ResizeWatcher:
         self._grower = grower
         self.interval = interval
         self._seen: uuidlib.UUID | None = _NEVER
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
         self.grown = 0
-
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="xtnd-hsm-resize", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
-
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+        super().__init__("xtnd-hsm-resize")
 
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+        while self._pause(self.interval):
             try:
                 self.poll()
             except Exception:

@@ -19,11 +19,11 @@ from __future__ import annotations
 import logging
 import os
 import select
-import threading
 import time
 from collections.abc import Callable
 
 import pyudev
+from xtnd.common.worker import Worker
 from xtnd.hsm import growdisk
 
 log = logging.getLogger("xtnd.hsm.udev")
@@ -36,7 +36,7 @@ def event_source() -> str:
     return "udev" if os.path.exists(UDEV_CONTROL) else "kernel"
 
 
-class UdevWatcher:
+class UdevWatcher(Worker):
     def __init__(
         self,
         grower: growdisk.DiskGrower,
@@ -48,12 +48,10 @@ class UdevWatcher:
         self._grower = grower
         self.source = source or event_source()
         self._on_grown = on_grown
-        self._name = name
         self._monitor: pyudev.Monitor | None = None
         self._wake_r, self._wake_w = -1, -1
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
         self.resizes = 0
+        super().__init__(name)
 
     def start(self) -> None:
         context = pyudev.Context()
@@ -62,33 +60,28 @@ class UdevWatcher:
         monitor.start()
         self._monitor = monitor
         self._wake_r, self._wake_w = os.pipe()
-        self._thread = threading.Thread(target=self._run, name=self._name, daemon=True)
-        self._thread.start()
+        super().start()
         log.info("watching udev for block devices that grow source=%s", self.source)
 
-    def stop(self, timeout: float = 10.0) -> None:
-        self._stopping.set()
-        if self._wake_w >= 0:
-            os.write(self._wake_w, b"x")
-        if self._thread is not None:
-            self._thread.join(timeout)
-            if self._thread.is_alive():
-                log.warning("udev thread did not stop in %.1f seconds", timeout)
-                return
+    def stop(self, timeout: float = 10.0) -> bool:
+        if not super().stop(timeout):
+            log.warning("udev thread did not stop in %.1f seconds", timeout)
+            return False
         for fd in (self._wake_r, self._wake_w):
             if fd >= 0:
                 os.close(fd)
         self._wake_r = self._wake_w = -1
         self._monitor = None
+        return True
 
-    @property
-    def alive(self) -> bool:
-        return self._thread is not None and self._thread.is_alive()
+    def _wake(self) -> None:
+        # The thread blocks in select() on the netlink socket and this pipe.
+        os.write(self._wake_w, b"x")
 
     def _run(self) -> None:
         monitor = self._monitor
         assert monitor is not None
-        while not self._stopping.is_set():
+        while not self.stopping:
             ready, _, _ = select.select([monitor.fileno(), self._wake_r], [], [])
             if self._wake_r in ready:
                 return

@@ -135,11 +135,11 @@ def test_stop_wakes_backoff(private_libvirtd: PrivateLibvirtd, libvirt_events: E
 
 def test_event_loop_stops_at_once(libvirt_events: EventLoop) -> None:
     # Only one thread may run libvirt's loop: stop the session's, restart it.
-    assert libvirt_events.running
+    assert libvirt_events.alive
     start = time.monotonic()
     libvirt_events.stop()
     elapsed = time.monotonic() - start
-    assert not libvirt_events.running
+    assert not libvirt_events.alive
     libvirt_events.start()
-    assert libvirt_events.running
+    assert libvirt_events.alive
     assert elapsed < 2.0
