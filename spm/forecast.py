@@ -36,6 +36,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 from xtnd import lvm, storage
 from xtnd.common.ratelimit import RateLimitedLog
+from xtnd.common.worker import Worker
 
 from . import domains as doms
 
@@ -176,7 +177,7 @@ class Settings:
     warning_interval: float = 600.0
 
 
-class Forecast:
+class Forecast(Worker):
     """Every managed domain's estimator, fed by the extend hook and a sampling thread."""
 
     def __init__(
@@ -195,8 +196,7 @@ class Forecast:
         self._served: collections.Counter[uuidlib.UUID] = collections.Counter()
         self._warn = RateLimitedLog(log, settings.warning_interval, clock)
         self._warn_lock = threading.Lock()  # RateLimitedLog is not thread-safe; extends run in parallel
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        super().__init__("spm-forecast")
 
     def _estimator(self, domain: uuidlib.UUID) -> Estimator:
         est = self._est.get(domain)
@@ -286,14 +286,8 @@ class Forecast:
 
     # Sampling thread
 
-    def start(self) -> None:
-        self._thread = threading.Thread(target=self._run, name="spm-forecast", daemon=True)
-        self._thread.start()
-
-    def stop(self, timeout: float = 5.0) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout)
+    def stop(self, timeout: float = 5.0) -> bool:
+        return super().stop(timeout)
 
     def _run(self) -> None:
         while True:
@@ -301,7 +295,7 @@ class Forecast:
                 self.sample_all()
             except Exception:  # the forecast must never stop the SPM
                 log.exception("forecast sampling failed")
-            if self._stop.wait(self.settings.interval):
+            if not self._pause(self.settings.interval):
                 return
 
 

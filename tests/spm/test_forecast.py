@@ -215,3 +215,13 @@ def test_running_fit_forgets_exactly_what_it_dropped() -> None:
     for t in range(2, 40):
         est.sample(float(t), 0)
     assert est.rate(40.0) == 0.0
+
+
+def test_sampling_thread_stops_during_its_interval() -> None:
+    """The thread waits an hour between samples; stop() must cut that wait."""
+    registry = doms.DomainRegistry(lambda u: None, [DOM], ttl=60)  # type: ignore[arg-type,return-value]
+    fc = Forecast(registry, Settings(interval=3600.0))
+    fc.start()
+    assert fc.alive
+    assert fc.stop(timeout=10.0)
+    assert not fc.alive
