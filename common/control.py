@@ -22,6 +22,8 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
+from xtnd.common.worker import Worker
+
 log = logging.getLogger("xtnd.control")
 
 MAX_LINE = 1 << 20
@@ -47,17 +49,15 @@ def peer_uid(conn: socket.socket) -> int:
     return int(uid)
 
 
-class ControlServer:
+class ControlServer(Worker):
     """Accepts root clients and runs their requests, one thread per connection."""
 
     def __init__(self, path: str, ops: dict[str, Op], allowed_uid: int = 0, name: str = "control"):
+        super().__init__(name)
         self.path = path
-        self.name = name
         self.ops = ops
         self.allowed_uid = allowed_uid
         self._sock: socket.socket | None = None
-        self._thread: threading.Thread | None = None
-        self._stopping = threading.Event()
 
     def start(self) -> None:
         os.makedirs(os.path.dirname(self.path) or ".", mode=0o755, exist_ok=True)
@@ -73,35 +73,37 @@ class ControlServer:
         os.chmod(self.path, 0o600)
         sock.listen(16)
         self._sock = sock
-        self._thread = threading.Thread(target=self._accept, name=self.name, daemon=True)
-        self._thread.start()
+        super().start()
         log.info("control socket listening path=%s", self.path)
 
-    def stop(self) -> None:
-        self._stopping.set()
-        if self._sock is not None:
-            try:
-                os.unlink(self.path)
-            except FileNotFoundError:
-                pass
-            # shutdown() wakes the thread blocked in accept().
-            try:
-                self._sock.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            self._sock.close()
-            self._sock = None
-        if self._thread is not None:
-            self._thread.join(10)
+    def stop(self, timeout: float = 10.0) -> bool:
+        stopped = super().stop(timeout)
         log.info("control socket closed path=%s", self.path)
+        return stopped
 
-    def _accept(self) -> None:
-        assert self._sock is not None
-        while not self._stopping.is_set():
+    def _wake(self) -> None:
+        if self._sock is None:
+            return
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+        # shutdown() wakes the thread blocked in accept().
+        try:
+            self._sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
+        self._sock.close()
+        self._sock = None
+
+    def _run(self) -> None:
+        sock = self._sock  # stop() sets self._sock to None when it closes it
+        assert sock is not None
+        while True:
             try:
-                conn, _ = self._sock.accept()
+                conn, _ = sock.accept()
             except OSError:
-                if self._stopping.is_set():
+                if self.stopping:
                     return
                 log.exception("control socket accept failed")
                 return
@@ -123,7 +125,7 @@ class ControlServer:
                 conn.sendall(_answer({"ok": False, "error": "PermissionError", "message": "root only"}))
                 return
             for line in reader:
-                if self._stopping.is_set():
+                if self.stopping:
                     return
                 conn.sendall(_answer(self._call(line)))
 
