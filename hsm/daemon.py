@@ -334,12 +334,7 @@ def _run(config: Config, ready_timeout: float, stop: threading.Event, lost: list
             udev.start()
     except (api.ApiStartError, ConfigError, OSError) as e:
         log.error("cannot start: %s", e)
-        if host_api is not None:
-            host_api.stop()
-        if server is not None:
-            server.stop()
-        metrics.stop()
-        hsm.stop()
+        _stop_services(host_api, server, metrics, hsm)
         return EXIT_ERROR
     try:
         with watchdog.covering("start"):
@@ -360,13 +355,20 @@ def _run(config: Config, ready_timeout: float, stop: threading.Event, lost: list
         with watchdog.covering("stop"):  # bounded: jobs end once the mailbox stops
             if udev is not None:
                 udev.stop()
-            if host_api is not None:
-                host_api.stop()
-            if server is not None:
-                server.stop()
-            metrics.stop()
-            hsm.stop()
+            _stop_services(host_api, server, metrics, hsm)
     if lost:
         log.error("exiting: %s", lost[0])
         return EXIT_HOST_ID_LOST
     return EXIT_OK
+
+
+def _stop_services(
+    host_api: api.ApiServer | None, server: control.ControlServer | None, metrics: MetricsServer, hsm: HSM
+) -> None:
+    """Stop what _run started, last started first (the HSM itself last)."""
+    if host_api is not None:
+        host_api.stop()
+    if server is not None:
+        server.stop()
+    metrics.stop()
+    hsm.stop()
