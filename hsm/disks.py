@@ -25,6 +25,15 @@ class Disk:
     volume: uuidlib.UUID
 
 
+def disk_element(root: ET.Element, dev: str) -> ET.Element | None:
+    """The <disk> of a domain XML whose target is dev (e.g. "vda"), if any."""
+    for disk in root.iterfind("devices/disk"):
+        target = disk.find("target")
+        if target is not None and target.get("dev") == dev:
+            return disk
+    return None
+
+
 def thin_disks(xml: str, run_dir: str = links.RUN_DIR) -> list[Disk]:
     root = ET.fromstring(xml)
     found = []

@@ -45,6 +45,7 @@ import libvirt
 from xtnd.common import history
 from xtnd.common.worker import Worker
 from xtnd.hsm import links, sizing, stats, volumes
+from xtnd.hsm.disks import disk_element
 from xtnd.hsm.drive import Drive
 
 log = logging.getLogger("xtnd.hsm.replicate")
@@ -133,18 +134,13 @@ class Replica:
 
 def mirror_index(xml: str, drive: str) -> int | None:
     """The index libvirt gave the mirror (copy destination) of drive, if any."""
-    root = ET.fromstring(xml)
-    for disk in root.iterfind("devices/disk"):
-        target = disk.find("target")
-        if target is None or target.get("dev") != drive:
-            continue
-        mirror = disk.find("mirror")
-        if mirror is None:
-            return None
-        source = mirror.find("source")
-        index = source.get("index") if source is not None else None
-        return int(index) if index is not None else None
-    return None
+    disk = disk_element(ET.fromstring(xml), drive)
+    mirror = disk.find("mirror") if disk is not None else None
+    if mirror is None:
+        return None
+    source = mirror.find("source")
+    index = source.get("index") if source is not None else None
+    return int(index) if index is not None else None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -51,6 +51,7 @@ from xtnd.common.units import MiB, round_up
 from xtnd.hsm import config as hsm_config
 from xtnd.hsm import control as hsm_control
 from xtnd.hsm import links
+from xtnd.hsm.disks import disk_element
 from xtnd.hsm.sizing import REPLICATING
 from xtnd.hsm.volumes import device_size
 from xtnd.storage.model import max_size
@@ -98,31 +99,24 @@ class Progress:
 
 
 def find_disk(xml: str, name: str) -> Disk:
-    root = ET.fromstring(xml)
-    for disk in root.iterfind("devices/disk"):
-        target = disk.find("target")
-        if target is None or target.get("dev") != name:
-            continue
-        source = disk.find("source")
-        driver = disk.find("driver")
-        path = source.get("dev") or source.get("file") if source is not None else None
-        if not path:
-            raise MoveError(f"disk {name} has no source")
-        return Disk(name, disk.get("type", ""), path, driver.get("type", "raw") if driver is not None else "raw")
-    raise MoveError(f"the vm has no disk {name}")
+    disk = disk_element(ET.fromstring(xml), name)
+    if disk is None:
+        raise MoveError(f"the vm has no disk {name}")
+    source = disk.find("source")
+    driver = disk.find("driver")
+    path = source.get("dev") or source.get("file") if source is not None else None
+    if not path:
+        raise MoveError(f"disk {name} has no source")
+    return Disk(name, disk.get("type", ""), path, driver.get("type", "raw") if driver is not None else "raw")
 
 
 def has_mirror(xml: str, name: str) -> tuple[bool, bool]:
     """(a mirror exists, it is ready) for disk name."""
-    root = ET.fromstring(xml)
-    for disk in root.iterfind("devices/disk"):
-        target = disk.find("target")
-        if target is not None and target.get("dev") == name:
-            mirror = disk.find("mirror")
-            if mirror is None:
-                return False, False
-            return True, mirror.get("ready") == "yes"
-    return False, False
+    disk = disk_element(ET.fromstring(xml), name)
+    mirror = disk.find("mirror") if disk is not None else None
+    if mirror is None:
+        return False, False
+    return True, mirror.get("ready") == "yes"
 
 
 def dest_xml(block: bool, path: str, fmt: str) -> str:
@@ -135,10 +129,8 @@ def dest_xml(block: bool, path: str, fmt: str) -> str:
 def retarget(xml: str, name: str, block: bool, path: str) -> str:
     """The domain XML with disk name's source moved to path."""
     root = ET.fromstring(xml)
-    for disk in root.iterfind("devices/disk"):
-        target = disk.find("target")
-        if target is None or target.get("dev") != name:
-            continue
+    disk = disk_element(root, name)
+    if disk is not None:
         disk.set("type", "block" if block else "file")
         source = disk.find("source")
         if source is None:

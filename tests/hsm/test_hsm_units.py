@@ -6,6 +6,7 @@ import math
 import os
 import socket
 import uuid
+import xml.etree.ElementTree as ET
 
 import pytest
 from testlib.hsmfakes import RUN, FakeDisk, FakeDomain, disk_xml
@@ -104,6 +105,17 @@ def test_thin_disks_from_xml() -> None:
         ("vda", 1, a.domain, a.volume),
         ("vdb", 1, b.domain, b.volume),
     ]
+
+
+def test_disk_element_by_target() -> None:
+    a = FakeDisk("vda")
+    cdrom = "<disk type='file' device='cdrom'><target dev='hdc'/></disk><disk type='file'/>"
+    root = ET.fromstring(FakeDomain("vm", a, extra_xml=cdrom).XMLDesc())
+    vda = disks.disk_element(root, "vda")
+    assert vda is not None and vda.get("type") == "block"
+    hdc = disks.disk_element(root, "hdc")
+    assert hdc is not None and hdc.get("device") == "cdrom"
+    assert disks.disk_element(root, "vdz") is None
 
 
 def test_stats_top_image_only() -> None:

@@ -37,6 +37,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import libvirt
+from xtnd.hsm.disks import disk_element
 from xtnd.tools.rig.sanlockd import RIG_DIR
 from xtnd.tools.rig.wait import Timeout
 
@@ -321,13 +322,10 @@ class Guest:
 
     def disk_index(self, target: str = "vda") -> int:
         """The index libvirt gave the top image of target (for 'vda[N]')."""
-        root = ET.fromstring(self.dom.XMLDesc(0))
-        for disk in root.iterfind("devices/disk"):
-            t = disk.find("target")
-            if t is not None and t.get("dev") == target:
-                source = disk.find("source")
-                if source is not None and source.get("index") is not None:
-                    return int(source.get("index", ""))
+        disk = disk_element(ET.fromstring(self.dom.XMLDesc(0)), target)
+        source = disk.find("source") if disk is not None else None
+        if source is not None and source.get("index") is not None:
+            return int(source.get("index", ""))
         raise LookupError(f"{self.name}: no <source index> for {target} in the live XML")
 
     def remove(self) -> None:
