@@ -79,9 +79,3 @@ class Worker(abc.ABC):
         with self._cond:
             self._cond.wait_for(lambda: self._stopping or (until is not None and until()), timeout)
             return not self._stopping
-
-    def _notify(self) -> None:
-        """Wake the _pause() of the thread after changing what its until()
-        looks at (from any thread)."""
-        with self._cond:
-            self._cond.notify_all()

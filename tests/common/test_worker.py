@@ -36,7 +36,7 @@ class Sleeper(Worker):
     def add_job(self) -> None:
         with self._cond:
             self.jobs += 1
-        self._notify()
+            self._cond.notify_all()
 
     def wait_done(self, n: int) -> bool:
         with self._cond:
