@@ -114,6 +114,7 @@ class Runner:
         self.history = history if history is not None else CommandHistory()
         self.shell = shell
         self._system_dir = system_dir
+        self._shell_dir: str | None = None
 
     @property
     def system_dir(self) -> str:
@@ -162,17 +163,46 @@ class Runner:
         return " ".join(parts)
 
     def argv(self, subcmd: str, *args: str) -> list[str]:
+        """The command as a process runs it."""
         scan = self._scan()
         devices: Sequence[str] = self.devices
         if scan is not None:
             devices = scan[1]
-            names = dict(zip(self.devices, devices, strict=True))
-            args = tuple(names.get(a, a) for a in args)
+            args = self._link_args(scan[1], args)
         cmd = [LVM, subcmd, "--devices", ",".join(devices), "--config", self._config(scan and scan[0])]
         if not self.driverloaded:
             cmd += ["--driverloaded", "n"]
         cmd += args
         return cmd
+
+    def shell_argv(self, subcmd: str, *args: str) -> tuple[list[str], str | None]:
+        """The command as the LVM shell runs it, and the system dir of the
+        shell process to run it (None: the shell's own, with argv()).
+
+        The settings and the scan directory are in the process's system dir
+        (sysdir.variant), one process per set of them: no --config (it makes
+        LVM reload its whole configuration every command) and no --devices
+        (the scan directory holds only this runner's PVs; LVM 2.03.16 also
+        crashes on the third shell command that has --devices but no
+        --config). The line is short: libedit reads it one byte at a time.
+        """
+        scan = self._scan()
+        if scan is None:
+            return self.argv(subcmd, *args), None
+        if self._shell_dir is None:
+            # No devices file either: the scan directory is the restriction.
+            config = self._config(scan[0]) + " devices { use_devicesfile=0 }"
+            self._shell_dir = sysdir.variant(config, self.system_dir)
+        cmd = [LVM, subcmd]
+        if not self.driverloaded:
+            cmd += ["--driverloaded", "n"]
+        cmd += self._link_args(scan[1], args)
+        return cmd, self._shell_dir
+
+    def _link_args(self, links: Sequence[str], args: Sequence[str]) -> tuple[str, ...]:
+        """args with each of the runner's devices replaced by its link."""
+        names = dict(zip(self.devices, links, strict=True))
+        return tuple(names.get(a, a) for a in args)
 
     def _device_names(self, rows: list[dict[str, str]]) -> None:
         """Device paths for the scan directory's links in report rows."""
@@ -218,14 +248,18 @@ class Runner:
 
     def _execute(self, subcmd: str, args: Sequence[str]) -> tuple[str, list[Any] | None]:
         """stdout and (through a shell) the report documents of one command."""
-        cmd = self.argv(subcmd, *args)
+        shell = self.shell
+        shell_dir = None
+        if shell is not None:
+            cmd, shell_dir = self.shell_argv(subcmd, *args)
+        else:
+            cmd = self.argv(subcmd, *args)
         started = time.time()
         start = time.monotonic()
-        shell = self.shell
         reports: list[Any] | None = None
         try:
             if shell is not None:
-                result = shell.execute(cmd[1:], self.timeout)
+                result = shell.execute(cmd[1:], self.timeout, shell_dir)
                 if result.rc != 0:
                     raise CommandError(cmd, result.rc, result.out.encode(), result.err.encode())
                 out, reports = result.out, result.report

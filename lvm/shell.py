@@ -23,8 +23,11 @@ command's, and is started from a dedicated thread, because its death signal
 (setpriv --pdeathsig, see xtnd.common.cmd) fires when the *thread* that
 started it exits, and callers may be short-lived threads.
 
-Known LVM 2.03 quirk: a command without ``--config`` following one with
-it crashes the shell; the runner always passes the same options.
+A command may name the system directory of the process to run it
+(Runner.shell_argv: the runner's settings are in files there instead of
+``--config`` on every line): the shell keeps one process per directory.
+LVM 2.03.16 crashes on the third command given ``--devices`` without
+``--config``; the runner's shell commands have neither.
 """
 
 from __future__ import annotations
@@ -126,7 +129,9 @@ class LvmShell:
         self._system_dir = system_dir
         self._lvm = lvm
         self._lock = threading.Lock()
-        self._proc: _Process | None = None
+        # One process per system directory ("": the shell's own).
+        self._procs: dict[str, _Process] = {}
+        self._last: _Process | None = None
         self._closed = False
         # Starts processes (see the module docstring: death signal per thread).
         self._starter = concurrent.futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"{name}-start")
@@ -136,15 +141,17 @@ class LvmShell:
 
     @property
     def pid(self) -> int | None:
-        proc = self._proc
+        """The process that ran (or runs) the last command."""
+        proc = self._last
         return proc.pid if proc is not None else None
 
     def close(self) -> None:
         """Stop the process (it exits on EOF); later commands raise ShellError."""
         with self._lock:
             self._closed = True
-            proc, self._proc = self._proc, None
-        if proc is not None:
+            procs = list(self._procs.values())
+            self._procs.clear()
+        for proc in procs:
             try:
                 proc.stdin.close()
                 proc.proc.wait(timeout=5)
@@ -153,9 +160,10 @@ class LvmShell:
             proc.kill()
         self._starter.shutdown(wait=False)
 
-    def execute(self, argv: Sequence[str], timeout: float) -> ShellResult:
-        """Run one command (argv without the leading "lvm"); ShellError if
-        the process times out or dies (it is then replaced)."""
+    def execute(self, argv: Sequence[str], timeout: float, system_dir: str | None = None) -> ShellResult:
+        """Run one command (argv without the leading "lvm") in the process of
+        system_dir (None: the shell's own); ShellError if the process times
+        out or dies (it is then replaced)."""
         line = " ".join(quote(a) for a in argv) + "\n"
         if not argv:
             raise ValueError("empty LVM shell command")
@@ -163,12 +171,14 @@ class LvmShell:
             if self._closed:
                 raise ShellError(argv, -1, "", "the LVM shell is closed")
             deadline = time.monotonic() + timeout
-            proc = self._proc
+            key = system_dir or ""
+            proc = self._procs.get(key)
             if proc is not None and proc.proc.poll() is not None:
                 # Died between commands: no command was in flight, none fails.
                 self._kill(proc)
                 proc = None
-            proc = proc or self._start()
+            proc = proc or self._start(key)
+            self._last = proc
             self.commands += 1
             try:
                 doc, out = self._send(proc, line, deadline, argv)
@@ -183,15 +193,15 @@ class LvmShell:
                 raise
             return ShellResult(rc, list(doc.get("report", [])), out, err)
 
-    def _start(self) -> _Process:
-        proc = self._starter.submit(self._popen).result()
-        self._proc = proc
+    def _start(self, key: str) -> _Process:
+        proc = self._starter.submit(self._popen, key).result()
+        self._procs[key] = proc
         self.starts += 1
         log.info("lvm shell started name=%s pid=%d starts=%d", self.name, proc.pid, self.starts)
         return proc
 
-    def _popen(self) -> _Process:
-        system_dir = self._system_dir or sysdir.prepare()
+    def _popen(self, key: str) -> _Process:
+        system_dir = key or self._system_dir or sysdir.prepare()
         read_fd, write_fd = os.pipe2(os.O_CLOEXEC)
         env = dict(os.environ)
         env.update(
@@ -230,8 +240,9 @@ class LvmShell:
 
     def _kill(self, proc: _Process) -> None:
         self.failures += 1
-        if self._proc is proc:
-            self._proc = None
+        for key, running in list(self._procs.items()):
+            if running is proc:
+                del self._procs[key]
         rc = proc.kill()
         log.warning("lvm shell stopped name=%s pid=%d rc=%s (restarted at the next command)", self.name, proc.pid, rc)
 

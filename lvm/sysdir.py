@@ -28,6 +28,12 @@ command even with ``--devices`` (hundreds of loop devices here; SCSI paths
 and dm nodes on a SAN host). Links, not device nodes: a link follows a
 multipath node that was re-created with another major:minor.
 
+v/<key>/ is a system directory of its own per set of runner settings (the
+runner's config text, its scan directory included): the host's config plus
+those settings, for the LVM shell. A shell command given ``--config``
+makes LVM reload and re-parse all of its configuration, every command;
+with the settings in the files it reads them once per process.
+
 Paths LVM derives from the system directory are pinned back to the host's
 (metadata backups and archives, when enabled) by the runner's --config.
 """
@@ -104,8 +110,10 @@ def settings(text: str) -> str:
     return "".join(line + "\n" for line in lines)
 
 
-def prepare(path: str = DEFAULT_DIR, host_dir: str = HOST_DIR) -> str:
+def prepare(path: str = DEFAULT_DIR, host_dir: str = HOST_DIR, extra: str = "") -> str:
     """Create or update the directory at path; return path.
+
+    extra: more settings for its lvmlocal.conf (LVM config syntax).
 
     Cheap and idempotent: done once per runner or shell, and again whenever
     a process (re)starts, so a host config change is picked up.
@@ -116,6 +124,8 @@ def prepare(path: str = DEFAULT_DIR, host_dir: str = HOST_DIR) -> str:
         if _read(os.path.join(path, "lvm.conf")) != conf:
             _replace(os.path.join(path, "lvm.conf"), conf)
         local = settings(_read(os.path.join(host_dir, "lvmlocal.conf"))) + _LOCAL_SETTINGS
+        if extra:
+            local += f"# Added by xtnd: the runner's settings.\n{extra}\n"
         if _read(os.path.join(path, "lvmlocal.conf")) != local:
             _replace(os.path.join(path, "lvmlocal.conf"), local)
         profile = os.path.join(path, "profile", f"{SHELL_PROFILE}.profile")
@@ -146,3 +156,10 @@ def device_dir(devices: Sequence[str], path: str = DEFAULT_DIR) -> tuple[str, tu
             os.symlink(device, tmp)
             os.rename(tmp, link)
     return dirpath, links
+
+
+def variant(config: str, path: str = DEFAULT_DIR, host_dir: str = HOST_DIR) -> str:
+    """The system directory under path for a runner's config (LVM syntax, one
+    line is fine): the host's config plus config; created or updated."""
+    key = hashlib.sha256(config.encode()).hexdigest()[:16]
+    return prepare(os.path.join(path, "v", key), host_dir, extra=config)
