@@ -299,7 +299,10 @@ def test_hsm_finds_copy_and_threshold_fires(
     a block volume is running when the HSM starts (as after a restart):
     the HSM finds it in libvirt by itself. Its copy-following loop is then
     stopped, so the destination, filled by the writing guest through the
-    mirror, is extended only on the threshold armed on the mirror's index."""
+    mirror, is extended only on the threshold armed on the mirror's index.
+
+    The guest is suspended from the copy's start until the HSM armed the
+    threshold: no writes may fill the destination before anyone watches it."""
     d, pool = domains, domains.pool
     src_link = d.volume(d.file.uuid, CAPACITY)
     dst_link = d.volume(d.block2.uuid, CAPACITY, initial=12 * MiB)
@@ -312,6 +315,7 @@ def test_hsm_finds_copy_and_threshold_fires(
         g.wait_console("XTND-PROGRESS mb=2", timeout=120)
         vm_id, name = g.dom.UUIDString(), g.name
         flags = libvirt.VIR_DOMAIN_BLOCK_COPY_REUSE_EXT | libvirt.VIR_DOMAIN_BLOCK_COPY_TRANSIENT_JOB
+        g.dom.suspend()
         g.dom.blockCopy("vda", move_cli.dest_xml(True, dst_link, "qcow2"), None, flags)
         with mg.running_hsm(pool, libvirt_events, chunk_mb=4) as running:
             replicator = running.hsm.replicator
@@ -325,16 +329,19 @@ def test_hsm_finds_copy_and_threshold_fires(
             assert (r.src_block, r.dst_domain, r.dst_volume, r.dst_block) == (False, str(dst[0]), str(dst[1]), True)
             replicator.interval = 3600.0
             stopped_at = time.monotonic()
+            suspended = pauses.count(name)
+            g.dom.resume()
             wait_for(lambda: any(e["why"] == "threshold" for e in _dst_extends(hist, vm_id, stopped_at)),
                      timeout=60, what="a destination extend on its threshold")  # fmt: skip
-            assert "<mirror" in g.dom.XMLDesc(0), "the copy failed"
             g.wait_console("XTND-WRITE-DONE", timeout=120)
+            # The copy outlived every write of the guest (a full destination fails it).
+            assert "<mirror" in g.dom.XMLDesc(0), "the copy failed"
             # The job ends (here: cancelled); the HSM forgets the copy by itself.
             g.dom.blockJobAbort("vda", 0)
             wait_for(lambda: replicator.get(vm_id, "vda") is None, timeout=30, what="the HSM sees the copy end")
             g.wait_console("XTND-VERIFY-OK", timeout=120)
     pauses.close()
-    assert pauses.count(name) == 0
+    assert pauses.count(name) == suspended == 1  # the test's own suspend only
     whys = [e["why"] for e in _dst_extends(hist, vm_id, stopped_at)]
     log.info("destination extends after the loop stopped: %s", whys)
     assert whys and whys[whys.index("threshold") :].count("copy") == 0, whys
