@@ -25,9 +25,12 @@ extend waits for the SPM; the stats pass has its own thread
 ("xtnd-hsm-stats"). One job at a time owns a drive (Tracked.busy); a trigger
 arriving meanwhile is remembered and handled when that job ends.
 
-An extend: fresh stats for the VM, sizing decision (mailbox/PROTOCOL.md §4), request via
-the mailbox, refresh of this host's mapping and verification of the new
-size, threshold re-armed on the indexed target, resume if and only if the
+An extend: fresh stats for the VM (for the event of the threshold this
+monitor armed, the event's own numbers: see _from_event), sizing decision
+(mailbox/PROTOCOL.md §4), request via the mailbox, refresh of this host's
+mapping and verification of the new size, threshold re-armed on the
+indexed target (set in libvirt while the device grows, once storage
+reports the new size), resume if and only if the
 VM is paused because this drive ran out of space (never a VM paused by its
 user or for any other reason). A refused or failed extend leaves the VM as
 it is and is retried with a capped exponential backoff; once space is
@@ -76,8 +79,10 @@ class Mailbox(Protocol):
 
 
 class Volumes(Protocol):
-    def refresh(self, domain: uuidlib.UUID, volume: uuidlib.UUID) -> int:
-        """Grow this host's mapping after an extend; return the device's size now."""
+    def refresh(self, domain: uuidlib.UUID, volume: uuidlib.UUID, verified: Callable[[int], None] | None = None) -> int:
+        """Grow this host's mapping after an extend; return the device's size
+        now. verified(size), if called, gets the volume's size on storage
+        before the device grows (see StorageVolumes.refresh)."""
         ...
 
 
@@ -180,6 +185,8 @@ class Monitor:
         self._stopping = False
         self._wakeup = False
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        # Sets thresholds while the worker that asked resizes the device.
+        self._arming: concurrent.futures.ThreadPoolExecutor | None = None
         self._thread: threading.Thread | None = None
         self._rlog = RateLimitedLog(log, interval=60.0)
         self.records: collections.deque[ExtendRecord] = collections.deque(maxlen=1000)
@@ -196,6 +203,8 @@ class Monitor:
     def start(self, stats_thread: bool = True) -> None:
         workers = max(1, self.config.workers)
         self._pool = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="xtnd-hsm-worker")
+        if self.config.workers > 0:
+            self._arming = concurrent.futures.ThreadPoolExecutor(workers, thread_name_prefix="xtnd-hsm-arm")
         if stats_thread:
             self._thread = threading.Thread(target=self._run, name="xtnd-hsm-stats", daemon=True)
             self._thread.start()
@@ -214,6 +223,8 @@ class Monitor:
         """Wait for running jobs (stop the mailbox first, so that none waits for the SPM)."""
         if self._pool is not None:
             self._pool.shutdown(wait=True, cancel_futures=True)
+        if self._arming is not None:
+            self._arming.shutdown(wait=True)
 
     def stop(self, timeout: float = 10.0) -> None:
         self.stop_scheduling(timeout)
@@ -652,13 +663,30 @@ class Monitor:
         dom.suspend()
 
     def _arm(self, dom: Any, t: Tracked, threshold: int) -> None:
+        dom.setBlockThreshold(t.drive.target, threshold)
+        self._armed(dom, t, threshold)
+
+    def _armed(self, dom: Any, t: Tracked, threshold: int) -> None:
+        """libvirt has the threshold: the drive is armed at it."""
         d = t.drive
-        dom.setBlockThreshold(d.target, threshold)
         with self._lock:
             if d.state is State.ARMED:
                 d.reset()
             d.arm(threshold)
         log.debug("threshold armed vm=%s target=%s threshold=%d", dom.name(), d.target, threshold)
+
+    def _in_background(self, fn: Callable[..., None], *args: Any) -> concurrent.futures.Future[None]:
+        """fn(*args) on the arming thread (inline with workers=0: tests step through)."""
+        if self._arming is not None:
+            with contextlib.suppress(RuntimeError):  # shutting down: inline
+                return self._arming.submit(fn, *args)
+        done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        try:
+            fn(*args)
+            done.set_result(None)
+        except Exception as e:  # noqa: BLE001 - handed to whoever waits for it
+            done.set_exception(e)
+        return done
 
     def _extend(self, dom: Any, vm: VM, t: Tracked, trigger: str, since: float, new_size: int, chunk: int = 0) -> None:
         d = t.drive
@@ -673,15 +701,37 @@ class Monitor:
             "extend requested vm=%s drive=%s volume=%s old_mb=%d new_mb=%d trigger=%s",
             vm.name, d.name, volume, old_size // sizing.MiB, new_size // sizing.MiB, trigger,
         )  # fmt: skip
+        # (volume size on storage, threshold for it, its setBlockThreshold)
+        early: tuple[int, int, concurrent.futures.Future[None]] | None = None
+
+        def verified(stored: int) -> None:
+            """Storage has the volume at stored bytes and the device grows
+            next: the threshold for that size goes to libvirt meanwhile (the
+            loop resize waits for its queue to drain, libvirt for QEMU).
+            This extend's latency counts at once: the threshold keeps the
+            headroom for it."""
+            nonlocal early
+            if stored < new_size:
+                return  # too small: the refresh fails below
+            with self._lock:
+                self._latencies.append(self._clock() - since)
+            threshold = sizing.threshold(stored, self.config.sizing, d.load(self.extend_latency()))
+            early = (stored, threshold, self._in_background(dom.setBlockThreshold, d.target, threshold))
+
         try:
             if self.before_extend is not None:
                 self.before_extend(d, new_size)
             self._mailbox.submit(domain, volume, new_size).result(self.config.extend_timeout)
             t_reply = self._clock()
-            size = self._volumes.refresh(domain, volume)
+            size = self._volumes.refresh(domain, volume, verified)
             if size < new_size:
                 raise RefreshTooSmall(new_size, size)
         except Exception as e:  # noqa: BLE001 - any failure of the extend is retried the same way
+            if early is not None:
+                # A threshold armed for a size the device did not get fires
+                # early at worst: the retry looks again.
+                with contextlib.suppress(libvirt.libvirtError):
+                    early[2].result()
             self._failed(vm, t, trigger, e)
             return
         with self._lock:
@@ -692,13 +742,18 @@ class Monitor:
             # The guest may already be past the new threshold: look again.
             if t.pending is None:
                 t.pending = (RECHECK, self._clock())
-        # This extend's latency counts at once: the next threshold keeps the
-        # headroom for it.
-        with self._lock:
-            self._latencies.append(self._clock() - since)
-        threshold = sizing.threshold(size, self.config.sizing, d.load(self.extend_latency()))
         try:
-            self._arm(dom, t, threshold)
+            if early is not None and early[0] == size:
+                early[2].result()
+                self._armed(dom, t, early[1])
+            else:
+                if early is None:
+                    with self._lock:
+                        self._latencies.append(self._clock() - since)
+                else:
+                    with contextlib.suppress(libvirt.libvirtError):
+                        early[2].result()
+                self._arm(dom, t, sizing.threshold(size, self.config.sizing, d.load(self.extend_latency())))
         except libvirt.libvirtError as e:
             # Re-armed by the next stats pass or after reconnecting.
             self._libvirt_error("set threshold", e)

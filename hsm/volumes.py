@@ -1,12 +1,12 @@
 """Refreshing a volume on this host after the SPM extended it.
 
 The SPM changes LVM metadata only; every host using the volume must grow
-its own mapping (mailbox/PROTOCOL.md §4): `lvchange --refresh` with device-mapper, a new
-loop size limit without it (xtnd.lvm.activation); the LV's new size and
-segments are read through the HSM's LVM shell (one lvs of a few ms, not a
-new process). The size that counts is
-what the kernel says the device now is (BLKGETSIZE64 through the volume's
-link), since that is what QEMU sees.
+its own mapping (mailbox/PROTOCOL.md §4): `lvchange --refresh` with
+device-mapper, a new loop size limit without it (xtnd.lvm.activation),
+whose new size and segments are read straight from the PV's metadata area
+(xtnd.lvm.metadata; an lvs through the HSM's LVM shell when that cannot be
+read). The size that counts is what the kernel says the device now is
+(BLKGETSIZE64 through the volume's link), since that is what QEMU sees.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ import os
 import stat
 import threading
 import uuid as uuidlib
+from collections.abc import Callable
 
 from xtnd import lvm, storage
 from xtnd.hsm import links
@@ -61,6 +62,13 @@ class StorageVolumes:
                 self._domains[uuid] = found
         return found
 
-    def refresh(self, domain: uuidlib.UUID, volume: uuidlib.UUID) -> int:
-        self.domain(domain).refresh_volume(volume)
+    def refresh(self, domain: uuidlib.UUID, volume: uuidlib.UUID, verified: Callable[[int], None] | None = None) -> int:
+        """Grow this host's mapping; the device's size now. verified(size):
+        the volume's size on storage, before the device grows where the
+        domain can say it (block domains), else not called."""
+        found = self.domain(domain)
+        if isinstance(found, storage.BlockDomain):
+            found.refresh_volume(volume, verified)
+        else:
+            found.refresh_volume(volume)
         return device_size(links.link_path(domain, volume, self._run_dir))

@@ -22,7 +22,7 @@ import contextlib
 import fcntl
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Protocol
 
 from . import loop, metadata
@@ -41,8 +41,12 @@ class Activator(Protocol):
         """Map vg/lv on this host; return the device path."""
         ...
 
-    def refresh(self, vg: str, lv: str) -> int:
-        """Make an active LV's device match its current LVM size; return it."""
+    def refresh(self, vg: str, lv: str, verified: Callable[[int], None] | None = None) -> int:
+        """Make an active LV's device match its current LVM size; return it.
+
+        verified(size) is called once with the LV's size as storage has it,
+        before the device grows if the activator can (work that needs only
+        that size then overlaps the resize), after it otherwise."""
         ...
 
     def deactivate(self, vg: str, lv: str) -> None:
@@ -79,10 +83,13 @@ class DeviceMapperActivator:
         self._runner.run("lvchange", "--activate", "y", f"{vg}/{lv}")
         return f"/dev/{vg}/{lv}"
 
-    def refresh(self, vg: str, lv: str) -> int:
+    def refresh(self, vg: str, lv: str, verified: Callable[[int], None] | None = None) -> int:
         # Reloads the table from the current metadata, resizing in place.
         self._runner.run("lvchange", "--refresh", f"{vg}/{lv}")
-        return loop.size(f"/dev/{vg}/{lv}")
+        size = loop.size(f"/dev/{vg}/{lv}")
+        if verified is not None:
+            verified(size)
+        return size
 
     def deactivate(self, vg: str, lv: str) -> None:
         self._runner.run("lvchange", "--activate", "n", f"{vg}/{lv}")
@@ -125,7 +132,7 @@ class LoopActivator:
                 return existing[0].path
             return loop.attach(pv, offset, info.size)
 
-    def refresh(self, vg: str, lv: str) -> int:
+    def refresh(self, vg: str, lv: str, verified: Callable[[int], None] | None = None) -> int:
         info = self._stored(vg, lv)
         pv, offset = self._location(info)
         existing = self._found.get((pv, offset))
@@ -135,6 +142,8 @@ class LoopActivator:
         if not existing:
             del self._found[(pv, offset)]
             raise ActivationError(f"cannot refresh {vg}/{lv}: not active")
+        if verified is not None:
+            verified(info.size)
         new_size = 0
         for path in existing:
             new_size = loop.set_sizelimit(path, info.size)

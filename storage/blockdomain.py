@@ -462,9 +462,10 @@ class BlockDomain:
         resizing.catch_up_header(self._volume(lv, path), path)
         return path
 
-    def refresh_volume(self, uuid: uuidlib.UUID | str) -> int:
-        """After an extend: grow this host's mapping; return the new size."""
-        return self.activator.refresh(self.vg, str(parse_uuid(uuid)))
+    def refresh_volume(self, uuid: uuidlib.UUID | str, verified: Callable[[int], None] | None = None) -> int:
+        """After an extend: grow this host's mapping; return the new size.
+        verified: see lvm.Activator.refresh."""
+        return self.activator.refresh(self.vg, str(parse_uuid(uuid)), verified)
 
     def teardown_volume(self, uuid: uuidlib.UUID | str) -> None:
         self.activator.deactivate(self.vg, self._volume_lv(uuid).name)

@@ -442,6 +442,8 @@ def _costs(hsm: Any, domain: Any, records: list[ExtendRecord]) -> dict[str, Any]
             else 0
         ),
         "metadata_fallbacks": getattr(volumes.activator, "fallbacks", 0),
+        # Checks sized from the threshold event instead of fresh libvirt stats.
+        "checks_from_event": round(hsm.monitor.counters["checks_from_event"] / n, 2),
         "mailbox_reads": round(inbox.counters.reads / n + outbox.counters.reads / n, 2),
         "mailbox_writes": round(inbox.counters.writes / n + outbox.counters.writes / n, 2),
     }
@@ -516,7 +518,7 @@ def _floor(c: dict[str, Any]) -> str:
     return (
         f"  per extend on the HSM: LVM ({c['lvm_through']}) {cmds or 'none'}; "
         f"LVM metadata {c['metadata_reads']} O_DIRECT reads, {c['metadata_mean_ms']} ms per lookup "
-        f"({c['metadata_fallbacks']} fell back to lvs); "
+        f"({c['metadata_fallbacks']} fell back to lvs); {c['checks_from_event']} checks sized from the event; "
         f"mailbox O_DIRECT {c['mailbox_reads']} reads, {c['mailbox_writes']} writes\n"
         f"  LVM outside extends (start, resize check): {other or 'none'}"
     )

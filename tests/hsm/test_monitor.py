@@ -99,6 +99,8 @@ def test_threshold_event_extends_and_rearms(make: object, caplog: pytest.LogCapt
     assert rig.conn.list_calls == calls + 1
     assert disk.physical == 32 * MiB
     assert dom.thresholds[-1] == ("vda[1]", 32 * MiB - 16 * MiB * 80 // 100)
+    # Set for the size storage has while the device still grew (overlapped).
+    assert dom.armed_at_physical[-1] == 16 * MiB
     assert rig.drive(dom) is State.ARMED
     assert dom.resumes == 0
     (line,) = [r.message for r in caplog.records if r.message.startswith("extend-complete")]
@@ -371,9 +373,9 @@ def _fast_writer(clock: Clock, policy: str, caplog: pytest.LogCaptureFixture) ->
     rig = Rig(clock, dom, sizing_config=config)
     refresh = rig.spm.refresh
 
-    def slow_refresh(domain: Any, volume: Any) -> int:
+    def slow_refresh(domain: Any, volume: Any, verified: Any = None) -> int:
         clock.now += 0.5
-        return refresh(domain, volume)
+        return refresh(domain, volume, verified)
 
     rig.spm.refresh = slow_refresh  # type: ignore[method-assign]
     caplog.set_level("INFO", "xtnd.hsm")

@@ -94,7 +94,13 @@ def test_refresh_reads_the_metadata_area(runner: lvm.Runner, vg: str) -> None:
     try:
         lvm.extend(runner, vg, "a", 8 * MiB)
         before = runner.history.counts()
-        assert activator.refresh(vg, "a") == 8 * MiB
+        seen: list[tuple[int, int]] = []  # (size on storage, device size) when told
+
+        def verified(size: int) -> None:
+            seen.append((size, loop.size(dev)))
+
+        assert activator.refresh(vg, "a", verified) == 8 * MiB
+        assert seen == [(8 * MiB, 4 * MiB)], "told before the device grew"
         assert runner.history.counts() == before, "no LVM command"
         assert activator.metadata.counters.lookups == 1 and activator.fallbacks == 0
         assert loop.size(dev) == 8 * MiB

@@ -8,6 +8,7 @@ fire once, and an SPM whose replies grow the device.
 from __future__ import annotations
 
 import uuid as uuidlib
+from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Any
 
@@ -50,6 +51,7 @@ class FakeDomain:
         self.resumes = 0
         self.suspends = 0
         self.thresholds: list[tuple[str, int]] = []
+        self.armed_at_physical: list[int] = []  # the disk's physical size when each threshold was set
         self.active = True
 
     def UUIDString(self) -> str:
@@ -84,6 +86,7 @@ class FakeDomain:
         name = target.partition("[")[0]
         self.disks[name].threshold = threshold
         self.thresholds.append((target, threshold))
+        self.armed_at_physical.append(self.disks[name].physical)
 
     def pause_enospc(self, name: str) -> None:
         self.status = (libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_IOERROR)
@@ -163,8 +166,11 @@ class FakeSPM:
             f.set_result(size)
         return f
 
-    def refresh(self, domain: uuidlib.UUID, volume: uuidlib.UUID) -> int:
+    def refresh(self, domain: uuidlib.UUID, volume: uuidlib.UUID, verified: Callable[[int], None] | None = None) -> int:
         self.refreshes += 1
         d = self._disk(volume)
-        d.physical = max(d.physical, getattr(d, "granted", 0))
+        stored = max(d.physical, getattr(d, "granted", 0))
+        if verified is not None:
+            verified(stored)  # as a block domain: before the device grows
+        d.physical = stored
         return d.physical
