@@ -33,7 +33,9 @@ def spm(pool: Pool, sanlock_hosts: Callable[[int], list[sanlockd.SanlockDaemon]]
         proc.kill()
 
 
-def test_scrape_during_extend(pool: Pool, spm: SpmProcess) -> None:
+def test_scrape_during_extend(
+    pool: Pool, spm: SpmProcess, sanlock_hosts: Callable[[int], list[sanlockd.SanlockDaemon]], workdir: str
+) -> None:
     port = int(spm.wait_log(LISTENING).group(1))
     before = scrape(port)
     assert value(before, "xtnd_spm_lease_held") == 1
@@ -81,34 +83,14 @@ def test_scrape_during_extend(pool: Pool, spm: SpmProcess) -> None:
     assert status["role"] == "serving"
     assert status["lease_holder"] == 1
     assert status["results"]["extended"] == 1
+    log_level_at_runtime(pool, spm)
+    standby_status(pool, sanlock_hosts, workdir)
 
 
-def test_log_level_at_runtime(pool: Pool, spm: SpmProcess) -> None:
-    sock = os.path.join(pool.workdir, "spm1.sock")
-    vol = pool.create_volume(capacity=100 * MiB, size=8 * MiB)
-    hsm = pool.hsm(host_id=2)
-    hsm.start()
-    try:
-        # The daemon logs at INFO: a mailbox scan is a DEBUG line of xtnd.mailbox... until asked.
-        cmd = [sys.executable, "-m", "xtnd.tools.cli", "spm", "log-level", "xtnd.spm.extend", "warning"]
-        out = subprocess.run([*cmd, "--socket", sock], capture_output=True, text=True, check=True).stdout
-        assert out == "xtnd.spm.extend: INFO -> WARNING\n"
-        hsm.submit(pool.uuid, vol, 20 * MiB).result(timeout=60)
-        cmd[-1] = "info"
-        subprocess.run([*cmd, "--socket", sock], capture_output=True, text=True, check=True)
-        hsm.submit(pool.uuid, vol, 24 * MiB).result(timeout=60)
-    finally:
-        hsm.stop()
-    spm.wait_log(r"extend done result=extended .*size_mb=24")
-    assert spm.log().count("extend done result=extended") == 1
-    bad = subprocess.run([*cmd[:-1], "loud", "--socket", sock], capture_output=True, text=True)
-    assert bad.returncode == 2 and "invalid choice" in bad.stderr and "Traceback" not in bad.stderr
-
-
-def test_standby_status(
-    pool: Pool, spm: SpmProcess, sanlock_hosts: Callable[[int], list[sanlockd.SanlockDaemon]], workdir: str
-) -> None:
-    """A second SPM waits for the lease: its status and metrics say so, and who holds it."""
+def standby_status(pool: Pool, sanlock_hosts: Callable[[int], list[sanlockd.SanlockDaemon]], workdir: str) -> None:
+    """A second SPM waits for the lease: its status and metrics say so, and
+    who holds it. (Checked while test_scrape_during_extend's SPM serves: a
+    test of its own started that first SPM, ~6 s, once more.)"""
     [host2] = sanlock_hosts(1)
     config = pool.spm_config(2, **{"metrics.listen": "127.0.0.1:0"})
     standby = SpmProcess(host2, config, os.path.join(workdir, "spm2.log"))
@@ -124,3 +106,28 @@ def test_standby_status(
         assert value(samples, "xtnd_spm_lease_acquisitions_total") == 0
     finally:
         standby.kill()
+
+
+def log_level_at_runtime(pool: Pool, spm: SpmProcess) -> None:
+    """xtnd spm log-level changes a logger of the running daemon. (Checked
+    on test_scrape_during_extend's SPM, for the same reason as above.)"""
+    sock = os.path.join(pool.workdir, "spm1.sock")
+    logged = spm.log().count("extend done result=extended")
+    vol = pool.create_volume(capacity=100 * MiB, size=8 * MiB)
+    hsm = pool.hsm(host_id=3)  # not the scrape's HSM: a fresh mailbox slot
+    hsm.start()
+    try:
+        # The daemon logs at INFO: a mailbox scan is a DEBUG line of xtnd.mailbox... until asked.
+        cmd = [sys.executable, "-m", "xtnd.tools.cli", "spm", "log-level", "xtnd.spm.extend", "warning"]
+        out = subprocess.run([*cmd, "--socket", sock], capture_output=True, text=True, check=True).stdout
+        assert out == "xtnd.spm.extend: INFO -> WARNING\n"
+        hsm.submit(pool.uuid, vol, 20 * MiB).result(timeout=60)
+        cmd[-1] = "info"
+        subprocess.run([*cmd, "--socket", sock], capture_output=True, text=True, check=True)
+        hsm.submit(pool.uuid, vol, 24 * MiB).result(timeout=60)
+    finally:
+        hsm.stop()
+    spm.wait_log(r"extend done result=extended .*size_mb=24")
+    assert spm.log().count("extend done result=extended") == logged + 1
+    bad = subprocess.run([*cmd[:-1], "loud", "--socket", sock], capture_output=True, text=True)
+    assert bad.returncode == 2 and "invalid choice" in bad.stderr and "Traceback" not in bad.stderr
