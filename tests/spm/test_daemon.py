@@ -6,9 +6,11 @@ checked on the wire (reply size 0) and in the daemon's log line.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
+import shutil
 import signal
 import socket
 import uuid
@@ -21,24 +23,50 @@ from xtnd.mailbox.directio import DirectFile
 from xtnd.mailbox.hsm import ExtendFailed
 from xtnd.spm.control import ControlClient
 from xtnd.storage import constants as c
-from xtnd.tools.rig import sanlockd, spmd
+from xtnd.tools.rig import loops, sanlockd, spmd
 from xtnd.tools.rig.spmd import MiB, Pool, SpmProcess
 from xtnd.tools.rig.wait import wait_for
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-@pytest.fixture
-def spm(pool: Pool, sanlock_hosts: Callable[[int], list[sanlockd.SanlockDaemon]], workdir: str) -> Iterator[SpmProcess]:
-    [host] = sanlock_hosts(1)
-    proc = SpmProcess(host, pool.spm_config(1), os.path.join(workdir, "spm1.log"))
-    proc.wait_serving()
-    yield proc
-    if proc.proc.poll() is None:
-        proc.kill()
+@pytest.fixture(scope="module")
+def served() -> Iterator[tuple[Pool, SpmProcess]]:
+    """One pool and one serving SPM for the extend-path tests below (each
+    start costs ~5 s: loop PV and domain, sanlock host, lockspace join).
+    The tests share its log and counters: each counts from where it
+    started, and uses its own volumes and HSM mailbox slot."""
+    if not loops.is_root():
+        pytest.skip("needs root")
+    if sanlockd.missing():
+        pytest.skip(f"sanlock: {sanlockd.missing()}")
+    os.makedirs(loops.BASE, exist_ok=True)
+    workdir = loops.workdir("test_daemon-served")
+    host = sanlockd.SanlockDaemon("host1", workdir)
+    try:
+        with loops.loop_pvs(workdir, count=1) as pvs:
+            pool = Pool(workdir, pvs)
+            try:
+                proc = SpmProcess(host.start(), pool.spm_config(1), os.path.join(workdir, "spm1.log"))
+                proc.wait_serving()
+                yield pool, proc
+                if proc.proc.poll() is None:
+                    proc.kill()
+            finally:
+                host.stop()
+                pool.close()
+                with contextlib.suppress(lvm.LVMError):
+                    lvm.vgremove(pool.domain.runner, pool.domain.vg)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
 
 
-def test_extend_flow(pool: Pool, spm: SpmProcess) -> None:
+def test_extend_flow(served: tuple[Pool, SpmProcess]) -> None:
+    pool, spm = served
+    start = len(spm.log())
+    sock = os.path.join(pool.workdir, "spm1.sock")
+    stats = ControlClient(sock).call("stats")["extends"]
+    extended, lvextends = stats["results"].get("extended", 0), stats["lvextend"]["count"]
     vol = pool.create_volume(capacity=100 * MiB, size=8 * MiB)
     hsm = pool.hsm(host_id=2)
     hsm.start()
@@ -59,7 +87,6 @@ def test_extend_flow(pool: Pool, spm: SpmProcess) -> None:
         # new capacity at once, and the notice is in outbox block 0.
         with pytest.raises(ExtendFailed):
             hsm.submit(pool.uuid, vol, 125 * MiB).result(timeout=60)
-        sock = os.path.join(pool.workdir, "spm1.sock")
         result = ControlClient(sock).call("volume_resize", domain=str(pool.uuid), uuid=str(vol), size=120 * MiB)
         assert result["changed"] and result["volume"]["capacity"] == 120 * MiB
         assert hsm.submit(pool.uuid, vol, 125 * MiB).result(timeout=60) == 128 * MiB
@@ -68,7 +95,7 @@ def test_extend_flow(pool: Pool, spm: SpmProcess) -> None:
         assert sent is not None and (sent.volume, sent.capacity) == (vol, 120 * MiB)
     finally:
         hsm.stop()
-    log = spm.log()
+    log = spm.log()[start:]
     assert log.count("extend done result=extended") == 4
     assert log.count("extend done result=noop") == 2
     line = next(ln for ln in log.splitlines() if "extend done result=extended" in ln)
@@ -78,13 +105,15 @@ def test_extend_flow(pool: Pool, spm: SpmProcess) -> None:
     fences = [float(m) for m in re.findall(r"result=extended .*?fence_ms=([\d.]+)", log)]
     assert len(fences) == 4 and all(f > 0 for f in fences)
     logging.getLogger("xtnd.tests.spm").info("fence_ms=%s", fences)
-    stats = ControlClient(os.path.join(pool.workdir, "spm1.sock")).call("stats")
+    stats = ControlClient(sock).call("stats")
     assert stats["lease_held"] is True
-    assert stats["extends"]["results"]["extended"] == 4
-    assert stats["extends"]["lvextend"]["count"] == 4
+    assert stats["extends"]["results"]["extended"] == extended + 4
+    assert stats["extends"]["lvextend"]["count"] == lvextends + 4
 
 
-def test_refusals(pool: Pool, spm: SpmProcess) -> None:
+def test_refusals(served: tuple[Pool, SpmProcess]) -> None:
+    pool, spm = served
+    start = len(spm.log())
     vol = pool.create_volume(capacity=100 * MiB, size=8 * MiB)
     # An LV tagged special (like ids/leases/inbox/outbox) and one xtnd did not make.
     special, foreign = uuid.uuid4(), uuid.uuid4()
@@ -104,12 +133,12 @@ def test_refusals(pool: Pool, spm: SpmProcess) -> None:
         for name, (sd, v, size) in cases.items():
             with pytest.raises(ExtendFailed):
                 hsm.submit(sd, v, size).result(timeout=60)
-            assert spm.log().count("extend done result=refused") == list(cases).index(name) + 1, name
+            assert spm.log()[start:].count("extend done result=refused") == list(cases).index(name) + 1, name
     finally:
         hsm.stop()
     assert pool.free_extents() == free
     assert pool.lv_size(vol) == pool.lv_size(special) == pool.lv_size(foreign) == 8 * MiB
-    log = spm.log()
+    log = spm.log()[start:]
     assert "not managed by this SPM" in log
     assert "unknown volume" in log
     assert "special LV" in log and "foreign LV" in log
@@ -120,12 +149,14 @@ def test_refusals(pool: Pool, spm: SpmProcess) -> None:
     assert all("lvextend_ms=0.000" in ln for ln in refused)
 
 
-def test_no_free_extents(pool: Pool, spm: SpmProcess) -> None:
+def test_no_free_extents(served: tuple[Pool, SpmProcess]) -> None:
+    pool, spm = served
+    start = len(spm.log())
     vol = pool.create_volume(capacity=2000 * MiB, size=8 * MiB)
-    # Take every free extent but one.
+    # Take every free extent but one (the last of the module's tests: the VG stays full).
     filler = "filler"
     lvm.lvcreate(pool.domain.runner, pool.domain.vg, filler, (pool.free_extents() - 1) * 4 * MiB)
-    hsm = pool.hsm(host_id=2)
+    hsm = pool.hsm(host_id=4)
     hsm.start()
     try:
         with pytest.raises(ExtendFailed):
@@ -136,7 +167,9 @@ def test_no_free_extents(pool: Pool, spm: SpmProcess) -> None:
         hsm.stop()
     assert pool.lv_size(vol) == 12 * MiB
     assert pool.free_extents() == 0
-    assert "no free space in domain" in spm.wait_log(r"extend done result=failed .*").group(0)
+    spm.wait_log(r"extend done result=failed .*")
+    [failed] = re.findall(r"extend done result=failed .*", spm.log()[start:])
+    assert "no free space in domain" in failed
 
 
 def test_sigterm_releases_lease(
