@@ -225,6 +225,7 @@ class SPMMailbox:
     # The I/O thread
 
     def _run(self) -> None:
+        self._warm_up()
         while True:
             with self._lock:
                 if self._stopping:
@@ -238,6 +239,19 @@ class SPMMailbox:
                 continue
             active = self._clock() - self._last_mail < self.config.active_window
             self._sleep(self.config.event_interval if active else self.config.idle_event_interval)
+
+    def _warm_up(self) -> None:
+        """Write the whole outbox image (zeros, as reset() left storage)
+        once from this thread: its write buffer is per thread and grows to
+        the longest write, and growing it to 8 MiB in a 2000-host pool's
+        first wave cost that wave ~2000 page faults (~5 ms of CPU here)."""
+        try:
+            with self._lock:
+                if self._image.dirty or self._stopping:
+                    return
+                self._outbox.write(0, self._image.data)
+        except StorageError as e:
+            log.warning("outbox warm-up write failed: %s", e)
 
     def _sleep(self, timeout: float) -> None:
         with self._lock:
