@@ -1,14 +1,16 @@
-"""Fixtures for HSM tests: libvirt daemons, its event loop, the guest rig."""
+"""Fixtures for HSM tests: libvirt daemons, its event loop, the guest rig,
+the storage pool of xtnd.tools.rig.hsmrig and a host for its SPM."""
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import libvirt
 import pytest
 from xtnd.hsm.libvirtconn import EventLoop
-from xtnd.tools.rig import guest
+from xtnd.tools.rig import guest, hsmrig
+from xtnd.tools.rig.sanlockd import SanlockDaemon
 
 
 @pytest.fixture(scope="session")
@@ -54,3 +56,17 @@ def loop_disk(workdir: str) -> Iterator[guest.LoopDisk]:
     disk = guest.LoopDisk(os.path.join(workdir, "lv"), 64 * 1024**2)
     yield disk
     disk.detach()
+
+
+@pytest.fixture
+def pool(workdir: str, need_root: None, libvirtd: None) -> Iterator[hsmrig.Pool]:
+    """A master block domain on a loop PV (hsmrig.pool), removed after."""
+    with hsmrig.pool(workdir) as p:
+        yield p
+
+
+@pytest.fixture
+def spm_host(sanlock_hosts: Callable[[int], list[SanlockDaemon]]) -> SanlockDaemon:
+    """A simulated host (its own sanlock daemon) for the SPM daemon."""
+    [host] = sanlock_hosts(1)
+    return host

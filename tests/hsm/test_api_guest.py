@@ -34,6 +34,7 @@ from typing import Any
 
 import libvirt
 import pytest
+from testlib.hsmrun import running
 from xtnd.common import stats
 from xtnd.hsm import api, daemon, growdisk, links, udevwatch
 from xtnd.hsm.daemon import HSM
@@ -102,9 +103,7 @@ def setup(libvirtd: None, rig: guest.Rig, libvirt_events: EventLoop) -> Iterator
     try:
         with hsmrig.pool(workdir) as pool, contextlib.ExitStack() as stack:
             d = pool.domain
-            raw = uuid.uuid4()
-            d.create_volume(raw, 16 * MiB, fmt="raw")
-            raw_link = links.create(pool.uuid, raw, d.prepare_volume(raw), pool.run_dir)
+            raw_link = pool.volume(16 * MiB, fmt="raw")
             # Room after the raw LV: a loop-mapped LV grows in place only.
             gap = uuid.uuid4()
             d.create_volume(gap, 1 * GiB, initial_size=128 * MiB)
@@ -118,10 +117,7 @@ def setup(libvirtd: None, rig: guest.Rig, libvirt_events: EventLoop) -> Iterator
             stack.callback(links.remove, cdrom_domain, cdrom, pool.run_dir)
 
             config = pool.config(chunk_mb=16)
-            hsm = HSM(config, event_loop=libvirt_events, hold_host_id=False)
-            hsm.start()
-            stack.callback(hsm.stop)
-            assert hsm.connection.wait_connected(30)
+            hsm = stack.enter_context(running(config, libvirt_events)).hsm
 
             name = guest.DOMAIN_PREFIX + "api-" + uuid.uuid4().hex[:8]
             console = os.path.join(workdir, name + ".console")
@@ -148,8 +144,8 @@ def setup(libvirtd: None, rig: guest.Rig, libvirt_events: EventLoop) -> Iterator
             loop_guest.start()
             g.wait_console("XTND-SIZE sectors=", timeout=180)
             loop_guest.wait_console("XTND-SIZE sectors=", timeout=180)
-            thin = str(hsmrig.volume_of(pool, thin_link))
-            yield Setup(pool, hsm, g, stopped, str(raw), thin, str(cdrom), server, workdir, loop_guest, loop_disk)
+            raw, thin = (str(hsmrig.volume_of(pool, link)) for link in (raw_link, thin_link))
+            yield Setup(pool, hsm, g, stopped, raw, thin, str(cdrom), server, workdir, loop_guest, loop_disk)
     finally:
         conn.close()
         shutil.rmtree(workdir, ignore_errors=True)

@@ -15,7 +15,6 @@ LV, so this is the case where growing the header writes to the volume.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
 import subprocess
@@ -24,11 +23,10 @@ from collections.abc import Iterator
 import libvirt
 import pytest
 from testlib.cli import xtnd
+from testlib.hsmrun import running
 from xtnd.hsm import links
 from xtnd.hsm.libvirtconn import EventLoop
 from xtnd.tools.rig import guest, hsmrig
-
-from .test_hsm_guest import Running
 
 MiB = 1024**2
 
@@ -83,10 +81,7 @@ def test_floating_qcow2_resize_then_guest(
 
     config = pool.config(chunk_mb=16, stats_interval=0.5)
     workload = guest.Workload(write_mb=WRITE_MB, offset_mb=OFFSET_MB, hold=True, watch_size=True)
-    with hsmrig.spm(pool), contextlib.closing(_Stopper(Running(config, libvirt_events))) as stopper:
-        r = stopper.running
-        r.hsm.start()
-        assert r.hsm.connection.wait_connected(30)
+    with hsmrig.spm(pool), running(config, libvirt_events):
         with guest.guest(conn, rig, link, workload, workdir) as g:
             g.start()
             text = g.wait_console("XTND-SIZE", timeout=180)
@@ -102,11 +97,3 @@ def test_floating_qcow2_resize_then_guest(
     assert json.loads(out.stdout).get("corruptions", 0) == 0, out.stdout
     # Thin extension carried the guest's writes (the LV started at 16 MiB).
     assert pool.domain.volume_info(volume).size > 16 * MiB
-
-
-class _Stopper:
-    def __init__(self, running: Running):
-        self.running = running
-
-    def close(self) -> None:
-        self.running.hsm.stop()

@@ -18,19 +18,17 @@ import signal
 import socket
 import subprocess
 import sys
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import libvirt
 import pytest
 from testlib import prom
-from xtnd.hsm import config as hsm_config
-from xtnd.hsm.daemon import HSM
+from testlib.hsmrun import Pauses, running
 from xtnd.hsm.libvirtconn import EventLoop
-from xtnd.hsm.metrics import ExtendRecord, parse_line
+from xtnd.hsm.metrics import parse_line
 from xtnd.mailbox import codec
 from xtnd.mailbox.directio import DirectFile
 from xtnd.tools.rig import guest, hsmrig
@@ -43,73 +41,6 @@ GiB = 1024**3
 log = logging.getLogger("test")
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(240)]
-
-
-class Pauses:
-    """Counts a domain's pauses by reason (lifecycle events)."""
-
-    def __init__(self, conn: libvirt.virConnect):
-        self.conn = conn
-        self.events: list[tuple[str, int, int]] = []
-        self._id = conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._event, None)
-
-    def _event(self, conn: Any, dom: Any, event: int, detail: int, _: Any) -> None:
-        self.events.append((dom.name(), event, detail))
-
-    def ioerror(self, name: str) -> int:
-        return sum(
-            1
-            for n, e, d in self.events
-            if n == name and e == libvirt.VIR_DOMAIN_EVENT_SUSPENDED and d == libvirt.VIR_DOMAIN_EVENT_SUSPENDED_IOERROR
-        )
-
-    def close(self) -> None:
-        self.conn.domainEventDeregisterAny(self._id)
-
-
-class Running:
-    """An in-process HSM and what it logged."""
-
-    def __init__(self, config: hsm_config.Config, events: EventLoop):
-        self.records: list[ExtendRecord] = []
-        self._cond = threading.Condition()
-        # In-process: the pytest process is no client of the SPM host's sanlock
-        # daemon, so it cannot share its host id (the daemon tests below do).
-        self.hsm = HSM(config, event_loop=events, on_extend=self._record, hold_host_id=False)
-
-    def _record(self, record: ExtendRecord) -> None:
-        with self._cond:
-            self.records.append(record)
-            self._cond.notify_all()
-
-    def wait_records(self, n: int, timeout: float = 120.0) -> list[ExtendRecord]:
-        with self._cond:
-            assert self._cond.wait_for(lambda: len(self.records) >= n, timeout), f"{self.records}"
-            return list(self.records)
-
-
-@pytest.fixture
-def spm_host(sanlock_hosts: Callable[[int], list[SanlockDaemon]]) -> SanlockDaemon:
-    """A simulated host (its own sanlock daemon) for the SPM daemon."""
-    [host] = sanlock_hosts(1)
-    return host
-
-
-@pytest.fixture
-def pool(workdir: str, need_root: None, libvirtd: None) -> Iterator[hsmrig.Pool]:
-    with hsmrig.pool(workdir) as p:
-        yield p
-
-
-@contextlib.contextmanager
-def running(config: hsm_config.Config, events: EventLoop) -> Iterator[Running]:
-    r = Running(config, events)
-    r.hsm.start()
-    try:
-        assert r.hsm.connection.wait_connected(30)
-        yield r
-    finally:
-        r.hsm.stop()
 
 
 @contextlib.contextmanager

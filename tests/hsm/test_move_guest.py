@@ -28,19 +28,17 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import libvirt
 import pytest
 from testlib import cli
+from testlib.hsmrun import Pauses, Running, running
 from xtnd import storage
 from xtnd.common import history
 from xtnd.hsm import control, links, sizing
-from xtnd.hsm.daemon import HSM
 from xtnd.hsm.libvirtconn import EventLoop
-from xtnd.hsm.metrics import ExtendRecord
-from xtnd.storage import constants as storage_constants
 from xtnd.tools.rig import guest, hsmrig, loops, spmd
 from xtnd.tools.rig.sanlockd import SanlockDaemon
 
@@ -52,22 +50,8 @@ log = logging.getLogger("test")
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
 
 
-class Pauses:
-    """Every pause of a domain (lifecycle SUSPENDED events)."""
-
-    def __init__(self, conn: libvirt.virConnect):
-        self.conn = conn
-        self.events: list[tuple[str, int, int]] = []
-        self._id = conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._event, None)
-
-    def _event(self, conn: Any, dom: Any, event: int, detail: int, _: Any) -> None:
-        self.events.append((dom.name(), event, detail))
-
-    def count(self, name: str) -> int:
-        return sum(1 for n, e, _ in self.events if n == name and e == libvirt.VIR_DOMAIN_EVENT_SUSPENDED)
-
-    def close(self) -> None:
-        self.conn.domainEventDeregisterAny(self._id)
+# The SPM daemon manages every domain of the storage config, not only the master.
+ALL_DOMAINS = {"spm.domains": "*"}
 
 
 @dataclasses.dataclass
@@ -76,100 +60,36 @@ class Domains:
     block2: storage.BlockDomain
     file: storage.FileDomain
 
-    def open(self, sd: uuid.UUID, writable: bool = False) -> storage.Domain:
-        return storage.HostConfig.load(self.pool.storage_config).open(sd, writable=writable)
-
-    def volume(self, sd: uuid.UUID, capacity: int = 1 * GiB, initial: int = 16 * MiB) -> str:
-        """A new qcow2 volume in sd, prepared and linked; its link."""
-        vol = uuid.uuid4()
-        domain = self.open(sd, writable=True)
-        domain.create_volume(vol, capacity, initial_size=initial)
-        return links.create(sd, vol, domain.prepare_volume(vol), self.pool.run_dir)
-
 
 @pytest.fixture
-def spm_host(sanlock_hosts: Callable[[int], list[SanlockDaemon]]) -> SanlockDaemon:
-    [host] = sanlock_hosts(1)
-    return host
-
-
-@pytest.fixture
-def domains(workdir: str, need_root: None, libvirtd: None) -> Iterator[Domains]:
+def domains(workdir: str, pool: hsmrig.Pool) -> Iterator[Domains]:
     """The pool's master block domain, a second block domain and a file domain."""
-    with hsmrig.pool(workdir) as p:
-        d2dir = os.path.join(workdir, "d2")
-        os.makedirs(d2dir)
-        with loops.loop_pvs(d2dir, count=1, size=512 * MiB) as pvs:
-            sd2 = uuid.uuid4()
-            block2 = storage.create_block_domain(
-                sd2, pvs, master=False, max_hosts=hsmrig.MAX_HOSTS, extent_size=hsmrig.EXTENT,
-                activation="loop", io_timeout=spmd.IO_TIMEOUT, metadata_size=storage_constants.METADATA_SIZE,
-            )  # fmt: skip
-            sd3 = uuid.uuid4()
-            file = storage.create_file_domain(
-                sd3, os.path.join(workdir, "files"), max_hosts=hsmrig.MAX_HOSTS, io_timeout=spmd.IO_TIMEOUT
-            )
-            host = storage.HostConfig.load(p.storage_config)
-            host.add_block(sd2, pvs)
-            host.add_file(sd3, os.path.join(workdir, "files"))
-            host.save()
-            try:
-                yield Domains(p, block2, file)
-            finally:
-                for vol in block2.list_volumes():
-                    links.remove(sd2, vol.uuid, p.run_dir)
-                    with contextlib.suppress(Exception):
-                        block2.teardown_volume(vol.uuid)
-                block2.deactivate_special()
-                from xtnd import lvm
-
-                with contextlib.suppress(Exception):
-                    lvm.vgremove(lvm.Runner(pvs), str(sd2))
-
-
-class Running:
-    """An in-process HSM with its control socket, and its extends."""
-
-    def __init__(self, hsm: HSM):
-        self.hsm = hsm
-        self.records: list[ExtendRecord] = []
-
-    def record(self, r: ExtendRecord) -> None:
-        self.records.append(r)
-
-
-@contextlib.contextmanager
-def spm_daemon(p: hsmrig.Pool, host: SanlockDaemon) -> Iterator[spmd.SpmProcess]:
-    """`xtnd spm` managing every domain of the storage config (as hsmrig.spm_daemon, plus domains = *)."""
-    config = spmd.Pool.spm_config(p, hsmrig.HOST_ID, **{"spm.domains": "*"})  # type: ignore[arg-type]
-    n = len([f for f in os.listdir(p.workdir) if f.startswith("spm.")])
-    proc = spmd.SpmProcess(host, config, os.path.join(p.workdir, f"spm.{n}.log"))
-    try:
-        proc.wait_serving()
-        yield proc
-    finally:
-        if proc.proc.poll() is None:
-            proc.terminate(30)
+    d2dir = os.path.join(workdir, "d2")
+    os.makedirs(d2dir)
+    with loops.loop_pvs(d2dir, count=1, size=512 * MiB) as pvs, hsmrig.block_domain(pvs, pool.run_dir) as block2:
+        sd3 = uuid.uuid4()
+        file = storage.create_file_domain(
+            sd3, os.path.join(workdir, "files"), max_hosts=hsmrig.MAX_HOSTS, io_timeout=spmd.IO_TIMEOUT
+        )
+        host = storage.HostConfig.load(pool.storage_config)
+        host.add_block(block2.uuid, pvs)
+        host.add_file(sd3, os.path.join(workdir, "files"))
+        host.save()
+        yield Domains(pool, block2, file)
 
 
 @contextlib.contextmanager
 def running_hsm(pool: hsmrig.Pool, events: EventLoop, chunk_mb: int, dest_first: bool = True) -> Iterator[Running]:
+    """The in-process HSM with its control socket, and an hsm.conf for the CLI."""
     config = pool.config(chunk_mb=chunk_mb)
     pool.write_config(config, os.path.join(pool.workdir, "hsm.conf"))
-    holder: list[Running] = []
-    hsm = HSM(config, event_loop=events, on_extend=lambda r: holder[0].record(r), hold_host_id=False)
-    hsm.replicator.dest_first = dest_first
-    r = Running(hsm)
-    holder.append(r)
-    server = control.ControlServer(config.host.control_socket, control.ops(hsm), name="test-hsm-control")
-    hsm.start()
-    server.start()
-    try:
-        assert hsm.connection.wait_connected(30)
-        yield r
-    finally:
-        server.stop()
-        hsm.stop()
+    with running(config, events, dest_first) as r:
+        server = control.ControlServer(config.host.control_socket, control.ops(r.hsm), name="test-hsm-control")
+        server.start()
+        try:
+            yield r
+        finally:
+            server.stop()
 
 
 @pytest.fixture
@@ -306,14 +226,14 @@ def run_move(
 ) -> dict[str, Any]:
     """Move the disk of a writing guest from src_sd to dst_sd (after an
     interrupted attempt with abort_first); check everything; the figures."""
-    domains, pool = s.domains, s.domains.pool
-    src_link = domains.volume(src_sd, CAPACITY)
+    pool = s.domains.pool
+    src_link = pool.volume(CAPACITY, sd=src_sd)
     src = links.parse(src_link, pool.run_dir)
     assert src is not None
     pauses = Pauses(s.conn)
     t0 = time.monotonic()
     workload = guest.Workload(write_mb=write_mb, hold=True)
-    with spm_daemon(pool, s.spm_host), running_hsm(pool, s.events, chunk_mb, dest_first):
+    with hsmrig.spm_daemon(pool, s.spm_host, **ALL_DOMAINS), running_hsm(pool, s.events, chunk_mb, dest_first):
         with guest.guest(s.conn, s.rig, src_link, workload, s.workdir) as g:
             g.start()
             g.wait_console("XTND-PROGRESS mb=2", timeout=120)
@@ -321,7 +241,7 @@ def run_move(
             if abort_first:
                 interrupt_move(g, argv)
                 assert src_link in g.dom.XMLDesc(0)
-                assert [v.uuid for v in domains.open(dst_sd).list_volumes()] == []
+                assert [v.uuid for v in pool.open(dst_sd).list_volumes()] == []
             capsys.readouterr()
             t_move = time.monotonic()
             mb_before = written_mb(g.console())
@@ -346,7 +266,7 @@ def run_move(
             g.dom.destroy()
     pauses.close()
     src_ext, dst_ext, bad = extends_in_order(s.hist, vm_id)
-    dst = domains.open(dst_sd).volume_info(uuid.UUID(result["to_volume"]))
+    dst = pool.open(dst_sd).volume_info(uuid.UUID(result["to_volume"]))
     end = image_end(result["path"])
     result.update(
         pauses=pauses.count(name), elapsed=round(time.monotonic() - t0, 1), hist_src=src_ext, hist_dst=dst_ext,
@@ -355,7 +275,7 @@ def run_move(
     log.info("move result %s", result)
     print(f"\nMOVE {json.dumps(result)}")
     assert result["pauses"] == 0, result
-    assert gone(domains.open(src_sd), src[1])
+    assert gone(pool.open(src_sd), src[1])
     assert not os.path.lexists(src_link)
     # The destination's size is within a chunk of its allocation: an
     # extend leaves less than a watermark plus a chunk free (the doubled
@@ -420,11 +340,11 @@ def test_move_aborted_by_ctrl_c(setup: Setup) -> None:
     """Ctrl-C in the middle of the copy: the VM stays on its source and
     finishes its writes there, the half-copied destination is removed."""
     d, pool = setup.domains, setup.domains.pool
-    src_link = d.volume(pool.uuid, CAPACITY)
+    src_link = pool.volume(CAPACITY)
     src = links.parse(src_link, pool.run_dir)
     assert src is not None
     pauses = Pauses(setup.conn)
-    with spm_daemon(pool, setup.spm_host), running_hsm(pool, setup.events, 16):
+    with hsmrig.spm_daemon(pool, setup.spm_host, **ALL_DOMAINS), running_hsm(pool, setup.events, 16):
         with guest.guest(setup.conn, setup.rig, src_link, guest.Workload(write_mb=40), setup.workdir) as g:
             g.start()
             g.wait_console("XTND-PROGRESS mb=2", timeout=120)
@@ -438,7 +358,7 @@ def test_move_aborted_by_ctrl_c(setup: Setup) -> None:
     assert d.block2.list_volumes() == []
     link_dir = os.path.join(pool.run_dir, str(d.block2.uuid))
     assert not os.path.isdir(link_dir) or not os.listdir(link_dir)
-    assert d.open(pool.uuid).volume_info(src[1]).size >= 40 * MiB
+    assert pool.open(pool.uuid).volume_info(src[1]).size >= 40 * MiB
 
 
 def test_move_refusals(domains: Domains, spm_env: str, capsys: pytest.CaptureFixture[str]) -> None:

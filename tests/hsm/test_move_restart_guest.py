@@ -33,6 +33,7 @@ from typing import Any
 import libvirt
 import pytest
 from testlib import cli
+from testlib.hsmrun import Pauses
 from xtnd.common import history
 from xtnd.hsm import control, links, replicate, sizing
 from xtnd.hsm.libvirtconn import EventLoop
@@ -42,10 +43,10 @@ from xtnd.tools.rig.sanlockd import SanlockDaemon
 from xtnd.tools.rig.wait import wait_for
 
 from . import test_move_guest as mg
-from .test_move_guest import CAPACITY, Pauses, Setup, extends_in_order, gone, image_end, spm_daemon, written_mb
+from .test_move_guest import CAPACITY, Setup, extends_in_order, gone, image_end, written_mb
 
 # The fixtures of the move tests (a shared conftest will hold them).
-domains, hist, setup, spm_env, spm_host = mg.domains, mg.hist, mg.setup, mg.spm_env, mg.spm_host
+domains, hist, setup, spm_env = mg.domains, mg.hist, mg.setup, mg.spm_env
 
 MiB = 1024**2
 
@@ -166,14 +167,14 @@ def test_move_survives_hsm_restart(setup: Setup, sig: int) -> None:
     copy passed 16 MiB, the guest writes on while it is down, then it
     starts again and keeps both sides extended to the end of the copy."""
     s, d, pool = setup, setup.domains, setup.domains.pool
-    src_link = d.volume(pool.uuid, CAPACITY)
+    src_link = pool.volume(CAPACITY)
     src = links.parse(src_link, pool.run_dir)
     assert src is not None
     chunk_mb, write_mb = 16, 96
     pauses = Pauses(s.conn)
     hsm = HsmDaemon(s, chunk_mb)
     try:
-        with spm_daemon(pool, s.spm_host):
+        with hsmrig.spm_daemon(pool, s.spm_host, **mg.ALL_DOMAINS):
             hsm.start()
             with guest.guest(s.conn, s.rig, src_link, guest.Workload(write_mb=write_mb, hold=True), s.workdir) as g:
                 g.start()
@@ -224,8 +225,8 @@ def test_move_survives_hsm_restart(setup: Setup, sig: int) -> None:
     again = [e for e in history.read(s.hist) if e["ev"] == "replica_extend" and e.get("name") == "hsm.2"]
     log.info("extends by the restarted HSM during the copy: %s", again)
     assert again, "the restarted HSM extended nothing during the copy"
-    assert gone(d.open(pool.uuid), src[1])
-    dst = d.open(d.block2.uuid).volume_info(_moved_to(text))
+    assert gone(pool.open(pool.uuid), src[1])
+    dst = pool.open(d.block2.uuid).volume_info(_moved_to(text))
     end = image_end(path)
     config = sizing.SizingConfig(chunk_mb=chunk_mb)
     slack = config.chunk(sizing.REPLICATING) + config.watermark(sizing.REPLICATING)
@@ -247,13 +248,13 @@ def test_destination_threshold_fires(setup: Setup) -> None:
     chunk; every destination extend is the threshold's, and the VM never
     pauses."""
     s, d, pool = setup, setup.domains, setup.domains.pool
-    src_link = d.volume(d.file.uuid, CAPACITY)
+    src_link = pool.volume(CAPACITY, sd=d.file.uuid)
     # A 32 MiB replicating chunk leaves 25.6 MiB above the threshold: more
     # than QEMU's mirror puts in flight at once (16 MiB), so the write that
     # crosses it cannot also run past the destination's end.
     chunk_mb, write_mb = 16, 96
     pauses = Pauses(s.conn)
-    with spm_daemon(pool, s.spm_host), mg.running_hsm(pool, s.events, chunk_mb) as running:
+    with hsmrig.spm_daemon(pool, s.spm_host, **mg.ALL_DOMAINS), mg.running_hsm(pool, s.events, chunk_mb) as running:
         replicator = running.hsm.replicator
         conf = os.path.join(pool.workdir, "hsm.conf")
         with guest.guest(s.conn, s.rig, src_link, guest.Workload(write_mb=write_mb, hold=True), s.workdir) as g:
@@ -304,8 +305,8 @@ def test_hsm_finds_copy_and_threshold_fires(
     The guest is suspended from the copy's start until the HSM armed the
     threshold: no writes may fill the destination before anyone watches it."""
     d, pool = domains, domains.pool
-    src_link = d.volume(d.file.uuid, CAPACITY)
-    dst_link = d.volume(d.block2.uuid, CAPACITY, initial=12 * MiB)
+    src_link = pool.volume(CAPACITY, sd=d.file.uuid)
+    dst_link = pool.volume(CAPACITY, initial=12 * MiB, sd=d.block2.uuid)
     dst = links.parse(dst_link, pool.run_dir)
     assert dst is not None
     write_mb = 16

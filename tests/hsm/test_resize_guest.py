@@ -23,26 +23,18 @@ from collections.abc import Iterator
 import libvirt
 import pytest
 from testlib.cli import xtnd
-from xtnd.hsm import links
+from testlib.hsmrun import Running, running
 from xtnd.hsm.libvirtconn import EventLoop
 from xtnd.mailbox import notice
 from xtnd.mailbox.directio import DirectFile
 from xtnd.tools.rig import guest, hsmrig
 from xtnd.tools.rig.wait import wait_for
 
-from .test_hsm_guest import Running
-
 MiB = 1024**2
 
 log = logging.getLogger("test")
 
 pytestmark = [pytest.mark.root, pytest.mark.timeout(300)]
-
-
-@pytest.fixture
-def pool(workdir: str, need_root: None, libvirtd: None) -> Iterator[hsmrig.Pool]:
-    with hsmrig.pool(workdir) as p:
-        yield p
 
 
 class Setup:
@@ -89,24 +81,13 @@ def setup(
     disk = pool.thin_volume(capacity=64 * MiB, initial=16 * MiB)
     config = pool.config(chunk_mb=16, stats_interval=0.5)
     workload = guest.Workload(write_mb=4, hold=True, watch_size=True)
-    with hsmrig.spm(pool), contextlib.closing(_Stopper(Running(config, events))) as stopper:
-        r = stopper.running
-        r.hsm.start()
-        assert r.hsm.connection.wait_connected(30)
+    with hsmrig.spm(pool), running(config, events) as r:
         with guest.guest(conn, rig, disk, workload, workdir) as g:
             g.start()
             s = Setup(pool, disk, g, r)
             s.wait_sectors(64 * MiB, timeout=180)
             wait_for(lambda: s.drive_capacity() == 64 * MiB, timeout=30, what="the HSM watches vda")
             yield s
-
-
-class _Stopper:
-    def __init__(self, running: Running):
-        self.running = running
-
-    def close(self) -> None:
-        self.running.hsm.stop()
 
 
 def test_resize_running_and_paused_guest(
@@ -177,29 +158,25 @@ def test_resize_raw_block_guest(
 ) -> None:
     """A raw LV under a running guest: the SPM side grows and zeroes the LV,
     the HSM refreshes its mapping and grows the disk to the new capacity."""
-    vol = uuid.uuid4()
-    pool.domain.create_volume(vol, 32 * MiB, "raw")
-    disk = links.create(pool.uuid, vol, pool.domain.prepare_volume(vol), pool.run_dir)
+    disk = pool.volume(32 * MiB, fmt="raw")
+    vol = hsmrig.volume_of(pool, disk)
     config = pool.config(chunk_mb=16, stats_interval=0.5)
     name = guest.DOMAIN_PREFIX + uuid.uuid4().hex[:12]
     console = os.path.join(workdir, name + ".console")
     workload = guest.Workload(write_mb=4, hold=True, watch_size=True)
     xml = guest.domain_xml(name, rig, disk, workload, console, disk_format="raw")
-    r = Running(config, libvirt_events)
-    r.hsm.start()
-    g = guest.Guest(conn, name, xml, console)
-    try:
-        assert r.hsm.connection.wait_connected(30)
-        g.start()
-        s = Setup(pool, disk, g, r)
-        s.wait_sectors(32 * MiB, timeout=180)
-        wait_for(lambda: g.dom.UUIDString() in r.hsm.monitor.vm_names(), timeout=30, what="the HSM knows the vm")
-        assert s.resize("48M") == 0
-        s.wait_sectors(48 * MiB)
-        info = pool.domain.volume_info(vol)
-        assert (info.capacity, info.size) == (48 * MiB, 48 * MiB)
-        assert g.dom.blockInfo("vda")[0] == 48 * MiB
-        assert s.sizes() == [32 * MiB, 48 * MiB]
-    finally:
-        g.remove()
-        r.hsm.stop()
+    with running(config, libvirt_events) as r:
+        g = guest.Guest(conn, name, xml, console)
+        try:
+            g.start()
+            s = Setup(pool, disk, g, r)
+            s.wait_sectors(32 * MiB, timeout=180)
+            wait_for(lambda: g.dom.UUIDString() in r.hsm.monitor.vm_names(), timeout=30, what="the HSM knows the vm")
+            assert s.resize("48M") == 0
+            s.wait_sectors(48 * MiB)
+            info = pool.domain.volume_info(vol)
+            assert (info.capacity, info.size) == (48 * MiB, 48 * MiB)
+            assert g.dom.blockInfo("vda")[0] == 48 * MiB
+            assert s.sizes() == [32 * MiB, 48 * MiB]
+        finally:
+            g.remove()

@@ -24,6 +24,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from uuid import UUID
 
 from xtnd import lvm
 from xtnd import storage as xstorage
@@ -58,12 +59,25 @@ class Pool:
     def uuid(self) -> uuid.UUID:
         return self.domain.uuid
 
+    def open(self, sd: UUID, writable: bool = False) -> xstorage.Domain:
+        """Any domain of the pool's storage config (the master or one added)."""
+        return xstorage.HostConfig.load(self.storage_config).open(sd, writable=writable)
+
     def thin_volume(self, capacity: int = 1 * GiB, initial: int = 16 * MiB) -> str:
-        """A qcow2 volume, prepared and linked as `xtnd volume prepare` does; its link."""
+        """A qcow2 volume of the master domain, prepared and linked; its link."""
+        return self.volume(capacity, initial)
+
+    def volume(
+        self, capacity: int = 1 * GiB, initial: int = 16 * MiB, fmt: str = "qcow2", sd: UUID | None = None
+    ) -> str:
+        """A volume of the master domain, or of domain sd, prepared and
+        linked as `xtnd volume prepare` does; its link. A raw volume has
+        its whole capacity at once (initial is for qcow2)."""
         vol = uuid.uuid4()
-        self.domain.create_volume(vol, capacity, initial_size=initial)
-        device = self.domain.prepare_volume(vol)
-        return links.create(self.uuid, vol, device, self.run_dir)
+        domain: xstorage.Domain = self.domain if sd is None or sd == self.uuid else self.open(sd, writable=True)
+        domain.create_volume(vol, capacity, fmt, initial_size=initial)
+        device = domain.prepare_volume(vol)
+        return links.create(domain.uuid, vol, device, self.run_dir)
 
     def volume_size(self, link: str) -> int:
         parsed = links.parse(link, self.run_dir)
@@ -125,51 +139,66 @@ class Pool:
 
 
 @contextlib.contextmanager
+def block_domain(
+    pvs: list[str], run_dir: str, master: bool = False, metadata_size: int = 0
+) -> Iterator[xstorage.BlockDomain]:
+    """A block domain with the rig's settings on pvs; its volumes, their
+    links under run_dir, its VG and loop devices over its PVs removed after."""
+    sd = uuid.uuid4()
+    # Short sanlock io timeout: joining takes ~3 s instead of ~20 s.
+    domain = xstorage.create_block_domain(
+        sd,
+        pvs,
+        master=master,
+        max_hosts=MAX_HOSTS,
+        extent_size=EXTENT,
+        activation="loop",
+        io_timeout=spmd.IO_TIMEOUT,
+        metadata_size=metadata_size or storage_constants.METADATA_SIZE,
+    )
+    try:
+        yield domain
+    finally:
+        for vol in domain.list_volumes():
+            links.remove(sd, vol.uuid, run_dir)
+            with contextlib.suppress(Exception):
+                domain.teardown_volume(vol.uuid)
+        domain.deactivate_special()
+        # The domain's devices, which include PVs added later (Pool.add_pv).
+        devices = list(domain.runner.devices)
+        with contextlib.suppress(Exception):
+            lvm.vgremove(lvm.Runner(devices), str(sd))
+        for pv in devices:
+            for mapped in loops.loops_over(pv):
+                loops.detach(mapped)
+
+
+@contextlib.contextmanager
 def pool(workdir: str, pv_size: int = 512 * MiB, metadata_size: int = 0) -> Iterator[Pool]:
     """A master block domain on one loop PV; everything removed after.
 
     metadata_size (bytes, 0 for the production default) sizes the PV's LVM
     metadata areas: tests that fill a small PV ask for small ones.
     """
+    run_dir = os.path.join(workdir, "run")
     with loops.loop_pvs(workdir, count=1, size=pv_size) as pvs:
-        sd = uuid.uuid4()
-        # Short sanlock io timeout: joining takes ~3 s instead of ~20 s.
-        domain = xstorage.create_block_domain(
-            sd,
-            pvs,
-            master=True,
-            max_hosts=MAX_HOSTS,
-            extent_size=EXTENT,
-            activation="loop",
-            io_timeout=spmd.IO_TIMEOUT,
-            metadata_size=metadata_size or storage_constants.METADATA_SIZE,
-        )
-        host = xstorage.HostConfig(os.path.join(workdir, "storage.json"), activation="loop")
-        host.add_block(sd, pvs)
-        host.save()
-        run_dir = os.path.join(workdir, "run")
-        p = Pool(workdir, list(pvs), domain, host.path, run_dir)
+        all_pvs = list(pvs)  # Pool.add_pv appends to it
         try:
-            yield p
+            with block_domain(pvs, run_dir, master=True, metadata_size=metadata_size) as domain:
+                host = xstorage.HostConfig(os.path.join(workdir, "storage.json"), activation="loop")
+                host.add_block(domain.uuid, pvs)
+                host.save()
+                yield Pool(workdir, all_pvs, domain, host.path, run_dir)
         finally:
-            for vol in domain.list_volumes():
-                links.remove(sd, vol.uuid, run_dir)
-                with contextlib.suppress(Exception):
-                    domain.teardown_volume(vol.uuid)
-            domain.deactivate_special()
-            with contextlib.suppress(Exception):
-                lvm.vgremove(lvm.Runner(p.pvs), str(sd))
-            for pv in p.pvs:
-                for mapped in loops.loops_over(pv):
-                    loops.detach(mapped)
-            for extra in p.pvs[1:]:
+            for extra in all_pvs[1:]:
                 loops.detach(extra)
 
 
 @contextlib.contextmanager
-def spm_daemon(p: Pool, host: SanlockDaemon) -> Iterator[spmd.SpmProcess]:
-    """`xtnd spm --config FILE` serving the pool, on host (its sanlock daemon)."""
-    config = spmd.Pool.spm_config(p, HOST_ID)  # type: ignore[arg-type]  # same attributes
+def spm_daemon(p: Pool, host: SanlockDaemon, **extra: str) -> Iterator[spmd.SpmProcess]:
+    """`xtnd spm --config FILE` serving the pool, on host (its sanlock daemon);
+    extra: config options ("section.option" -> value)."""
+    config = spmd.Pool.spm_config(p, HOST_ID, **extra)  # type: ignore[arg-type]  # same attributes
     n = len([f for f in os.listdir(p.workdir) if f.startswith("spm.")])
     proc = spmd.SpmProcess(host, config, os.path.join(p.workdir, f"spm.{n}.log"))
     try:
@@ -218,7 +247,7 @@ def spm(p: Pool, gate: Gate | None = None) -> Iterator[Gate]:
             domains.clear()  # a PV was added: open with the new list
             loaded[0] = mtime
         if msg.domain not in domains:
-            domains[msg.domain] = xstorage.HostConfig.load(p.storage_config).open(msg.domain, writable=True)
+            domains[msg.domain] = p.open(msg.domain, writable=True)
         return domains[msg.domain].extend_volume(msg.volume, msg.size_mb * MiB) // MiB
 
     mailbox = SPMMailbox(inbox, outbox, location.max_hosts, SPMConfig(workers=2))
