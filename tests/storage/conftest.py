@@ -1,8 +1,10 @@
 from __future__ import annotations
 
+import uuid
 from collections.abc import Iterator
 
 import pytest
+from xtnd import storage
 from xtnd.tools.rig import loops
 
 MiB = 1024**2
@@ -22,3 +24,11 @@ def loop_mode(need_root: None) -> None:
 def pvs(workdir: str, loop_mode: None) -> Iterator[list[str]]:
     with loops.loop_pvs(workdir, count=2) as devices:
         yield devices
+
+
+@pytest.fixture
+def domain(pvs: list[str]) -> storage.BlockDomain:
+    """A master block domain on the first PV."""
+    return storage.create_block_domain(
+        uuid.uuid4(), pvs[:1], master=True, max_hosts=10, extent_size=EXTENT, activation="loop"
+    )

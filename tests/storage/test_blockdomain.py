@@ -18,13 +18,6 @@ EXTENT = 4 * MiB
 CHUNK = 16 * MiB
 
 
-@pytest.fixture
-def domain(pvs: list[str]) -> storage.BlockDomain:
-    return storage.create_block_domain(
-        uuid.uuid4(), pvs[:1], master=True, max_hosts=10, extent_size=EXTENT, activation="loop"
-    )
-
-
 def test_create_two_pvs_progress(pvs: list[str]) -> None:
     lines: list[str] = []
     sd = uuid.uuid4()

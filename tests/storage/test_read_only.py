@@ -20,13 +20,6 @@ MiB = 1024**2
 EXTENT = 4 * MiB
 
 
-@pytest.fixture
-def domain(pvs: list[str]) -> storage.BlockDomain:
-    return storage.create_block_domain(
-        uuid.uuid4(), pvs[:1], master=True, max_hosts=10, extent_size=EXTENT, activation="loop"
-    )
-
-
 def _args(config: str, domain: uuid.UUID, volume: uuid.UUID | None = None) -> argparse.Namespace:
     return argparse.Namespace(storage_config=config, domain=domain, uuid=volume, pv=[], path=None)
 

@@ -20,13 +20,6 @@ EXTENT = 4 * MiB
 
 
 @pytest.fixture
-def block(pvs: list[str]) -> storage.BlockDomain:
-    return storage.create_block_domain(
-        uuid.uuid4(), pvs[:1], master=True, max_hosts=10, extent_size=EXTENT, activation="loop"
-    )
-
-
-@pytest.fixture
 def filedomain(workdir: str) -> storage.FileDomain:
     return storage.create_file_domain(uuid.uuid4(), workdir, master=True, max_hosts=10)
 
@@ -35,59 +28,59 @@ def _capacity_tags(domain: storage.BlockDomain, vol: uuid.UUID) -> list[str]:
     return [t for t in lvm.lv_info(domain.runner, domain.vg, str(vol)).tags if t.startswith(c.TAG_CAPACITY)]
 
 
-def test_block_raw_grows_zeroed(block: storage.BlockDomain) -> None:
+def test_block_raw_grows_zeroed(domain: storage.BlockDomain) -> None:
     # A removed volume leaves 0xff in the extents the raw volume will grow into.
     vol, junk = uuid.uuid4(), uuid.uuid4()
-    block.create_volume(vol, 8 * MiB, "raw")
-    block.create_volume(junk, 16 * MiB, "raw")
-    path = block.prepare_volume(junk)
+    domain.create_volume(vol, 8 * MiB, "raw")
+    domain.create_volume(junk, 16 * MiB, "raw")
+    path = domain.prepare_volume(junk)
     with open(path, "r+b") as f:
         f.write(b"\xff" * 16 * MiB)
-    block.teardown_volume(junk)
-    block.remove_volume(junk)
-    free = block.info().free
+    domain.teardown_volume(junk)
+    domain.remove_volume(junk)
+    free = domain.info().free
 
-    assert block.resize_volume(vol, 24 * MiB)
-    info = block.volume_info(vol)
+    assert domain.resize_volume(vol, 24 * MiB)
+    info = domain.volume_info(vol)
     assert (info.capacity, info.size) == (24 * MiB, 24 * MiB)
-    assert _capacity_tags(block, vol) == [f"{c.TAG_CAPACITY}{24 * MiB}"]
-    assert block.info().free == free - 16 * MiB
-    assert block.activator.device(block.vg, str(vol)) is None, "the temporary activation is gone"
-    path = block.prepare_volume(vol)
+    assert _capacity_tags(domain, vol) == [f"{c.TAG_CAPACITY}{24 * MiB}"]
+    assert domain.info().free == free - 16 * MiB
+    assert domain.activator.device(domain.vg, str(vol)) is None, "the temporary activation is gone"
+    path = domain.prepare_volume(vol)
     try:
         with open(path, "rb") as f:
             assert f.read() == bytes(24 * MiB)
     finally:
-        block.teardown_volume(vol)
+        domain.teardown_volume(vol)
 
 
-def test_block_qcow2_records_capacity_and_prepare_catches_up(block: storage.BlockDomain) -> None:
+def test_block_qcow2_records_capacity_and_prepare_catches_up(domain: storage.BlockDomain) -> None:
     vol = uuid.uuid4()
-    block.create_volume(vol, 64 * MiB, initial_size=8 * MiB)
-    assert block.resize_volume(vol, 128 * MiB)
-    info = block.volume_info(vol)
+    domain.create_volume(vol, 64 * MiB, initial_size=8 * MiB)
+    assert domain.resize_volume(vol, 128 * MiB)
+    info = domain.volume_info(vol)
     assert (info.capacity, info.size, info.max_size) == (128 * MiB, 8 * MiB, storage.max_size(128 * MiB))
-    path = block.prepare_volume(vol)
+    path = domain.prepare_volume(vol)
     try:
         assert qemuimg.info(path)["virtual-size"] == 128 * MiB
     finally:
-        block.teardown_volume(vol)
+        domain.teardown_volume(vol)
 
 
-def test_block_refusals_change_nothing(block: storage.BlockDomain) -> None:
+def test_block_refusals_change_nothing(domain: storage.BlockDomain) -> None:
     vol = uuid.uuid4()
-    block.create_volume(vol, 64 * MiB, initial_size=8 * MiB)
-    free = block.info().free
+    domain.create_volume(vol, 64 * MiB, initial_size=8 * MiB)
+    free = domain.info().free
     with pytest.raises(storage.ShrinkRefused, match="shrinking it to"):
-        block.resize_volume(vol, 32 * MiB)
+        domain.resize_volume(vol, 32 * MiB)
     with pytest.raises(storage.NoSpaceToGrow, match="needs"):
-        block.resize_volume(vol, 64 * MiB + free + EXTENT)
+        domain.resize_volume(vol, 64 * MiB + free + EXTENT)
     with pytest.raises(storage.InvalidArgument, match="multiple of 512"):
-        block.resize_volume(vol, 64 * MiB + 1)
-    assert not block.resize_volume(vol, 64 * MiB)  # the same size: nothing to do
-    assert block.volume_info(vol).capacity == 64 * MiB
-    assert _capacity_tags(block, vol) == [f"{c.TAG_CAPACITY}{64 * MiB}"]
-    assert block.info().free == free
+        domain.resize_volume(vol, 64 * MiB + 1)
+    assert not domain.resize_volume(vol, 64 * MiB)  # the same size: nothing to do
+    assert domain.volume_info(vol).capacity == 64 * MiB
+    assert _capacity_tags(domain, vol) == [f"{c.TAG_CAPACITY}{64 * MiB}"]
+    assert domain.info().free == free
 
 
 def test_file_raw_and_qcow2(filedomain: storage.FileDomain) -> None:
