@@ -26,6 +26,16 @@ VDSM_REQUEST = bytes.fromhex(
     "3178746e64e15ffe65548a18b3e04a54e55ec8db8a5f5a25d8fc732ea4c343bb"
     "3ec6f172d7303030303030303030303030306130303030303030303030303030"
 )
+# VDSM_REQUEST as the JSON reports show a decoded message.
+VDSM_REQUEST_JSON = {
+    "kind": "extend",
+    "domain": str(DOMAIN),
+    "volume": str(VOLUME),
+    "size_mb": 2560,
+    "opcode": None,
+    "reason": None,
+    "raw": VDSM_REQUEST.hex(),
+}
 GRANTED = codec.encode(codec.Extend(DOMAIN, VOLUME, 5120))
 FAILED = codec.encode(codec.Extend(DOMAIN, VOLUME, 0))
 OTHER_REQUEST = codec.encode(codec.Extend(DOMAIN, OTHER, 1024))
@@ -187,15 +197,7 @@ def test_dump_vdsm_request_fields(xtnd: Run, areas: tuple[str, str]) -> None:
     hosts = report["hosts"]
     assert isinstance(hosts, list)
     request = hosts[0]["slots"][0]["inbox"]
-    assert request == {
-        "kind": "extend",
-        "domain": str(DOMAIN),
-        "volume": str(VOLUME),
-        "size_mb": 2560,
-        "opcode": None,
-        "reason": None,
-        "raw": VDSM_REQUEST.hex(),
-    }
+    assert request == VDSM_REQUEST_JSON
     assert hosts[0]["checksum"]["valid"] is True
 
 
@@ -373,15 +375,7 @@ def test_decode_message(xtnd: Run) -> None:
     assert json.loads(out) == {
         "schema_version": 1,
         "type": "message",
-        "message": {
-            "kind": "extend",
-            "domain": str(DOMAIN),
-            "volume": str(VOLUME),
-            "size_mb": 2560,
-            "opcode": None,
-            "reason": None,
-            "raw": VDSM_REQUEST.hex(),
-        },
+        "message": VDSM_REQUEST_JSON,
     }
 
 
