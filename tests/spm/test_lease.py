@@ -200,18 +200,10 @@ def failing_sanlock(workdir: str) -> tuple[str, str, str]:
     return script, flag, runs
 
 
-def test_status_errors_tolerated_within_bound(joined: spm_lease.SpmLease, workdir: str) -> None:
+def test_status_errors_tolerated_within_bound(joined: spm_lease.SpmLease, joined_domain: Domain, workdir: str) -> None:
     clock = FakeClock()
     script, flag, _ = failing_sanlock(workdir)
-    lease = spm_lease.SpmLease(
-        joined.lockspace,
-        joined.host_id,
-        joined.ids_path,
-        joined.leases_path,
-        io_timeout=IO_TIMEOUT,
-        sanlock_cmd=script,
-        clock=clock,
-    )
+    lease = joined_domain.lease(joined.host_id, sanlock_cmd=script, clock=clock)
     try:
         lease.acquire()
         valid_for = lease.check()
@@ -239,22 +231,12 @@ def _runs(path: str) -> int:
         return 0
 
 
-def test_fence_reuses_fresh_status(joined: spm_lease.SpmLease, workdir: str) -> None:
+def test_fence_reuses_fresh_status(joined: spm_lease.SpmLease, joined_domain: Domain, workdir: str) -> None:
     """fence() asks the daemon about the lease every time, but reads the
     renewal status (a subprocess) only when the last one is stale."""
     clock = FakeClock()
     script, flag, runs = failing_sanlock(workdir)
-    lease = spm_lease.SpmLease(
-        joined.lockspace,
-        joined.host_id,
-        joined.ids_path,
-        joined.leases_path,
-        io_timeout=IO_TIMEOUT,
-        status_max_age=1.0,
-        fence_margin=0.5,
-        sanlock_cmd=script,
-        clock=clock,
-    )
+    lease = joined_domain.lease(joined.host_id, status_max_age=1.0, fence_margin=0.5, sanlock_cmd=script, clock=clock)
     try:
         lease.acquire()
         valid_for = lease.check()
