@@ -6,17 +6,23 @@ pays that once. With LVM_REPORT_FD set and the xtnd-shell profile
 (sysdir.py) every command writes one JSON document to that fd: its
 reports, then a log whose entry of context "shell" and type "status"
 carries the command's exit code (LVM's ECMD_PROCESSED, 1, is success;
-other codes are the process exit codes). After a failure, ``lastlog``
-gives the messages the command logged (what a process prints on stderr).
+other codes are the process exit codes), and the command's error and
+warning messages (what a process prints on stderr).
 
 LVM does not keep metadata between shell commands: each one scans its
 devices and reads the metadata again, so changes made by other processes
 or hosts show in the next command (tests/lvm/test_shell.py proves it).
 
-Commands are serialized by a lock. A command that does not finish within
-its timeout gets the process killed (SIGKILL also ends a stopped process);
-a process that died is seen as EOF. Either way the command fails with
-ShellError (an LVMError) and the next command starts a new process.
+Commands are pipelined: each is written to stdin as soon as it is
+submitted, and a reader thread per process hands the documents on the
+report fd to the commands in the order they were written (LVM runs them
+one at a time, in order), so LVM never waits for Python between two
+commands. A command's timeout runs from when LVM starts it. A command that
+does not finish in time gets the process killed (SIGKILL also ends a
+stopped process); a process that died is seen as EOF. Either way the
+command fails with ShellError (an LVMError), every command queued behind it
+fails with a ShellError saying it was not run, and the next command starts
+a new process.
 
 The process is a registered child (xtnd.common.cmd.CHILDREN) like every
 command's, and is started from a dedicated thread, because its death signal
@@ -32,6 +38,7 @@ LVM 2.03.16 crashes on the third command given ``--devices`` without
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import json
@@ -55,6 +62,7 @@ log = logging.getLogger("xtnd.lvm")
 _PROCESSED = 1
 _READ_SIZE = 65536
 _OUT_TAIL = 4096
+_DECODER = json.JSONDecoder()
 
 
 class ShellError(LVMError):
@@ -66,7 +74,7 @@ class ShellResult:
     rc: int  # as a process would exit: 0 on success
     report: list[dict[str, Any]]  # the document's "report" list (empty for non-report commands)
     out: str  # whatever the process wrote on stdout/stderr meanwhile
-    err: str  # messages of a failed command (from lastlog)
+    err: str  # messages of a failed command (its document's log)
 
 
 def quote(arg: str) -> str:
@@ -82,10 +90,29 @@ def quote(arg: str) -> str:
     raise ValueError(f"LVM shell argument with both quote characters: {arg!r}")
 
 
-class _Process:
-    """One running ``lvm`` shell and its pipes."""
+_Result = tuple[dict[str, Any], str]  # a command's document, and the process's output meanwhile
 
-    def __init__(self, proc: subprocess.Popen[bytes], report_fd: int, child: cmd.Child):
+
+@dataclasses.dataclass
+class _Pending:
+    """A command written to the process, waiting for its document."""
+
+    argv: Sequence[str]
+    timeout: float
+    future: concurrent.futures.Future[_Result]
+    started: float = 0.0  # when it became the command LVM runs (its timeout runs from there)
+
+
+class _Process:
+    """One running ``lvm`` shell, its pipes, and the commands written to it.
+
+    Its reader thread hands each document on the report fd to the oldest
+    pending command (LVM runs them in order), enforces the running one's
+    timeout, and owns the cleanup: it kills and reaps the process and closes
+    the pipes when the process ends or must end.
+    """
+
+    def __init__(self, proc: subprocess.Popen[bytes], report_fd: int, child: cmd.Child, name: str):
         self.proc = proc
         self.report_fd = report_fd
         self.child = child
@@ -94,14 +121,107 @@ class _Process:
         self.stdout_fd = proc.stdout.fileno()
         os.set_blocking(self.report_fd, False)
         os.set_blocking(self.stdout_fd, False)
+        self.lock = threading.Lock()
+        self.pending: collections.deque[_Pending] = collections.deque()
+        self.dead = False
+        self.stopping = False
+        # Time with at least one command written and not done (LVM busy or
+        # about to be): with the wall time, how long LVM waited for Python.
+        self.busy = 0.0
+        self.reader = threading.Thread(target=self._read_loop, name=f"{name}-read-{proc.pid}", daemon=True)
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
-    def kill(self) -> int | None:
+    def submit(self, argv: Sequence[str], line: str, timeout: float) -> concurrent.futures.Future[_Result]:
+        """Write line; the future gets (document, output) or a ShellError."""
+        pending = _Pending(argv, timeout, concurrent.futures.Future())
+        with self.lock:
+            if self.dead:
+                raise ShellError(argv, -1, "", f"LVM shell command not run: the process (pid {self.pid}) failed")
+            try:
+                self.stdin.write(line.encode())
+                self.stdin.flush()
+            except OSError as e:
+                raise ShellError(argv, -1, "", f"cannot write to the LVM shell (pid {self.pid}): {e}") from None
+            if not self.pending:
+                pending.started = time.monotonic()
+            self.pending.append(pending)
+        return pending.future
+
+    def _read_loop(self) -> None:
+        doc = bytearray()
+        out = bytearray()
+        fds = [self.report_fd, self.stdout_fd]
+        failed: tuple[int, str] | None = None
+        try:
+            while failed is None:
+                with self.lock:
+                    head = self.pending[0] if self.pending else None
+                # Idle: wake now and then anyway (a command written meanwhile
+                # gets its deadline enforced within a second).
+                wait = 1.0
+                if head is not None:
+                    wait = min(wait, head.started + head.timeout - time.monotonic())
+                    if wait <= 0:
+                        failed = (-9, f"LVM shell command timed out (pid {self.pid} killed and restarted)")
+                        break
+                ready, _, _ = select.select(fds, [], [], wait)
+                if self.stdout_fd in ready:
+                    chunk = _read(self.stdout_fd)
+                    if chunk:
+                        out += chunk
+                        del out[:-_OUT_TAIL]
+                if self.report_fd in ready:
+                    chunk = _read(self.report_fd)
+                    if chunk == b"":
+                        failed = (-1, f"LVM shell (pid {self.pid}) exited rc={self.proc.poll()}")
+                        break
+                    if chunk:
+                        doc += chunk
+                        for parsed in _documents(doc):
+                            more = _read(self.stdout_fd)
+                            self._done(parsed, _tail(out + (more or b"")))
+                            out.clear()
+        except BaseException as e:  # noqa: BLE001 - no command may wait forever
+            failed = (-1, f"LVM shell (pid {self.pid}) reader failed: {e!r}")
+        self._fail_all(*failed, _tail(out))
+        self._cleanup()
+
+    def _done(self, parsed: dict[str, Any], out: str) -> None:
+        with self.lock:
+            if not self.pending:
+                return  # not a command's (LVM's last document when it exits)
+            pending = self.pending.popleft()
+            now = time.monotonic()
+            if self.pending:
+                self.pending[0].started = now
+            self.busy += now - pending.started
+        pending.future.set_result((parsed, out))
+
+    def _fail_all(self, rc: int, msg: str, out: str) -> None:
+        """The running command fails with msg; those queued behind it were
+        never started and fail each with their own ShellError."""
+        with self.lock:
+            self.dead = True
+            pending, self.pending = list(self.pending), collections.deque()
         if self.proc.poll() is None:
             self.proc.kill()
+        try:
+            # Gone before anyone hears of the failure.
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:  # unkillable (D state); leave it to the kernel
+            pass
+        for i, p in enumerate(pending):
+            if i == 0:
+                p.future.set_exception(ShellError(p.argv, rc, out, msg))
+            else:
+                p.future.set_exception(
+                    ShellError(p.argv, -1, "", f"LVM shell command not run: the process failed before it ({msg})")
+                )
+
+    def _cleanup(self) -> None:
         try:
             rc = self.proc.wait(timeout=10)
         except subprocess.TimeoutExpired:  # unkillable (D state); leave it to the kernel
@@ -115,11 +235,31 @@ class _Process:
         os.close(self.report_fd)
         if rc is not None:
             cmd.CHILDREN.remove(self.child)
-        return rc
+        if self.stopping:
+            log.info("lvm shell stopped pid=%d rc=%s", self.pid, rc)
+        else:
+            log.warning("lvm shell stopped pid=%d rc=%s (restarted at the next command)", self.pid, rc)
+
+    def stop(self, timeout: float) -> None:
+        """End the process: EOF on its stdin, then SIGKILL after timeout."""
+        with self.lock:
+            self.stopping = True
+            try:
+                self.stdin.close()
+            except OSError:
+                pass
+        try:
+            self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+        self.reader.join(timeout=15)
 
 
 class LvmShell:
     """Runs LVM commands through one ``lvm`` process kept alive between them.
+
+    Commands from several threads are pipelined: each is written as soon as
+    it is submitted, so LVM never waits for Python between two of them.
 
     system_dir: the LVM system directory (sysdir.prepare()); lvm: the binary.
     """
@@ -138,6 +278,7 @@ class LvmShell:
         self.starts = 0
         self.commands = 0
         self.failures = 0  # timeouts and deaths
+        self._busy_done = 0.0  # of processes gone
 
     @property
     def pid(self) -> int | None:
@@ -145,59 +286,56 @@ class LvmShell:
         proc = self._last
         return proc.pid if proc is not None else None
 
+    @property
+    def busy_seconds(self) -> float:
+        """Time some command was running or queued in a process (all processes)."""
+        with self._lock:
+            return self._busy_done + sum(p.busy for p in self._procs.values())
+
     def close(self) -> None:
-        """Stop the process (it exits on EOF); later commands raise ShellError."""
+        """Stop the processes (they exit on EOF); later commands raise ShellError."""
         with self._lock:
             self._closed = True
             procs = list(self._procs.values())
             self._procs.clear()
         for proc in procs:
-            try:
-                proc.stdin.close()
-                proc.proc.wait(timeout=5)
-            except (OSError, subprocess.TimeoutExpired):
-                pass
-            proc.kill()
+            proc.stop(timeout=5)
+            self._busy_done += proc.busy
         self._starter.shutdown(wait=False)
 
     def execute(self, argv: Sequence[str], timeout: float, system_dir: str | None = None) -> ShellResult:
         """Run one command (argv without the leading "lvm") in the process of
         system_dir (None: the shell's own); ShellError if the process times
-        out or dies (it is then replaced)."""
-        line = " ".join(quote(a) for a in argv) + "\n"
+        out or dies (it is then replaced) while this command runs or waits."""
         if not argv:
             raise ValueError("empty LVM shell command")
+        line = " ".join(quote(a) for a in argv) + "\n"
         with self._lock:
             if self._closed:
                 raise ShellError(argv, -1, "", "the LVM shell is closed")
-            deadline = time.monotonic() + timeout
             key = system_dir or ""
             proc = self._procs.get(key)
-            if proc is not None and proc.proc.poll() is not None:
-                # Died between commands: no command was in flight, none fails.
-                self._kill(proc)
+            if proc is not None and (proc.dead or proc.proc.poll() is not None):
+                # Died between commands (or with others'): start a new one.
+                self.failures += 1
+                self._busy_done += proc.busy
+                del self._procs[key]
                 proc = None
             proc = proc or self._start(key)
             self._last = proc
-            self.commands += 1
-            try:
-                doc, out = self._send(proc, line, deadline, argv)
-                rc = _exit_code(doc, argv)
-                err = ""
-                if rc != 0:
-                    last, more = self._send(proc, "lastlog\n", deadline, argv)
-                    out += more
-                    err = _messages(last)
-            except ShellError:
-                self._kill(proc)
-                raise
-            return ShellResult(rc, list(doc.get("report", [])), out, err)
+            future = proc.submit(argv, line, timeout)
+            self.commands += 1  # written
+        doc, out = future.result()
+        rc = _exit_code(doc, argv)
+        err = _messages(doc) if rc != 0 else ""
+        return ShellResult(rc, list(doc.get("report", [])), out, err)
 
     def _start(self, key: str) -> _Process:
         proc = self._starter.submit(self._popen, key).result()
         self._procs[key] = proc
+        proc.reader.start()
         self.starts += 1
-        log.info("lvm shell started name=%s pid=%d starts=%d", self.name, proc.pid, self.starts)
+        log.info("lvm shell started name=%s pid=%d starts=%d dir=%s", self.name, proc.pid, self.starts, key)
         return proc
 
     def _popen(self, key: str) -> _Process:
@@ -236,49 +374,7 @@ class LvmShell:
             popen.wait()
             os.close(read_fd)
             raise
-        return _Process(popen, read_fd, child)
-
-    def _kill(self, proc: _Process) -> None:
-        self.failures += 1
-        for key, running in list(self._procs.items()):
-            if running is proc:
-                del self._procs[key]
-        rc = proc.kill()
-        log.warning("lvm shell stopped name=%s pid=%d rc=%s (restarted at the next command)", self.name, proc.pid, rc)
-
-    def _send(self, proc: _Process, line: str, deadline: float, argv: Sequence[str]) -> tuple[dict[str, Any], str]:
-        """Write line; read until its JSON document is complete."""
-        try:
-            proc.stdin.write(line.encode())
-            proc.stdin.flush()
-        except OSError as e:
-            raise ShellError(argv, -1, "", f"cannot write to the LVM shell (pid {proc.pid}): {e}") from None
-        doc = bytearray()
-        out = bytearray()
-        fds = [proc.report_fd, proc.stdout_fd]
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise ShellError(
-                    argv, -9, _tail(out), f"LVM shell command timed out (pid {proc.pid} killed and restarted)"
-                )
-            ready, _, _ = select.select(fds, [], [], left)
-            if proc.stdout_fd in ready:
-                chunk = _read(proc.stdout_fd)
-                if chunk:
-                    out += chunk
-                    del out[:-_OUT_TAIL]
-            if proc.report_fd in ready:
-                chunk = _read(proc.report_fd)
-                if chunk == b"":
-                    rc = proc.proc.poll()
-                    raise ShellError(argv, -1, _tail(out), f"LVM shell (pid {proc.pid}) exited rc={rc}")
-                if chunk:
-                    doc += chunk
-                    parsed = _complete(doc)
-                    if parsed is not None:
-                        more = _read(proc.stdout_fd)
-                        return parsed, _tail(out + (more or b""))
+        return _Process(popen, read_fd, child, self.name)
 
 
 def _read(fd: int) -> bytes | None:
@@ -293,18 +389,31 @@ def _tail(data: bytes | bytearray) -> str:
     return bytes(data[-_OUT_TAIL:]).decode("utf-8", "replace")
 
 
-def _complete(buf: bytearray) -> dict[str, Any] | None:
-    """The document once buf holds all of it (it ends with its closing brace)."""
-    text = bytes(buf).strip()
-    if not text.endswith(b"}"):
-        return None
-    try:
-        doc = json.loads(text)
-    except ValueError:
-        return None
-    if not isinstance(doc, dict):
-        raise ShellError([], -1, text[-400:].decode("utf-8", "replace"), "unexpected LVM shell report")
-    return doc
+def _documents(buf: bytearray) -> list[dict[str, Any]]:
+    """The complete JSON documents at the start of buf, removed from it.
+
+    An incomplete one stays for the next chunk; one that is complete but
+    not an object raises ShellError.
+    """
+    docs: list[dict[str, Any]] = []
+    text = bytes(buf).decode("utf-8", "replace")
+    pos = 0
+    while True:
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        if pos >= len(text):
+            break
+        try:
+            doc, end = _DECODER.raw_decode(text, pos)
+        except ValueError:
+            break  # not all there yet
+        if not isinstance(doc, dict):
+            raise ShellError([], -1, text[pos:end][-400:], "unexpected LVM shell report")
+        docs.append(doc)
+        pos = end
+    if docs:
+        del buf[: len(text[:pos].encode("utf-8", "replace"))]
+    return docs
 
 
 def _exit_code(doc: dict[str, Any], argv: Sequence[str]) -> int:
@@ -319,6 +428,6 @@ def _exit_code(doc: dict[str, Any], argv: Sequence[str]) -> int:
 
 
 def _messages(doc: dict[str, Any]) -> str:
-    """The messages of lastlog's document, one a line, as a process's stderr."""
+    """The messages in a command's document, one a line, as a process's stderr."""
     lines = [e.get("log_message", "") for e in doc.get("log", []) if e.get("log_type") != "status"]
     return "\n".join(line for line in lines if line)

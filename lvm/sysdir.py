@@ -19,7 +19,7 @@ here instead of /etc/lvm:
   command: ~0.7 ms of CPU of an lvextend's ~4 ms here (perf, strace);
 - profile/xtnd-shell.profile: the report settings of the LVM shell
   (shell.py): JSON reports in bytes and a command log whose "shell"
-  status entry carries each command's exit code.
+  status entry carries each command's exit code, with its errors.
 
 dev/<key>/ holds one symbolic link per PV of a runner's device list (key:
 a hash of the list). The runner points LVM's device scan at it
@@ -72,10 +72,10 @@ report {
 }
 log {
 \t# One JSON document per command on LVM_REPORT_FD; its log lists the
-\t# shell's status entry (the command's exit code). Details of a failure
-\t# are read with "lastlog".
+\t# shell's status entry (the command's exit code) and the command's
+\t# errors and warnings (what a process prints on stderr).
 \treport_command_log = 1
-\tcommand_log_selection = "log_context=shell"
+\tcommand_log_selection = "log_context=shell || log_type=error || log_type=warn"
 \tcommand_log_cols = "log_seq_num,log_type,log_context,log_object_name,log_message,log_ret_code"
 \tcommand_log_sort = "log_seq_num"
 }

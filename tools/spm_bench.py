@@ -145,6 +145,7 @@ class Bench:
         mda_start = _metadata_size(domain)
         commands_before = _commands(domain.runner)
         cpu_before = _children_cpu(), time.process_time()
+        busy_before = shell.busy_seconds if shell is not None else 0.0
         volumes = [v for v in domain.list_volumes()]
         per_volume = [args.requests // len(volumes) + (i < args.requests % len(volumes)) for i in range(len(volumes))]
         latencies: list[float] = []
@@ -179,6 +180,7 @@ class Bench:
             for t in threads:
                 t.join()
             elapsed = time.monotonic() - start
+            busy = shell.busy_seconds - busy_before if shell is not None else None
             python_cpu = time.process_time() - cpu_before[1]
         finally:
             hsm.stop()
@@ -200,6 +202,7 @@ class Bench:
             f.close()
         return {
             "lvm_cpu_s": lvm_cpu,
+            "shell_busy_s": busy,
             "python_cpu_s": python_cpu,
             "metadata_bytes": [mda_start, _metadata_size(domain)],
             "lvm_commands": commands,
@@ -261,6 +264,12 @@ class Bench:
             # SPM run: interleaved extends fragment LVs and each lvextend gets
             # slower as the metadata grows, so compare figures at similar sizes.
             "metadata_kb": [round(b / 1024, 1) for b in spm["metadata_bytes"]],
+            # Share of the SPM run with an LVM shell command running or queued:
+            # the rest LVM waited for requests (mailbox, Python).
+            "shell_busy_share": round(spm["shell_busy_s"] / spm["elapsed_s"], 3) if spm["shell_busy_s"] else None,
+            "shell_wall_ms_per_command": (
+                round(spm["shell_busy_s"] * 1000 / sum(commands.values()), 3) if spm["shell_busy_s"] else None
+            ),
         }
 
 
@@ -312,6 +321,11 @@ def _print(result: dict[str, Any]) -> None:
         f"{result['python_cpu_ms_per_extend']:.2f} ms; VG metadata used {result['metadata_kb'][0]} -> "
         f"{result['metadata_kb'][1]} KiB"
     )
+    if result["shell_busy_share"] is not None:
+        print(
+            f"LVM shell busy {result['shell_busy_share'] * 100:.0f}% of the run, "
+            f"{result['shell_wall_ms_per_command']:.2f} ms wall per command"
+        )
 
 
 def main(args: argparse.Namespace) -> int:

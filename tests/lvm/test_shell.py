@@ -269,3 +269,82 @@ def test_read_only_runner_through_the_shell(
     assert [i.name for i in lvm.lvs(lvm.Runner(pvs), vg)] == ["a"]
     assert size_of(shell_runner, vg, "a") == 2 * EXTENT
     assert shell.starts == 2
+
+
+def _queue(shell: lvm.LvmShell, calls: list[tuple[str, object]]) -> tuple[list[threading.Thread], dict[str, object]]:
+    """Start each call in its own thread, one after the other: each is
+    written to the shell (shell.commands counts it) before the next starts."""
+    results: dict[str, object] = {}
+    threads = []
+    for name, call in calls:
+
+        def run(name: str = name, call: object = call) -> None:
+            try:
+                results[name] = call()  # type: ignore[operator]
+            except BaseException as e:  # noqa: BLE001 - checked by the test
+                results[name] = e
+
+        before = shell.commands
+        t = threading.Thread(target=run)
+        t.start()
+        threads.append(t)
+        wait_for(lambda before=before: shell.commands == before + 1, timeout=10)
+    return threads, results
+
+
+def test_pipelined_commands_get_their_own_results(shell_runner: lvm.Runner, shell: lvm.LvmShell, vg: str) -> None:
+    """Commands queued behind each other in one process: each gets its own
+    report, exit code and error messages, in order."""
+    lvm.lvcreate(shell_runner, vg, "a", EXTENT)
+    pid = shell.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)  # everything below is queued before LVM runs any of it
+    try:
+        threads, results = _queue(
+            shell,
+            [
+                ("grow", lambda: lvm.lvextend(shell_runner, vg, "a", 2 * EXTENT)),
+                ("missing", lambda: lvm.lvextend(shell_runner, vg, "nope", 2 * EXTENT)),
+                ("size", lambda: lvm.lv_info(shell_runner, vg, "a").size),
+                ("novg", lambda: lvm.vg_info(shell_runner, "no-such-vg")),
+                ("grow2", lambda: lvm.lvextend(shell_runner, vg, "a", 3 * EXTENT)),
+            ],
+        )
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    for t in threads:
+        t.join(timeout=20)
+    assert results["grow"] == 2 * EXTENT
+    assert isinstance(results["missing"], lvm.LVNotFound)
+    assert results["size"] == 2 * EXTENT
+    assert isinstance(results["novg"], lvm.VGNotFound)
+    assert results["grow2"] == 3 * EXTENT
+    assert shell.pid == pid and shell.starts == 1
+
+
+def test_killed_shell_fails_queued_commands(shell_runner: lvm.Runner, shell: lvm.LvmShell, vg: str) -> None:
+    """The process dies with one command running and two queued: the first
+    fails as in flight, the queued ones each with a ShellError saying they
+    were not run; none ran, and the next command gets a new process."""
+    lvm.lvcreate(shell_runner, vg, "a", EXTENT)
+    lvm.lvcreate(shell_runner, vg, "b", EXTENT)
+    pid = shell.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    threads, results = _queue(
+        shell,
+        [
+            ("a", lambda: lvm.lvextend(shell_runner, vg, "a", 2 * EXTENT)),
+            ("b", lambda: lvm.lvextend(shell_runner, vg, "b", 2 * EXTENT)),
+            ("a2", lambda: lvm.lvextend(shell_runner, vg, "a", 3 * EXTENT)),
+        ],
+    )
+    os.kill(pid, signal.SIGKILL)
+    for t in threads:
+        t.join(timeout=20)
+    assert all(isinstance(results[n], lvm.ShellError) for n in ("a", "b", "a2"))
+    assert "exited" in str(results["a"])
+    assert "not run" in str(results["b"]) and "not run" in str(results["a2"])
+    assert [e.cmd[1] for e in results.values() if isinstance(e, lvm.ShellError)] == ["lvextend"] * 3
+    assert {i.name: i.size for i in lvm.lvs(shell_runner, vg)} == {"a": EXTENT, "b": EXTENT}
+    assert shell.starts == 2 and shell.pid != pid
