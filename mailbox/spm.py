@@ -241,15 +241,17 @@ class SPMMailbox:
             self._sleep(self.config.event_interval if active else self.config.idle_event_interval)
 
     def _warm_up(self) -> None:
-        """Write the whole outbox image (zeros, as reset() left storage)
-        once from this thread: its write buffer is per thread and grows to
-        the longest write, and growing it to 8 MiB in a 2000-host pool's
-        first wave cost that wave ~2000 page faults (~5 ms of CPU here)."""
+        """Write the host blocks of the outbox image (zeros, as reset()
+        left storage) once from this thread: its write buffer is per thread
+        and grows to the longest write, and growing it to 8 MiB in a
+        2000-host pool's first wave cost that wave ~2000 page faults (~5 ms
+        of CPU here). Block 0 is left alone: a resize notice may be there
+        already (mailbox/notice.py writes it from another thread)."""
         try:
             with self._lock:
-                if self._image.dirty or self._stopping:
+                if self._image.dirty or self._stopping or self.max_hosts < 1:
                     return
-                self._outbox.write(0, self._image.data)
+                self._outbox.write(codec.BLOCK_SIZE, memoryview(self._image.data)[codec.BLOCK_SIZE :])
         except StorageError as e:
             log.warning("outbox warm-up write failed: %s", e)
 

@@ -105,3 +105,21 @@ def test_wave_from_every_host_is_one_write(areas: Areas) -> None:
     spm.scan()
     spm.step()
     assert len(spm.waves) == 1
+
+
+def test_warm_up_writes_host_blocks_not_block_0(areas: Areas) -> None:
+    """The I/O thread's warm-up write (zeros, as reset() left them) covers
+    the host blocks and never outbox block 0, where a resize notice may
+    already be."""
+    inbox, outbox = areas.open()
+    spm = SPMMailbox(inbox, outbox, MAX_HOSTS, SPMConfig(workers=0))
+    spm.reset()
+    notice = codec.encode_notice(codec.ResizeNotice(uuid.uuid4(), uuid.uuid4(), uuid.uuid4(), 5 * 1024**3))
+    writer, out = areas.open()
+    out.write(0, notice)
+    out.write(BLOCK, b"\xff" * BLOCK)  # garbage the warm-up must overwrite
+    writes = outbox.counters.writes
+    spm._warm_up()
+    assert outbox.counters.writes - writes == 1
+    assert out.read(0, BLOCK) == notice
+    assert out.read(BLOCK, MAX_HOSTS * BLOCK) == bytes(MAX_HOSTS * BLOCK)
