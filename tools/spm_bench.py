@@ -145,7 +145,6 @@ class Bench:
         mda_start = _metadata_size(domain)
         commands_before = _commands(domain.runner)
         cpu_before = _children_cpu(), time.process_time()
-        busy_before = shell.busy_seconds if shell is not None else 0.0
         volumes = [v for v in domain.list_volumes()]
         per_volume = [args.requests // len(volumes) + (i < args.requests % len(volumes)) for i in range(len(volumes))]
         latencies: list[float] = []
@@ -174,6 +173,7 @@ class Bench:
                 threading.Thread(target=client, args=(v, n), name=f"bench-client-{i}")
                 for i, (v, n) in enumerate(zip(volumes, per_volume, strict=True))
             ]
+            busy_before = shell.busy_seconds if shell is not None else 0.0
             start = time.monotonic()
             for t in threads:
                 t.start()
@@ -263,7 +263,8 @@ class Bench:
             # Used VG metadata (vg_mda_size - vg_mda_free) before and after the
             # SPM run: interleaved extends fragment LVs and each lvextend gets
             # slower as the metadata grows, so compare figures at similar sizes.
-            "metadata_kb": [round(b / 1024, 1) for b in spm["metadata_bytes"]],
+            "metadata_kb": [round(b[0] / 1024, 1) for b in spm["metadata_bytes"]],
+            "metadata_text_kb": [round(b[1] / 1024, 1) for b in spm["metadata_bytes"]],
             # Share of the SPM run with an LVM shell command running or queued:
             # the rest LVM waited for requests (mailbox, Python).
             "shell_busy_share": round(spm["shell_busy_s"] / spm["elapsed_s"], 3) if spm["shell_busy_s"] else None,
@@ -278,9 +279,16 @@ def _commands(runner: lvm.Runner) -> dict[str, int]:
     return runner.history.counts()
 
 
-def _metadata_size(domain: storage.BlockDomain) -> int:
+def _metadata_size(domain: storage.BlockDomain) -> tuple[int, int]:
+    """vg_mda_size - vg_mda_free, and an estimate of the metadata text size.
+
+    LVM 2.03 reports as free what a new copy of the text can still use: half
+    of the area (it keeps room for the next copy) minus the text, so
+    size - free is half the area plus the text.
+    """
     info = lvm.vg_info(domain.runner, domain.vg)
-    return info.mda_size - info.mda_free
+    used = info.mda_size - info.mda_free
+    return used, used - info.mda_size // 2
 
 
 def _children_cpu() -> float:
@@ -319,7 +327,7 @@ def _print(result: dict[str, Any]) -> None:
         f"CPU per extend: LVM {result['lvm_cpu_ms_per_extend']:.2f} ms (floor with LVM never waiting: "
         f"{result['lvm_floor_extends_per_s']} extends/s), Python (SPM + HSM client) "
         f"{result['python_cpu_ms_per_extend']:.2f} ms; VG metadata used {result['metadata_kb'][0]} -> "
-        f"{result['metadata_kb'][1]} KiB"
+        f"{result['metadata_kb'][1]} KiB (text ~{result['metadata_text_kb'][0]} -> {result['metadata_text_kb'][1]} KiB)"
     )
     if result["shell_busy_share"] is not None:
         print(
