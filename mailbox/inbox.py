@@ -266,8 +266,8 @@ class InboxView:
         words = BLOCK // 8
         new = numpy.frombuffer(data, numpy.uint64).reshape(blocks, words)
         kept = self._words[first * words : (first + blocks) * words].reshape(blocks, words)
+        # _changed_hosts() just compared this chunk into the scratch array.
         differs = self._scratch(blocks, words)
-        numpy.not_equal(new, kept, out=differs)
         slots = codec.MESSAGES_PER_BLOCK
         # The 8 word results of a slot are one uint64: non-zero if it differs.
         new_slot = differs.view(numpy.uint64)[:, :slots] != 0
