@@ -199,6 +199,16 @@ class Runner:
         cmd += self._link_args(scan[1], args)
         return cmd, self._shell_dir
 
+    def _device_numbers(self) -> tuple[int, ...]:
+        """The devices' numbers now (0: missing), for the shell (LvmShell.execute)."""
+        numbers = []
+        for device in self.devices:
+            try:
+                numbers.append(os.stat(device).st_rdev)
+            except OSError:
+                numbers.append(0)
+        return tuple(numbers)
+
     def _link_args(self, links: Sequence[str], args: Sequence[str]) -> tuple[str, ...]:
         """args with each of the runner's devices replaced by its link."""
         names = dict(zip(self.devices, links, strict=True))
@@ -259,7 +269,7 @@ class Runner:
         reports: list[Any] | None = None
         try:
             if shell is not None:
-                result = shell.execute(cmd[1:], self.timeout, shell_dir)
+                result = shell.execute(cmd[1:], self.timeout, shell_dir, self._device_numbers())
                 if result.rc != 0:
                     raise CommandError(cmd, result.rc, result.out.encode(), result.err.encode())
                 out, reports = result.out, result.report

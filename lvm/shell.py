@@ -48,7 +48,7 @@ import select
 import subprocess
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 from typing import Any
 
 from xtnd.common import cmd
@@ -125,6 +125,7 @@ class _Process:
         self.pending: collections.deque[_Pending] = collections.deque()
         self.dead = False
         self.stopping = False
+        self.devices: Hashable = None  # as the caller saw them at the start
         # Time with at least one command written and not done (LVM busy or
         # about to be): with the wall time, how long LVM waited for Python.
         self.busy = 0.0
@@ -240,6 +241,15 @@ class _Process:
         else:
             log.warning("lvm shell stopped pid=%d rc=%s (restarted at the next command)", self.pid, rc)
 
+    def retire(self) -> None:
+        """EOF on stdin: LVM runs what was written, then exits (the reader cleans up)."""
+        with self.lock:
+            self.stopping = True
+            try:
+                self.stdin.close()
+            except OSError:
+                pass
+
     def stop(self, timeout: float) -> None:
         """End the process: EOF on its stdin, then SIGKILL after timeout."""
         with self.lock:
@@ -303,10 +313,20 @@ class LvmShell:
             self._busy_done += proc.busy
         self._starter.shutdown(wait=False)
 
-    def execute(self, argv: Sequence[str], timeout: float, system_dir: str | None = None) -> ShellResult:
+    def execute(
+        self, argv: Sequence[str], timeout: float, system_dir: str | None = None, devices: Hashable = None
+    ) -> ShellResult:
         """Run one command (argv without the leading "lvm") in the process of
         system_dir (None: the shell's own); ShellError if the process times
-        out or dies (it is then replaced) while this command runs or waits."""
+        out or dies (it is then replaced) while this command runs or waits.
+
+        devices: what the caller's device nodes are now (their numbers). LVM
+        keeps a device found by name in its cache across shell commands and
+        then fails on a node re-created with other numbers ("fstat failed:
+        Has device name changed?"): a process that saw other values is
+        retired (it ends once the commands written to it are done) and the
+        command goes to a new one.
+        """
         if not argv:
             raise ValueError("empty LVM shell command")
         line = " ".join(quote(a) for a in argv) + "\n"
@@ -315,13 +335,21 @@ class LvmShell:
                 raise ShellError(argv, -1, "", "the LVM shell is closed")
             key = system_dir or ""
             proc = self._procs.get(key)
+            if proc is not None and proc.devices != devices and not proc.dead:
+                log.info("lvm shell devices changed name=%s pid=%d: starting a new process", self.name, proc.pid)
+                del self._procs[key]
+                self._busy_done += proc.busy
+                proc.retire()
+                proc = None
             if proc is not None and (proc.dead or proc.proc.poll() is not None):
                 # Died between commands (or with others'): start a new one.
                 self.failures += 1
                 self._busy_done += proc.busy
                 del self._procs[key]
                 proc = None
-            proc = proc or self._start(key)
+            if proc is None:
+                proc = self._start(key)
+                proc.devices = devices
             self._last = proc
             future = proc.submit(argv, line, timeout)
             self.commands += 1  # written
