@@ -401,8 +401,11 @@ class Replicator(Worker):
             replica.extends_dst += 1
             replica.dst_threshold = None
             replica.dst_crossed = False
-        history.record("replica_extend", side="dst", vm=replica.vm_id, drive=replica.drive,
-                       volume=replica.dst_volume, size=physical, why=why)  # fmt: skip
+            # Recorded under the lock: a source extend that found the
+            # destination already big enough (thanks to this one) must not
+            # be recorded before it.
+            history.record("replica_extend", side="dst", vm=replica.vm_id, drive=replica.drive,
+                           volume=replica.dst_volume, size=physical, why=why)  # fmt: skip
         log.info(
             "extend-complete side=dst vm=%s drive=%s volume=%s new_mb=%d ms=%.1f",
             replica.vm_id, replica.drive, volume, physical // sizing.MiB, (self._clock() - t0) * 1000,

@@ -109,6 +109,38 @@ def test_destination_extended_first() -> None:
     assert len(log) == 1
 
 
+def test_history_never_shows_the_source_ahead(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A source extend that finds the destination already grown by another
+    thread's extend is recorded after that extend, never before it."""
+    r, _, _ = replicator()
+    dst = str(uuid.uuid4())
+    r.begin("vm1", "vda", True, str(uuid.uuid4()), dst, True, 16 * MiB)
+    replica = r.get("vm1", "vda")
+    assert replica is not None
+    drive = Drive("vm1", "vda", 1, "/p", str(uuid.uuid4()), str(uuid.uuid4()))
+    records: list[tuple[str, int]] = []
+    source_done = threading.Event()
+
+    def source_extend() -> None:
+        r.before_source_extend(drive, 24 * MiB)
+        source_done.set()
+
+    def record(ev: str, **fields: Any) -> None:
+        if ev != "replica_extend":
+            return
+        if fields["side"] == "dst":
+            # The copy loop's extend is done; a source extend starts now
+            # and gets every chance to record before this one does.
+            threading.Thread(target=source_extend).start()
+            source_done.wait(0.3)
+        records.append((fields["side"], fields["size"]))
+
+    monkeypatch.setattr(replicate.history, "record", record)
+    r._extend_dst(replica, 32 * MiB, "copy")
+    assert source_done.wait(5)
+    assert records == [("dst", 32 * MiB), ("src", 24 * MiB)]
+
+
 def test_file_destination_not_extended() -> None:
     r, log, _ = replicator()
     r.begin("vm1", "vda", True, str(uuid.uuid4()), str(uuid.uuid4()), False, 0)
