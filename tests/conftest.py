@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import pytest
 from testlib.sanlockd import sanlock_hosts, sanlockd  # noqa: F401 (fixtures)
+from testlib.sdnotify import NotifySocket
 from xtnd.tools.rig import loops
 
 
@@ -32,6 +33,14 @@ def workdir(request: pytest.FixtureRequest) -> Iterator[str]:
         if leaked:
             print(f"detached {len(leaked)} loop devices the test left behind: {leaked}")
     shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def notify(workdir: str) -> Iterator[NotifySocket]:
+    """The NOTIFY_SOCKET of a daemon under test (systemd's side of Type=notify)."""
+    sock = NotifySocket(os.path.join(workdir, "notify"))
+    yield sock
+    sock.close()
 
 
 @pytest.fixture

@@ -27,6 +27,7 @@ import libvirt
 import pytest
 from testlib import prom
 from testlib.hsmrun import Pauses, running
+from testlib.sdnotify import NotifySocket
 from xtnd.hsm.libvirtconn import EventLoop
 from xtnd.hsm.metrics import parse_line
 from xtnd.mailbox import codec
@@ -244,7 +245,12 @@ def _read_host_block(pool: hsmrig.Pool) -> bytes:
 
 
 def test_hsm_restarted_while_vm_paused(
-    spm_host: SanlockDaemon, pool: hsmrig.Pool, conn: libvirt.virConnect, rig: guest.Rig, workdir: str
+    spm_host: SanlockDaemon,
+    pool: hsmrig.Pool,
+    conn: libvirt.virConnect,
+    rig: guest.Rig,
+    workdir: str,
+    notify: NotifySocket,
 ) -> None:
     """`xtnd hsm` as a process: no SPM yet, so the guest pauses on ENOSPC
     with a request pending; SIGTERM stops the daemon at once and clears its
@@ -267,10 +273,7 @@ def test_hsm_restarted_while_vm_paused(
     cmd = [sys.executable, "-m", "xtnd.tools.cli", "hsm", "--config", conf]
 
     # systemd's side of Type=notify with WatchdogSec=1 for the first run.
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(os.path.join(workdir, "notify"))
-    notify.settimeout(60)
-    watched = {"NOTIFY_SOCKET": os.path.join(workdir, "notify"), "WATCHDOG_USEC": "1000000"}
+    watched = notify.env(watchdog_usec=1_000_000)
 
     def start(n: int) -> tuple[subprocess.Popen[bytes], str]:
         # On the SPM's simulated host: both hold the same host id through
@@ -289,11 +292,9 @@ def test_hsm_restarted_while_vm_paused(
         with started(conn, rig, disk, guest.Workload(write_mb=24), workdir) as g:
             g.wait_state(libvirt.VIR_DOMAIN_PAUSED, libvirt.VIR_DOMAIN_PAUSED_IOERROR, timeout=120)
             wait_for(lambda: "extend requested" in read(first), timeout=30)
-            states = []
-            while "READY=1" not in states:  # pinged while connecting, too
-                states.append(notify.recv(4096).decode())
+            states = notify.until_ready()  # pinged while connecting, too
             assert set(states) <= {"READY=1", "WATCHDOG=1"}, states
-            assert [notify.recv(4096).decode() for _ in range(3)] == ["WATCHDOG=1"] * 3
+            assert [notify.recv() for _ in range(3)] == ["WATCHDOG=1"] * 3
             assert _read_host_block(pool) != bytes(codec.BLOCK_SIZE), "the request is in the inbox"
             port = prom.port_in(read(first))
             assert port, read(first)
@@ -346,7 +347,6 @@ def test_hsm_restarted_while_vm_paused(
                 proc.send_signal(signal.SIGTERM)
                 assert proc.wait(20) == 0
     finally:
-        notify.close()
         if proc.poll() is None:
             proc.kill()
             proc.wait()

@@ -12,11 +12,11 @@ import os
 import re
 import shutil
 import signal
-import socket
 import uuid
 from collections.abc import Callable, Iterator
 
 import pytest
+from testlib.sdnotify import NotifySocket
 from xtnd import lvm
 from xtnd.mailbox import notice
 from xtnd.mailbox.directio import DirectFile
@@ -173,40 +173,32 @@ def test_no_free_extents(served: tuple[Pool, SpmProcess]) -> None:
 
 
 def test_sigterm_releases_lease(
-    pool: Pool, sanlock_hosts: Callable[[int], list[sanlockd.SanlockDaemon]], workdir: str
+    pool: Pool, sanlock_hosts: Callable[[int], list[sanlockd.SanlockDaemon]], workdir: str, notify: NotifySocket
 ) -> None:
     """systemd's view of one SPM life: watchdog pings from the start (the
     lockspace join takes seconds), READY=1 once serving, pings while
     serving, STOPPING=1 on SIGTERM, the lease released and the control
     socket gone. (Once test_watchdog.py started its own daemon for the
     pings: the same start and stop, ~7 s, twice.)"""
-    # systemd's side of Type=notify: a datagram socket named by NOTIFY_SOCKET.
-    notify_path = os.path.join(workdir, "notify")
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(notify_path)
-    notify.settimeout(60)
     [host] = sanlock_hosts(1)
-    env = {"NOTIFY_SOCKET": notify_path, "WATCHDOG_USEC": "1000000"}  # a ping every 0.5 s
+    env = notify.env(watchdog_usec=1_000_000)  # a ping every 0.5 s
     spm = SpmProcess(host, pool.spm_config(1), os.path.join(workdir, "spm1.log"), env=env)
     try:
-        before: list[str] = []
-        while not any("READY=1" in s for s in before):
-            before.append(notify.recv(4096).decode())
+        before = notify.until_ready()
         assert spm.serving()[0][0] == "started", "READY=1 before serving"
         # Joining the lockspace takes seconds: pinged meanwhile.
         assert "WATCHDOG=1" in before, before
-        after = [notify.recv(4096).decode() for _ in range(3)]
+        after = [notify.recv() for _ in range(3)]
         assert after == ["WATCHDOG=1"] * 3, after
         assert "systemd watchdog enabled period=1.0s" in spm.log()
         assert os.path.exists(os.path.join(pool.workdir, "spm1.sock"))
         assert spm.terminate() == 0
         # Pings sent before the signal may still be queued ahead of it.
-        last = notify.recv(4096).decode()
+        last = notify.recv()
         while last == "WATCHDOG=1":
-            last = notify.recv(4096).decode()
+            last = notify.recv()
         assert "STOPPING=1" in last, last
     finally:
-        notify.close()
         if spm.proc.poll() is None:
             spm.kill()
     log = spm.log()
