@@ -3,7 +3,6 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
-from xtnd import lvm
 from xtnd.tools.rig import loops
 from xtnd.tools.rig.spmd import Pool
 
@@ -21,8 +20,4 @@ def pool(workdir: str, pvs: list[str]) -> Iterator[Pool]:
     try:
         yield p
     finally:
-        p.close()
-        try:
-            lvm.vgremove(p.domain.runner, p.domain.vg)
-        except lvm.LVMError:
-            pass
+        p.remove()

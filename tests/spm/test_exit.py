@@ -15,7 +15,6 @@ from concurrent.futures import Future
 from typing import Any
 
 from testlib import freezable
-from xtnd import lvm
 from xtnd.storage import constants as c
 from xtnd.tools.rig import sanlockd
 from xtnd.tools.rig.spmd import MiB, Pool, SpmProcess, assert_never_both, intervals, write_json
@@ -83,11 +82,7 @@ def _slow_pool(pvs: list[str], workdir: str) -> Iterator[tuple[Pool, freezable.F
             yield pool, slow, vol
         finally:
             slow.thaw()
-            pool.close()
-            try:
-                lvm.vgremove(pool.domain.runner, pool.domain.vg)
-            except lvm.LVMError:
-                pass
+            pool.remove()
 
 
 def _stick_an_extend(

@@ -40,11 +40,7 @@ def pool(workdir: str, need_root: None) -> Iterator[Pool]:
         try:
             yield p
         finally:
-            p.close()
-            try:
-                lvm.vgremove(p.domain.runner, p.domain.vg)
-            except lvm.LVMError:
-                pass
+            p.remove()
 
 
 class NoSanlock:

@@ -418,7 +418,7 @@ class Rig:
             self._stack.callback(lambda: loops.detach_stale(lambda b: b.startswith(self.workdir + "/")))
             pvs = self._stack.enter_context(loops.loop_pvs(self.workdir, count=1, size=PV_SIZE))
             self.pool = Pool(self.workdir, pvs, max_hosts=self.max_hosts)
-            self._stack.callback(self._remove_pool)
+            self._stack.callback(self.pool.remove)
             # Looked up once: scenarios may hold the VG lock later.
             self.mailbox = self.pool.domain.mailbox()
             self._stack.callback(self._detach_own)
@@ -459,11 +459,6 @@ class Rig:
     def at_close(self, func: Callable[[], object]) -> None:
         """Call func when the rig is torn down (before what was set up earlier)."""
         self._stack.callback(func)
-
-    def _remove_pool(self) -> None:
-        self.pool.close()
-        with contextlib.suppress(lvm.LVMError):
-            lvm.vgremove(self.pool.domain.runner, self.pool.domain.vg)
 
     def __exit__(self, *exc: object) -> None:
         self._stack.close()

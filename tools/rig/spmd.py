@@ -115,6 +115,12 @@ class Pool:
             h.close()
         self.domain.deactivate_special()
 
+    def remove(self) -> None:
+        """close(), then remove the VG (gone already is fine): the pool's end."""
+        self.close()
+        with contextlib.suppress(lvm.LVMError):
+            lvm.vgremove(self.domain.runner, self.domain.vg)
+
 
 class SpmProcess:
     """``xtnd spm --config FILE`` in a host's namespace, logging to a file."""
