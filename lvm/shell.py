@@ -252,12 +252,7 @@ class _Process:
 
     def stop(self, timeout: float) -> None:
         """End the process: EOF on its stdin, then SIGKILL after timeout."""
-        with self.lock:
-            self.stopping = True
-            try:
-                self.stdin.close()
-            except OSError:
-                pass
+        self.retire()
         try:
             self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
