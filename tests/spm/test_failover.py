@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 
 import pytest
+from xtnd.common import faults
 from xtnd.lvm import loop
 from xtnd.mailbox.hsm import HSMMailbox
 from xtnd.spm.control import ControlClient, ControlError
@@ -48,7 +49,10 @@ def two_spms(
     pool: Pool, sanlock_hosts: Callable[[int], list[sanlockd.SanlockDaemon]], workdir: str
 ) -> Iterator[tuple[SpmProcess, SpmProcess]]:
     host1, host2 = sanlock_hosts(2)
-    spm1 = SpmProcess(host1, pool.spm_config(1), os.path.join(workdir, "spm1.log"))
+    # SPM 1's second extend stops after its lvextend, before its reply: the
+    # SIGKILL always finds a request in flight, however fast the others go.
+    in_flight = {faults.ENV: "spm.after_lvextend=sleep:120@2"}
+    spm1 = SpmProcess(host1, pool.spm_config(1), os.path.join(workdir, "spm1.log"), env=in_flight)
     spm1.wait_serving()
     spm2 = SpmProcess(host2, pool.spm_config(2), os.path.join(workdir, "spm2.log"))
     spm2.wait_log("SPM lease busy, waiting")
